@@ -1,0 +1,210 @@
+"""BPF map and pin access for the long-running side: ctypes over libbpf1.
+
+The controller never imports bcc (LLVM alone is ~99 MB RSS): the classifier is
+compiled by a short-lived child (loader.py) which pins the program and maps;
+this module opens the pins and reads/writes the maps through bpf(2) via
+Debian's libbpf.so.1.  Batch updates and deletes are used where the kernel
+has them for LPM tries (5.13+), chunked, with a per-element fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+from functools import lru_cache
+from typing import Iterator
+
+from .errors import KernelError, NotSupported, PermissionDenied
+
+BPF_ANY = 0
+BATCH_CHUNK = 4096
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ProgInfo(ctypes.Structure):
+    # The head of struct bpf_prog_info: type, id, tag[8].  The kernel fills as
+    # much as info_len says, so a prefix of the struct is enough.
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+@lru_cache(maxsize=None)
+def libbpf() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        raise NotSupported("libbpf.so.1 not found: install Debian's libbpf1 (apt-get install libbpf1)") from None
+    vp, u32p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+    for fn, args in {
+        "bpf_obj_get": [ctypes.c_char_p],
+        "bpf_obj_pin": [ctypes.c_int, ctypes.c_char_p],
+        "bpf_map_update_elem": [ctypes.c_int, vp, vp, ctypes.c_uint64],
+        "bpf_map_lookup_elem": [ctypes.c_int, vp, vp],
+        "bpf_map_delete_elem": [ctypes.c_int, vp],
+        "bpf_map_get_next_key": [ctypes.c_int, vp, vp],
+        "bpf_map_update_batch": [ctypes.c_int, vp, vp, u32p, vp],
+        "bpf_map_delete_batch": [ctypes.c_int, vp, u32p, vp],
+        "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, u32p],
+        "libbpf_num_possible_cpus": [],
+    }.items():
+        getattr(lib, fn).argtypes = args
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib
+
+
+def _check(ret: int, op: str, obj: str) -> int:
+    # libbpf 1.x returns -errno from every call.
+    if ret >= 0:
+        return ret
+    err = -ret
+    if err == _errno.EPERM:
+        raise PermissionDenied(f"{op} {obj}: operation not permitted; run as root or with CAP_BPF and CAP_NET_ADMIN")
+    raise KernelError(op, obj, err)
+
+
+def possible_cpus() -> int:
+    return _check(libbpf().libbpf_num_possible_cpus(), "count", "possible CPUs")
+
+
+def obj_get(path: str) -> int:
+    return _check(libbpf().bpf_obj_get(path.encode()), "open pinned", path)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(libbpf().bpf_obj_pin(fd, path.encode()), "pin", path)
+
+
+def prog_id(fd: int) -> int:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "inspect", "program")
+    return info.id
+
+
+class Map:
+    """One pinned BPF map with fixed key and value sizes."""
+
+    def __init__(self, path: str, key_size: int, value_size: int, *, percpu: bool = False):
+        self.path = path
+        self.fd = obj_get(path)
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(libbpf().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)), "inspect", path)
+        if (info.key_size, info.value_size) != (key_size, value_size):
+            os.close(self.fd)
+            raise NotSupported(
+                f"{path}: key/value sizes {info.key_size}/{info.value_size} differ from "
+                f"{key_size}/{value_size}: pinned by another shaper version; run `shaper reset`"
+            )
+        self.id = info.id
+        self.max_entries = info.max_entries
+        self.key_size = key_size
+        # Per-CPU values come back as one 8-byte-aligned slot per possible CPU.
+        self.ncpus = possible_cpus() if percpu else 1
+        self.slot_size = (value_size + 7) // 8 * 8 if percpu else value_size
+        self.value_size = value_size
+        self._batch_ok = True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lookup(self, key: bytes) -> bytes | None:
+        buf = ctypes.create_string_buffer(self.slot_size * self.ncpus)
+        ret = libbpf().bpf_map_lookup_elem(self.fd, key, buf)
+        if ret < 0:
+            err = -ret
+            if err == _errno.ENOENT:
+                return None
+            _check(ret, "look up in", self.path)
+        return buf.raw
+
+    def lookup_percpu(self, key: bytes) -> list[bytes]:
+        raw = self.lookup(key) or b""
+        return [raw[i * self.slot_size: i * self.slot_size + self.value_size] for i in range(self.ncpus) if raw]
+
+    def update(self, key: bytes, value: bytes) -> None:
+        _check(libbpf().bpf_map_update_elem(self.fd, key, value, BPF_ANY), "update", self.path)
+
+    def delete(self, key: bytes) -> bool:
+        ret = libbpf().bpf_map_delete_elem(self.fd, key)
+        if ret < 0:
+            err = -ret
+            if err == _errno.ENOENT:
+                return False
+            _check(ret, "delete from", self.path)
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        key = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while True:
+            ret = libbpf().bpf_map_get_next_key(self.fd, key, nxt)
+            if ret < 0:
+                err = -ret
+                if err == _errno.ENOENT:
+                    return
+                _check(ret, "iterate", self.path)
+            key = nxt.raw
+            yield key
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def update_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Write many entries: batch ops in chunks where the kernel has them."""
+        for start in range(0, len(items), BATCH_CHUNK):
+            chunk = items[start: start + BATCH_CHUNK]
+            if self._batch_ok and self._batch(chunk, update=True):
+                continue
+            for key, value in chunk:
+                self.update(key, value)
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        for start in range(0, len(keys), BATCH_CHUNK):
+            chunk = keys[start: start + BATCH_CHUNK]
+            # Batch delete stops at the first missing key: fall back per element.
+            if self._batch_ok and self._batch([(k, b"") for k in chunk], update=False):
+                continue
+            for key in chunk:
+                self.delete(key)
+
+    def _batch(self, chunk: list[tuple[bytes, bytes]], *, update: bool) -> bool:
+        keys = b"".join(k for k, _ in chunk)
+        count = ctypes.c_uint32(len(chunk))
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        if update:
+            values = b"".join(v for _, v in chunk)
+            ret = libbpf().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), ctypes.byref(opts))
+        else:
+            ret = libbpf().bpf_map_delete_batch(self.fd, keys, ctypes.byref(count), ctypes.byref(opts))
+        if ret == 0 and count.value == len(chunk):
+            return True
+        err = -ret
+        if ret < 0 and err in (_errno.EINVAL, _errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP, no batch ops here
+            self._batch_ok = False
+        elif ret < 0 and err not in (_errno.ENOENT,):
+            _check(ret, "batch update" if update else "batch delete", self.path)
+        # Partial progress: redo the chunk element by element (both are idempotent).
+        return False

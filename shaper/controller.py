@@ -1,0 +1,91 @@
+"""The controller: validate a desired rule set, diff it against the kernel, apply.
+
+It drives a datapath (KernelDatapath, or the in-memory fake in tests) through
+`observe` and `execute`, so its logic is tested without root.  A rule set is
+validated whole before anything changes; if the kernel refuses an operation
+half-way, the controller puts back the rules that were there before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+from . import plan as P
+from .model import Rule, validate_ruleset
+
+log = logging.getLogger("shaper")
+
+
+class Datapath(Protocol):
+    def observe(self) -> P.Observed: ...
+
+    def execute(self, ops: list[P.Operation]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    rule: Rule
+    slot: int
+    expires_ns: int
+    expired: bool
+
+    @property
+    def classid(self) -> str:
+        from .layout import HTB_MAJOR
+
+        return f"{HTB_MAJOR:x}:{self.slot:x}"
+
+
+class Controller:
+    def __init__(self, datapath: Datapath, clock: Callable[[], int] = time.monotonic_ns):
+        # CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads in the classifier.
+        self.datapath = datapath
+        self.clock = clock
+
+    def status(self) -> list[RuleStatus]:
+        observed = self.datapath.observe()
+        now = self.clock()
+        return sorted(
+            (RuleStatus(o.rule, o.slot, o.expires_ns, bool(o.expires_ns and o.expires_ns <= now))
+             for o in observed.rules.values()),
+            key=lambda s: s.rule.name,
+        )
+
+    def plan(self, rules: Iterable[Rule]) -> list[P.Operation]:
+        desired = validate_ruleset(rules)
+        return P.plan(desired, self.datapath.observe(), self.clock())
+
+    def apply(self, rules: Iterable[Rule]) -> list[P.Operation]:
+        """Make the kernel hold exactly `rules`; returns the operations done."""
+        desired = validate_ruleset(rules)
+        observed = self.datapath.observe()
+        ops = P.plan(desired, observed, self.clock())
+        if not ops:
+            return ops
+        try:
+            self.datapath.execute(ops)
+        except Exception:
+            self._roll_back(observed)
+            raise
+        return ops
+
+    def _roll_back(self, before: P.Observed) -> None:
+        previous = [o.rule for o in before.rules.values()]
+        try:
+            ops = P.plan(previous, self.datapath.observe(), self.clock())
+            self.datapath.execute(ops)
+            log.warning("apply failed; rolled back to the previous %d rule(s)", len(previous))
+        except Exception:  # the original error is the one to report
+            log.exception("apply failed and so did the roll-back; run `shaper show` and apply again")
+
+    def expire(self) -> list[P.Operation]:
+        """Remove rules whose TTL has passed (the classifier already ignores them)."""
+        observed = self.datapath.observe()
+        gone = observed.expired(self.clock())
+        if not gone:
+            return []
+        keep = [o.rule for n, o in observed.rules.items() if n not in gone]
+        return self.apply(keep)

@@ -1,0 +1,125 @@
+"""The map key/value codec, built from bpf/shaper.h.
+
+The header is the one definition of the layouts: this module reads its
+#defines and structs (a deliberately small grammar, see the header) and turns
+each struct into a struct.Struct.  tests/unit/test_layout.py compiles the
+header with gcc and checks sizes and offsets agree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+_TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
+
+
+def bpf_dir() -> Path:
+    """Where classifier.c and shaper.h are: $SHAPER_BPF_DIR, the source tree, or the package."""
+    env = os.environ.get("SHAPER_BPF_DIR")
+    here = Path(__file__).resolve().parent
+    for candidate in ([Path(env)] if env else []) + [here.parent / "bpf", here / "bpf"]:
+        if (candidate / "shaper.h").is_file():
+            return candidate
+    raise FileNotFoundError("bpf/shaper.h not found: set SHAPER_BPF_DIR to the directory holding it")
+
+
+@dataclass(frozen=True)
+class CStruct:
+    name: str
+    fields: tuple[tuple[str, str, int], ...]  # (name, struct code, array length or 0)
+    codec: struct.Struct
+
+    @property
+    def size(self) -> int:
+        return self.codec.size
+
+    def offset(self, field: str) -> int:
+        off = 0
+        for name, code, count in self.fields:
+            if name == field:
+                return off
+            off += struct.calcsize(code) * max(count, 1)
+        raise KeyError(field)
+
+
+def _parse(text: str) -> tuple[dict[str, int], dict[str, CStruct]]:
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    consts: dict[str, int] = {}
+    for name, value in re.findall(r"^#define\s+(SHAPER_\w+)\s+(\w+)\s*$", text, flags=re.M):
+        consts[name] = int(value, 0)
+    structs: dict[str, CStruct] = {}
+    for name, body in re.findall(r"struct\s+(\w+)\s*\{(.*?)\};", text, flags=re.S):
+        flds = []
+        fmt = "="
+        for line in body.strip().splitlines():
+            m = re.fullmatch(r"\s*(__u8|__u16|__u32|__u64)\s+(\w+)(?:\[(\w+)\])?;\s*", line)
+            if not m:
+                raise ValueError(f"shaper.h: struct {name}: cannot parse {line.strip()!r}")
+            ctype, fname, count = m.groups()
+            n = (consts[count] if count in consts else int(count, 0)) if count else 0
+            code = _TYPES[ctype]
+            align = struct.calcsize(code)
+            if struct.calcsize(fmt) % align:
+                raise ValueError(f"shaper.h: struct {name}.{fname} would need padding before it")
+            flds.append((fname, code, n))
+            fmt += f"{n}s" if code == "B" and n else code * max(n, 1)
+        codec = struct.Struct(fmt)
+        widest = max(struct.calcsize(code) for _, code, _ in flds)
+        if codec.size % widest:
+            raise ValueError(f"shaper.h: struct {name} would need tail padding")
+        structs[name] = CStruct(name, tuple(flds), codec)
+    return consts, structs
+
+
+CONSTANTS, STRUCTS = _parse((bpf_dir() / "shaper.h").read_text())
+
+LPM_KEY = STRUCTS["shaper_lpm_key"].codec  # prefixlen, addr
+LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, rule_id, expires_ns, prefixlen, flags
+RULE_STATS = STRUCTS["shaper_rule_stats"].codec  # packets, bytes
+RULE_META = STRUCTS["shaper_rule_meta"].codec  # len, json
+META_LEN = CONSTANTS["SHAPER_META_LEN"]
+HTB_MAJOR = CONSTANTS["SHAPER_HTB_MAJOR"]
+
+
+@dataclass(frozen=True)
+class LpmVal:
+    classid: int
+    rule_id: int
+    expires_ns: int
+    prefixlen: int
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return LPM_VAL.pack(self.classid, self.rule_id, self.expires_ns, self.prefixlen, self.flags)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "LpmVal":
+        return cls(*LPM_VAL.unpack(data))
+
+
+def pack_key(prefixlen: int, addr: bytes) -> bytes:
+    return LPM_KEY.pack(prefixlen, addr)
+
+
+def unpack_key(data: bytes) -> tuple[int, bytes]:
+    prefixlen, addr = LPM_KEY.unpack(data)
+    return prefixlen, addr
+
+
+def pack_meta(payload: bytes) -> bytes:
+    if len(payload) > META_LEN:
+        raise ValueError(f"rule record of {len(payload)} bytes exceeds {META_LEN}")
+    return RULE_META.pack(len(payload), payload)
+
+
+def unpack_meta(data: bytes) -> bytes:
+    length, payload = RULE_META.unpack(data)
+    return payload[: min(length, META_LEN)]
+
+
+def classid(slot: int) -> int:
+    return (HTB_MAJOR << 16) | slot

@@ -1,0 +1,101 @@
+"""Compile and load the classifier with bcc, in a short-lived child process.
+
+`load_and_pin(pin_dir)` runs `python -m shaper.loader PIN_DIR`: the child
+imports bcc (LLVM: ~99 MB RSS), compiles bpf/classifier.c, loads it as a
+SCHED_CLS program, pins the program and its maps in PIN_DIR and exits, so
+the long-running controller never holds LLVM.  Kernel headers are checked
+first so their absence is named, not buried in a clang error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import NotSupported, PermissionDenied, ShaperError
+from .layout import bpf_dir
+
+PROG_PIN = "classifier"
+MAP_NAMES = ("dst_lpm", "rule_stats", "rule_meta")
+EXIT_NO_BCC, EXIT_NO_HEADERS, EXIT_EPERM, EXIT_FAILED = 3, 4, 5, 6
+
+
+def headers_problem(release: str | None = None) -> str | None:
+    """Why bcc cannot find kernel headers here, or None if it can."""
+    release = release or platform.release()
+    build = Path(f"/lib/modules/{release}/build")
+    if (build / "include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists():
+        return None
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return None
+    return (
+        f"bcc needs the kernel headers of the running kernel ({release}) and found none at {build}. "
+        f"Install them (Debian/Ubuntu: apt-get install linux-headers-{release}), or in a container mount the "
+        f"node's /lib/modules and /usr/src read-only, or load the kheaders module (CONFIG_IKHEADERS)"
+    )
+
+
+def _child(pin_dir: str) -> int:
+    problem = headers_problem()
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_NO_HEADERS
+    try:
+        from bcc import BPF  # noqa: PLC0415 - only the child may pay for LLVM
+        from bcc.libbcc import lib
+    except ImportError:
+        print("bcc's Python module is missing: install Debian's python3-bpfcc (never PyPI's 'bcc', an unrelated "
+              "package), and run shaper with an interpreter that sees /usr/lib/python3/dist-packages",
+              file=sys.stderr)
+        return EXIT_NO_BCC
+    src = bpf_dir()
+    try:
+        bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=[f"-I{src}"])
+        fn = bpf.load_func(b"classify", BPF.SCHED_CLS)
+    except Exception as exc:  # bcc raises bare Exception for compile and load errors
+        text = str(exc)
+        if "Operation not permitted" in text or os.geteuid() != 0:
+            print(f"loading the classifier was refused ({text}): run as root or with CAP_BPF, CAP_NET_ADMIN "
+                  f"(and CAP_SYS_ADMIN on kernels before 5.8)", file=sys.stderr)
+            return EXIT_EPERM
+        print(f"compiling/loading the classifier failed: {text}", file=sys.stderr)
+        return EXIT_FAILED
+    os.makedirs(pin_dir, exist_ok=True)
+    pins = {PROG_PIN: fn.fd}
+    for name in MAP_NAMES:
+        pins[name] = bpf.get_table(name).map_fd
+    for name, fd in pins.items():
+        ret = lib.bpf_obj_pin(fd, os.path.join(pin_dir, name).encode())
+        if ret < 0:
+            print(f"pinning {name} in {pin_dir} failed ({os.strerror(abs(ret))})", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps({"pinned": sorted(pins)}))
+    return 0
+
+
+def load_and_pin(pin_dir: str) -> None:
+    """Compile, load and pin the classifier and its maps in `pin_dir` (via a child)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "shaper.loader", pin_dir],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        check=False,
+    )
+    if proc.returncode == 0:
+        return
+    detail = proc.stderr.strip().splitlines()
+    tail = "\n".join(detail[-15:]) or f"exit status {proc.returncode}"
+    if proc.returncode in (EXIT_NO_BCC, EXIT_NO_HEADERS):
+        raise NotSupported(tail)
+    if proc.returncode == EXIT_EPERM:
+        raise PermissionDenied(tail)
+    raise ShaperError(f"loading the classifier failed:\n{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))

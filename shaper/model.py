@@ -1,0 +1,366 @@
+"""The rule model: parsing, validation and the canonical form of rules.
+
+A Rule is frozen and holds integers in base units (`delay_us`, `rate_bits`,
+`loss_pct`).  `parse_rule` takes the field names users write in YAML and JSON
+(the same for the rules file, the CLI and the HTTP API) and refuses unknown
+fields; `parse_ruleset` also checks the set as a whole (unique names, no
+destination in two rules, capacity).  No I/O here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Mapping
+
+from . import layout
+from .errors import InvalidInput
+from .units import (
+    format_duration_us,
+    format_percent,
+    format_rate_bits,
+    format_size_bytes,
+    parse_duration_us,
+    parse_int,
+    parse_percent,
+    parse_rate_bits,
+    parse_size_bytes,
+)
+
+MAX_RULES = layout.CONSTANTS["SHAPER_MAX_RULES"]
+MAX_PREFIXES = layout.CONSTANTS["SHAPER_MAX_PREFIXES"]
+MAX_DELAY_US = 3_600_000_000  # 1h: longer is a partition, not a delay
+MAX_TTL_US = 30 * 86_400_000_000
+MIN_RATE_BITS = 8_000  # 1 kB/s: below it one MTU takes over a second
+MAX_RATE_BITS = 10**13  # 10 tbit
+DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_FORM = "1-63 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
+DST_FORM = "IPv4 or IPv6 addresses or CIDRs, e.g. 10.0.0.5, 10.0.0.0/24, fd00::/64"
+
+# Queue sizing (PEERS: netem's default 1000-packet limit silently tail-drops at
+# high delay x rate).  Rules without a rate are sized for this rate.
+ASSUMED_RATE_BITS = 1_000_000_000
+MTU_BYTES = 1500
+MIN_NETEM_LIMIT = 1000
+MAX_NETEM_LIMIT = 1_000_000
+
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+@dataclass(frozen=True, order=True)
+class Prefix:
+    """A destination in the classifier's key space: IPv4 is IPv4-mapped."""
+
+    addr: bytes  # 16 bytes, host bits zero
+    prefixlen: int  # 0..128 in the IPv6 key space
+
+    @classmethod
+    def parse(cls, text: object, fld: str) -> "Prefix":
+        if not isinstance(text, str):
+            raise InvalidInput(fld, f"expected a string, got {type(text).__name__}", DST_FORM)
+        if "%" in text:
+            raise InvalidInput(fld, f"{text!r} has a zone index; zones are not routable destinations", DST_FORM)
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as exc:
+            raise InvalidInput(fld, str(exc), DST_FORM) from None
+        if net.version == 4:
+            mapped = int(net.network_address) | 0xFFFF_0000_0000
+            return cls(mapped.to_bytes(16, "big"), 96 + net.prefixlen)
+        return cls(net.network_address.packed, net.prefixlen)
+
+    @property
+    def is_v4(self) -> bool:
+        return self.prefixlen >= 96 and self.addr[:12] == _V4_MAPPED.network_address.packed[:12]
+
+    def __str__(self) -> str:
+        if self.is_v4:
+            return f"{ipaddress.IPv4Address(self.addr[12:])}/{self.prefixlen - 96}"
+        return f"{ipaddress.IPv6Address(self.addr)}/{self.prefixlen}"
+
+    def contains(self, addr16: bytes) -> bool:
+        mask = ((1 << self.prefixlen) - 1) << (128 - self.prefixlen) if self.prefixlen else 0
+        return int.from_bytes(addr16, "big") & mask == int.from_bytes(self.addr, "big")
+
+
+@dataclass(frozen=True)
+class LossGE:
+    """Gilbert-Elliott loss: p (good->bad), r (bad->good), loss in each state."""
+
+    p_pct: float
+    r_pct: float
+    loss_bad_pct: float = 100.0
+    loss_good_pct: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    dst: tuple[Prefix, ...]
+    delay_us: int = 0
+    jitter_us: int = 0
+    delay_corr_pct: float = 0.0
+    distribution: str = "uniform"
+    loss_pct: float = 0.0
+    loss_corr_pct: float = 0.0
+    loss_ge: LossGE | None = None
+    duplicate_pct: float = 0.0
+    duplicate_corr_pct: float = 0.0
+    corrupt_pct: float = 0.0
+    corrupt_corr_pct: float = 0.0
+    reorder_pct: float = 0.0
+    reorder_corr_pct: float = 0.0
+    gap: int = 0
+    rate_bits: int | None = None
+    burst_bytes: int | None = None
+    limit: int | None = None
+    ttl_us: int | None = None
+
+    @property
+    def has_netem(self) -> bool:
+        """True when the leaf must be netem (any impairment beyond a rate)."""
+        return bool(
+            self.delay_us
+            or self.jitter_us
+            or self.loss_pct
+            or self.loss_ge
+            or self.duplicate_pct
+            or self.corrupt_pct
+            or self.reorder_pct
+        )
+
+    def class_params(self) -> "ClassParams":
+        if self.rate_bits is None:
+            return ClassParams(rate_bytes=UNLIMITED_RATE_BYTES, burst_bytes=UNLIMITED_BURST_BYTES)
+        rate_bytes = max(1, self.rate_bits // 8)
+        burst = self.burst_bytes or default_burst_bytes(rate_bytes)
+        return ClassParams(rate_bytes=rate_bytes, burst_bytes=burst)
+
+    def netem_limit(self) -> int:
+        """The netem queue limit: explicit, or sized so the delay never tail-drops."""
+        if self.limit is not None:
+            return self.limit
+        rate_bytes = (self.rate_bits or ASSUMED_RATE_BITS) / 8
+        held_s = (self.delay_us + self.jitter_us) / 1e6
+        need = math.ceil(rate_bytes * held_s / MTU_BYTES * 1.5)
+        return min(MAX_NETEM_LIMIT, max(MIN_NETEM_LIMIT, need))
+
+    def leaf_params(self) -> "Rule | None":
+        """What the leaf depends on (None: HTB's default pfifo leaf)."""
+        if not self.has_netem:
+            return None
+        return replace(self, name="", dst=(), rate_bits=None, burst_bytes=None, ttl_us=None,
+                       limit=self.netem_limit())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The user-facing form: the fields people write, defaults left out."""
+        out: dict[str, Any] = {"name": self.name, "dst": [str(p) for p in self.dst]}
+        for spec in _FIELDS:
+            value = getattr(self, spec.attr)
+            if value != spec.default:
+                out[spec.key] = spec.fmt(value)
+        return out
+
+
+@dataclass(frozen=True)
+class ClassParams:
+    rate_bytes: int
+    burst_bytes: int
+
+
+# A class with no rate: HTB needs one, so give it one no veth or NIC reaches.
+# 4e9 B/s (32 Gbit/s) still fits HTB's 32-bit rate field (no rate64 needed).
+UNLIMITED_RATE_BYTES = 4_000_000_000
+UNLIMITED_BURST_BYTES = 4_000_000
+
+
+def default_burst_bytes(rate_bytes: int) -> int:
+    """2 ms at the rate, at least two full frames (tcconfig #118/#193)."""
+    return max(2 * (MTU_BYTES + 100), rate_bytes // 500)
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str
+    attr: str
+    parse: Any
+    fmt: Any
+    default: Any = None
+
+
+def _pct(key: str, attr: str) -> _Field:
+    return _Field(key, attr, lambda v, f: parse_percent(v, f), format_percent, 0.0)
+
+
+def _parse_distribution(value: object, fld: str) -> str:
+    if value not in DISTRIBUTIONS:
+        raise InvalidInput(fld, f"unknown distribution {value!r}", "one of " + ", ".join(DISTRIBUTIONS))
+    return value  # type: ignore[return-value]
+
+
+def _parse_loss_ge(value: object, fld: str) -> LossGE:
+    form = "a mapping with p and optionally r, loss_bad, loss_good, each a percentage"
+    if not isinstance(value, Mapping):
+        raise InvalidInput(fld, f"expected a mapping, got {type(value).__name__}", form)
+    unknown = set(value) - {"p", "r", "loss_bad", "loss_good"}
+    if unknown:
+        raise InvalidInput(fld, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}", form)
+    if "p" not in value:
+        raise InvalidInput(fld + ".p", "is required", form)
+    p = parse_percent(value["p"], fld + ".p")
+    # tc-netem(8)'s defaults: r = 1 - p, all loss in the bad state.
+    r = parse_percent(value["r"], fld + ".r") if "r" in value else 100.0 - p
+    bad = parse_percent(value["loss_bad"], fld + ".loss_bad") if "loss_bad" in value else 100.0
+    good = parse_percent(value["loss_good"], fld + ".loss_good") if "loss_good" in value else 0.0
+    return LossGE(p, r, bad, good)
+
+
+def _format_loss_ge(ge: LossGE) -> dict[str, str]:
+    return {
+        "p": format_percent(ge.p_pct),
+        "r": format_percent(ge.r_pct),
+        "loss_bad": format_percent(ge.loss_bad_pct),
+        "loss_good": format_percent(ge.loss_good_pct),
+    }
+
+
+_FIELDS: tuple[_Field, ...] = (
+    _Field("delay", "delay_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_DELAY_US), format_duration_us, 0),
+    _Field("jitter", "jitter_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_DELAY_US), format_duration_us, 0),
+    _pct("delay_corr", "delay_corr_pct"),
+    _Field("distribution", "distribution", _parse_distribution, str, "uniform"),
+    _pct("loss", "loss_pct"),
+    _pct("loss_corr", "loss_corr_pct"),
+    _Field("loss_ge", "loss_ge", _parse_loss_ge, _format_loss_ge, None),
+    _pct("duplicate", "duplicate_pct"),
+    _pct("duplicate_corr", "duplicate_corr_pct"),
+    _pct("corrupt", "corrupt_pct"),
+    _pct("corrupt_corr", "corrupt_corr_pct"),
+    _pct("reorder", "reorder_pct"),
+    _pct("reorder_corr", "reorder_corr_pct"),
+    _Field("gap", "gap", lambda v, f: parse_int(v, f, lo=1, hi=2**31 - 1), int, 0),
+    _Field(
+        "rate",
+        "rate_bits",
+        lambda v, f: parse_rate_bits(v, f, min_bits=MIN_RATE_BITS, max_bits=MAX_RATE_BITS),
+        format_rate_bits,
+    ),
+    _Field("burst", "burst_bytes", lambda v, f: parse_size_bytes(v, f, min_bytes=1600, max_bytes=2**30),
+           format_size_bytes),
+    _Field("limit", "limit", lambda v, f: parse_int(v, f, lo=1, hi=MAX_NETEM_LIMIT), int),
+    _Field("ttl", "ttl_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_TTL_US), format_duration_us),
+)
+FIELD_NAMES = ("name", "dst") + tuple(f.key for f in _FIELDS)
+
+# Cross-field requirements: (field, needs, why).
+_REQUIRES = (
+    ("jitter", "delay", "jitter varies a delay"),
+    ("delay_corr", "jitter", "correlation applies to the jitter"),
+    ("loss_corr", "loss", "correlation applies to random loss"),
+    ("duplicate_corr", "duplicate", "correlation applies to duplication"),
+    ("corrupt_corr", "corrupt", "correlation applies to corruption"),
+    ("reorder", "delay", "netem reorders by sending some packets without the delay"),
+    ("reorder_corr", "reorder", "correlation applies to reordering"),
+    ("gap", "reorder", "gap spaces reordered packets"),
+    ("burst", "rate", "burst shapes a rate"),
+)
+
+
+def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rule:
+    """Parse one rule from its user-facing mapping.
+
+    `name`, when given (an API path), fills in or must equal the body's name.
+    Field errors are prefixed with `where` (e.g. "rules[2]").
+    """
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, Mapping):
+        raise InvalidInput(where or "rule", f"expected a mapping, got {type(data).__name__}",
+                           "a mapping of rule fields")
+    unknown = [str(k) for k in data if k not in FIELD_NAMES]
+    if unknown:
+        raise InvalidInput(prefix + unknown[0], "unknown field", "one of " + ", ".join(FIELD_NAMES))
+    body_name = data.get("name", name)
+    if name is not None and body_name != name:
+        raise InvalidInput(prefix + "name", f"{body_name!r} differs from {name!r} in the path", "the same name")
+    if not isinstance(body_name, str) or not NAME_RE.fullmatch(body_name):
+        raise InvalidInput(prefix + "name", f"invalid name {body_name!r}", NAME_FORM)
+
+    raw_dst = data.get("dst")
+    if isinstance(raw_dst, str):
+        raw_dst = [raw_dst]
+    if not isinstance(raw_dst, list) or not raw_dst:
+        raise InvalidInput(prefix + "dst", "at least one destination is required", DST_FORM)
+    if len(raw_dst) > MAX_PREFIXES:
+        raise InvalidInput(prefix + "dst", f"{len(raw_dst)} destinations exceed {MAX_PREFIXES}", DST_FORM)
+    dst = tuple(sorted({Prefix.parse(d, f"{prefix}dst[{i}]") for i, d in enumerate(raw_dst)}))
+
+    values: dict[str, Any] = {}
+    for spec in _FIELDS:
+        if spec.key in data and data[spec.key] is not None:
+            values[spec.attr] = spec.parse(data[spec.key], prefix + spec.key)
+    rule = Rule(name=body_name, dst=dst, **values)
+
+    present = {spec.key for spec in _FIELDS if getattr(rule, spec.attr) != spec.default}
+    for fld, needs, why in _REQUIRES:
+        if fld in present and needs not in present:
+            raise InvalidInput(prefix + fld, f"needs {needs} to be set too ({why})", f"{needs} with {fld}")
+    if "distribution" in present and "jitter" not in present:
+        raise InvalidInput(prefix + "distribution", "needs jitter to be set too", "jitter with distribution")
+    if rule.loss_pct and rule.loss_ge:
+        raise InvalidInput(prefix + "loss_ge", "cannot be combined with loss", "either loss or loss_ge")
+    if rule.ttl_us == 0:
+        raise InvalidInput(prefix + "ttl", "must be longer than 0", "a positive duration")
+    if rule.reorder_pct and not rule.gap:
+        # tc-netem: reorder without gap means gap 1 (any packet may be sent early).
+        rule = replace(rule, gap=1)
+    return rule
+
+
+def parse_ruleset(data: object) -> tuple[Rule, ...]:
+    """Parse a rules document ({"rules": [...]}) and validate it as a whole."""
+    if data is None:
+        data = {"rules": []}
+    if not isinstance(data, Mapping):
+        raise InvalidInput("rules file", f"expected a mapping, got {type(data).__name__}", "a mapping with 'rules'")
+    unknown = [str(k) for k in data if k != "rules"]
+    if unknown:
+        raise InvalidInput(unknown[0], "unknown top-level field", "only 'rules'")
+    items = data.get("rules") or []
+    if not isinstance(items, list):
+        raise InvalidInput("rules", f"expected a list, got {type(items).__name__}", "a list of rules")
+    return validate_ruleset(parse_rule(item, where=f"rules[{i}]") for i, item in enumerate(items))
+
+
+def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:
+    """Whole-set checks: unique names, each destination in one rule, capacity."""
+    rules = tuple(rules)
+    if len(rules) > MAX_RULES:
+        raise InvalidInput("rules", f"{len(rules)} rules exceed the maximum {MAX_RULES}", f"at most {MAX_RULES}")
+    names: set[str] = set()
+    owner: dict[Prefix, str] = {}
+    for rule in rules:
+        if rule.name in names:
+            raise InvalidInput(f"rules[{rule.name}].name", "duplicate rule name", "unique names")
+        names.add(rule.name)
+        for prefix in rule.dst:
+            other = owner.setdefault(prefix, rule.name)
+            if other != rule.name:
+                raise InvalidInput(
+                    f"rules[{rule.name}].dst",
+                    f"{prefix} is already a destination of rule {other!r}",
+                    "each destination in one rule (overlapping prefixes are fine: the longest wins)",
+                )
+    if len(owner) > MAX_PREFIXES:
+        raise InvalidInput("rules", f"{len(owner)} destinations exceed the maximum {MAX_PREFIXES}",
+                           f"at most {MAX_PREFIXES} prefixes")
+    return tuple(sorted(rules, key=lambda r: r.name))
+
+
+def rule_from_record(record: Mapping[str, Any], dst: tuple[Prefix, ...]) -> Rule:
+    """Rebuild a rule from the JSON kept in rule_meta; its dst comes from the trie."""
+    rule = parse_rule({**record, "dst": ["::/0"]}, where="rule_meta")
+    return replace(rule, dst=tuple(sorted(dst)))
+

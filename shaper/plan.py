@@ -1,0 +1,179 @@
+"""plan(desired, observed) -> operations: the diff engine, with no I/O.
+
+The kernel state shaper owns is described by `Observed` (rule records from
+rule_meta, LPM entries, and which HTB classes exist with which leaf).  `plan`
+returns the operations that turn it into the desired rule set, ordered so that
+no packet is ever steered to a class that does not exist and no destination
+that stays shaped is ever unshaped:
+
+1. new rules: record, fresh counters, class, leaf;
+2. changed rules: class and leaf changed in place, record rewritten;
+3. LPM entries written (new destinations, moved ones: one atomic update each);
+4. LPM entries removed;
+5. classes of removed rules deleted, then their records.
+
+Slots (class minor = leaf major = stats index) are kept for rules that stay
+and allocated lowest-free for new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Union
+
+from . import layout
+from .model import MAX_RULES, Prefix, Rule
+
+
+@dataclass(frozen=True)
+class ObservedRule:
+    slot: int
+    rule: Rule
+    expires_ns: int = 0  # CLOCK_MONOTONIC; 0: never
+
+
+@dataclass(frozen=True)
+class Observed:
+    rules: Mapping[str, ObservedRule] = field(default_factory=dict)
+    entries: Mapping[Prefix, layout.LpmVal] = field(default_factory=dict)
+    classes: Mapping[int, str] = field(default_factory=dict)  # slot -> leaf kind ("netem", "pfifo", ...)
+
+    def expired(self, now_ns: int) -> set[str]:
+        return {n for n, o in self.rules.items() if o.expires_ns and o.expires_ns <= now_ns}
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    slot: int
+    rule: Rule
+    expires_ns: int
+
+
+@dataclass(frozen=True)
+class ResetStats:
+    slot: int
+
+
+@dataclass(frozen=True)
+class CreateClass:
+    slot: int
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class ChangeClass:
+    slot: int
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class SetLeaf:
+    """Make the class's leaf match the rule: netem created, changed or removed."""
+
+    slot: int
+    rule: Rule
+    current: str | None  # the leaf kind there now, None if the class is new
+
+
+@dataclass(frozen=True)
+class UpsertEntries:
+    entries: Mapping[Prefix, layout.LpmVal]
+
+
+@dataclass(frozen=True)
+class DeleteEntries:
+    prefixes: tuple[Prefix, ...]
+
+
+@dataclass(frozen=True)
+class DeleteClass:
+    slot: int
+
+
+@dataclass(frozen=True)
+class DeleteRecord:
+    slot: int
+
+
+Operation = Union[WriteRecord, ResetStats, CreateClass, ChangeClass, SetLeaf, UpsertEntries, DeleteEntries,
+                  DeleteClass, DeleteRecord]
+
+
+def allocate_slots(names: Iterable[str], used: Iterable[int]) -> dict[str, int]:
+    """Lowest free slots (1..MAX_RULES) for `names`, in the order given."""
+    taken = set(used)
+    out: dict[str, int] = {}
+    slot = 1
+    for name in names:
+        while slot in taken:
+            slot += 1
+        if slot > MAX_RULES:
+            raise ValueError(f"no free rule slot: at most {MAX_RULES} rules")
+        out[name] = slot
+        taken.add(slot)
+    return out
+
+
+def _same_except_dst(a: Rule, b: Rule) -> bool:
+    return a.class_params() == b.class_params() and a.leaf_params() == b.leaf_params() and a.ttl_us == b.ttl_us
+
+
+def plan(desired: Iterable[Rule], observed: Observed, now_ns: int) -> list[Operation]:
+    """The operations that make `observed` equal `desired` (see module doc for the order)."""
+    want = {r.name: r for r in desired}
+    expired = observed.expired(now_ns)
+    live = {n: o for n, o in observed.rules.items() if n not in expired}
+
+    # A rule that expired is gone: applying it again starts it afresh, in a new slot
+    # so its counters and class start from zero.
+    keep = {n: live[n] for n in want if n in live}
+    slots_in_use = {o.slot for o in observed.rules.values()} | set(observed.classes)
+    new_names = sorted(n for n in want if n not in keep)
+    fresh = allocate_slots(new_names, slots_in_use)
+
+    ops: list[Operation] = []
+    slot_of: dict[str, int] = {}
+    expiry_of: dict[str, int] = {}
+
+    for name in new_names:
+        rule, slot = want[name], fresh[name]
+        slot_of[name] = slot
+        expiry_of[name] = now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0
+        ops += [WriteRecord(slot, rule, expiry_of[name]), ResetStats(slot), CreateClass(slot, rule),
+                SetLeaf(slot, rule, None)]
+
+    for name, old in sorted(keep.items()):
+        rule, slot = want[name], old.slot
+        slot_of[name] = slot
+        changed = not _same_except_dst(rule, old.rule)
+        expiry_of[name] = (now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0) if changed else old.expires_ns
+        kind = observed.classes.get(slot)
+        if kind is None:  # the class vanished under us: rebuild it
+            ops += [CreateClass(slot, rule), SetLeaf(slot, rule, None)]
+        else:
+            if rule.class_params() != old.rule.class_params():
+                ops.append(ChangeClass(slot, rule))
+            leaf_ok = (kind == "netem") == rule.has_netem and rule.leaf_params() == old.rule.leaf_params()
+            if not leaf_ok:
+                ops.append(SetLeaf(slot, rule, kind))
+        if rule != old.rule or expiry_of[name] != old.expires_ns:
+            ops.append(WriteRecord(slot, rule, expiry_of[name]))
+
+    wanted_entries: dict[Prefix, layout.LpmVal] = {}
+    for name, rule in want.items():
+        slot = slot_of[name]
+        for prefix in rule.dst:
+            wanted_entries[prefix] = layout.LpmVal(layout.classid(slot), slot, expiry_of[name], prefix.prefixlen)
+    upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
+    if upserts:
+        ops.append(UpsertEntries(dict(sorted(upserts.items()))))
+    stale = tuple(sorted(p for p in observed.entries if p not in wanted_entries))
+    if stale:
+        ops.append(DeleteEntries(stale))
+
+    kept_slots = set(slot_of.values())
+    for slot in sorted(set(observed.classes) - kept_slots):
+        ops.append(DeleteClass(slot))
+    for slot in sorted({o.slot for o in observed.rules.values()} - kept_slots):
+        ops.append(DeleteRecord(slot))
+    return ops

@@ -1,0 +1,343 @@
+"""Netlink/tc access for one interface, through pyroute2.
+
+Owns everything shaper does with tc: the HTB root, the clsact qdisc, the
+classifier's filter (identified by its own pref and handle), one HTB class
+per rule slot and its leaf.  It recognises what it created (HTB handle
+SHAPER_HTB_MAJOR:, filter pref FILTER_PREF) and refuses to replace a root qdisc
+someone else put there.  Kernel errors become errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, nla
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
+from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
+
+from . import netem
+from .errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
+from .layout import HTB_MAJOR
+from .model import ClassParams, Rule
+
+ROOT = HTB_MAJOR << 16
+CLSACT_HANDLE = 0xFFFF0000
+CLSACT_PARENT = 0xFFFFFFF1  # TC_H_CLSACT, shared with the ingress qdisc
+EGRESS_PARENT = 0xFFFFFFF3
+INGRESS_PARENT = 0xFFFFFFF2
+FILTER_PREF = 0x5348  # our own pref ("SH") and handle on clsact egress
+FILTER_HANDLE = 1
+FILTER_NAME = "shaper_classifier"
+ETH_P_ALL = 0x0003
+HTB_QUANTUM = 60_000  # classes never borrow (no parent class), so any legal quantum will do
+
+NETEM_MISSING = (
+    "sch_netem is not available in this kernel: load it with `modprobe sch_netem` (Debian: in linux-image-*, "
+    "Ubuntu: linux-modules-extra-$(uname -r)); rules with only a rate work without it"
+)
+
+
+class _RawOptions(nla):
+    fields = (("value", "s"),)
+
+
+class _NetemMsg(tcmsg):
+    """tcmsg whose TCA_OPTIONS is the payload netem.encode_options built."""
+
+    _nlmsg_base__compiled_nla = False  # see _FilterMsg
+
+    @staticmethod
+    def get_options(self, *argv, **kwarg):
+        return _RawOptions
+
+
+class _BpfFilterOptions(sched_bpf.options):
+    # pyroute2 stops at TCA_BPF_FLAGS; the program id is what tells whether
+    # the attached classifier is the pinned one.
+    nla_map = sched_bpf.options.nla_map + (
+        ("TCA_BPF_FLAGS_GEN", "uint32"),
+        ("TCA_BPF_TAG", "hex"),
+        ("TCA_BPF_ID", "uint32"),
+    )
+
+
+class _FilterMsg(tcmsg):
+    # pyroute2 compiles a class's NLA table once and a subclass inherits the
+    # "compiled" flag, which would bind tcmsg.get_options: clear it here.
+    # tests/unit/test_tc_codec.py catches a pyroute2 that works otherwise.
+    _nlmsg_base__compiled_nla = False
+
+    @staticmethod
+    def get_options(self, *argv, **kwarg):
+        if self.get_attr("TCA_KIND") == "bpf":
+            return _BpfFilterOptions
+        return tcmsg.get_options(self, *argv, **kwarg)
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    classid: int
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+    requeues: int
+    backlog_bytes: int
+    backlog_packets: int
+    leaf: str | None
+
+
+def _kernel_error(exc: NetlinkError, op: str, obj: str) -> Exception:
+    if exc.code == _errno.EPERM:
+        return PermissionDenied(f"{op} {obj}: operation not permitted; shaper needs CAP_NET_ADMIN (run as root)")
+    return KernelError(op, obj, exc.code)
+
+
+class Tc:
+    """tc objects on one interface, in the current or a named network namespace."""
+
+    def __init__(self, ifname: str, netns: str | None = None):
+        self.ifname = ifname
+        self.netns = netns
+        if netns and not os.path.exists(f"/run/netns/{netns}"):
+            raise InvalidInput("netns", f"no network namespace named {netns!r}", "a name listed by `ip netns list`")
+        try:
+            self.ipr = IPRoute(netns=netns) if netns else IPRoute()
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "open netlink in", netns or "this namespace") from None
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
+            self.ipr.close()
+            where = f" in network namespace {netns}" if netns else ""
+            raise InvalidInput("iface", f"no interface named {ifname!r}{where}", "an interface listed by `ip link`")
+        self.ifindex = found[0]
+        self.ipr.marshal.msg_map[RTM_NEWTFILTER] = _FilterMsg
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    # -- qdiscs -------------------------------------------------------------
+    def qdiscs(self) -> list:
+        return list(self.ipr.get_qdiscs(self.ifindex))
+
+    def root_qdisc(self) -> tuple[str, int] | None:
+        for q in self.qdiscs():
+            if q["parent"] == 0xFFFFFFFF:
+                return q.get_attr("TCA_KIND"), q["handle"]
+        return None
+
+    def has_our_root(self) -> bool:
+        root = self.root_qdisc()
+        return root is not None and root == ("htb", ROOT)
+
+    def ensure_root(self) -> bool:
+        """Put the HTB root in place; True if it was created now.
+
+        Only the kernel's default root (handle 0:, e.g. noqueue, pfifo_fast,
+        mq) is replaced: a root someone configured is theirs, and left alone.
+        """
+        root = self.root_qdisc()
+        if root == ("htb", ROOT):
+            return False
+        if root is not None and root[1] != 0:
+            kind, handle = root
+            raise Conflict(
+                f"{self.ifname} has a root qdisc shaper did not create ({kind} {handle >> 16:x}:); "
+                f"shaper will not replace it. Remove it (tc qdisc del dev {self.ifname} root) or use another interface"
+            )
+        try:
+            # default 0: unmatched packets take HTB's direct queue, neither shaped nor capped.
+            self.ipr.tc("replace", "htb", self.ifindex, ROOT, default=0)
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "create HTB root on", self.ifname) from None
+        return True
+
+    def ensure_clsact(self) -> bool:
+        """Add a clsact qdisc unless there is one; True if it was created now."""
+        for q in self.qdiscs():
+            if q["parent"] == CLSACT_PARENT or q["handle"] == CLSACT_HANDLE:
+                kind = q.get_attr("TCA_KIND")
+                if kind == "clsact":
+                    return False
+                raise Conflict(f"{self.ifname} has an {kind} qdisc at ffff:, which rules out clsact; remove it first")
+        try:
+            self.ipr.tc("add", "clsact", self.ifindex)
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "add clsact qdisc on", self.ifname) from None
+        return True
+
+    def clsact_filters(self) -> list:
+        out = []
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            try:
+                out += [f for f in self.ipr.get_filters(self.ifindex, parent=parent) if f.get_attr("TCA_KIND")]
+            except NetlinkError as exc:
+                if exc.code not in (_errno.EINVAL, _errno.ENOENT):
+                    raise _kernel_error(exc, "list filters on", self.ifname) from None
+        return out
+
+    def has_clsact(self) -> bool:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in self.qdiscs())
+
+    # -- the classifier's filter ---------------------------------------------
+    def our_filter(self):
+        if not self.has_clsact():
+            return None
+        for f in self.ipr.get_filters(self.ifindex, parent=EGRESS_PARENT):
+            if (f["info"] >> 16) == FILTER_PREF and f.get_attr("TCA_KIND") == "bpf" and f["handle"] == FILTER_HANDLE:
+                return f
+        return None
+
+    def filter_prog_id(self) -> int | None:
+        f = self.our_filter()
+        if f is None:
+            return None
+        opts = f.get_attr("TCA_OPTIONS")
+        return opts.get_attr("TCA_BPF_ID") if opts else None
+
+    def attach_filter(self, prog_fd: int) -> None:
+        """Attach (or atomically replace) the classifier on clsact egress."""
+        try:
+            self.ipr.tc(
+                "replace-filter",
+                "bpf",
+                self.ifindex,
+                FILTER_HANDLE,
+                parent=EGRESS_PARENT,
+                prio=FILTER_PREF,
+                protocol=ETH_P_ALL,
+                fd=prog_fd,
+                name=FILTER_NAME,
+                direct_action=True,
+            )
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "attach the classifier to", self.ifname) from None
+
+    def detach_filter(self) -> bool:
+        if self.our_filter() is None:
+            return False
+        try:
+            self.ipr.tc("del-filter", "bpf", self.ifindex, FILTER_HANDLE, parent=EGRESS_PARENT, prio=FILTER_PREF,
+                        protocol=ETH_P_ALL)
+        except NetlinkError as exc:
+            if exc.code != _errno.ENOENT:
+                raise _kernel_error(exc, "detach the classifier from", self.ifname) from None
+        return True
+
+    # -- classes and leaves -----------------------------------------------------
+    def class_stats(self) -> dict[int, ClassStats]:
+        """Every class under our root, with its leaf kind: one class dump, one qdisc dump."""
+        leaves = {}
+        for q in self.qdiscs():
+            leaves[q["parent"]] = q.get_attr("TCA_KIND")
+        out = {}
+        for c in self.ipr.get_classes(self.ifindex):
+            handle = c["handle"]
+            if handle >> 16 != HTB_MAJOR or c.get_attr("TCA_KIND") != "htb":
+                continue
+            basic, queue = {}, {}
+            stats2 = c.get_attr("TCA_STATS2")
+            if stats2:
+                basic = stats2.get_attr("TCA_STATS_BASIC") or {}
+                queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
+            out[handle & 0xFFFF] = ClassStats(
+                classid=handle,
+                bytes=basic.get("bytes", 0),
+                packets=basic.get("packets", 0),
+                drops=queue.get("drops", 0),
+                overlimits=queue.get("overlimits", 0),
+                requeues=queue.get("requeues", 0),
+                backlog_bytes=queue.get("backlog", 0),
+                backlog_packets=queue.get("qlen", 0),
+                leaf=leaves.get(handle),
+            )
+        return out
+
+    def _class(self, command: str, slot: int, params: ClassParams) -> None:
+        try:
+            self.ipr.tc(
+                command,
+                "htb",
+                self.ifindex,
+                ROOT | slot,
+                parent=ROOT,
+                rate=params.rate_bytes,
+                ceil=params.rate_bytes,
+                burst=params.burst_bytes,
+                cburst=params.burst_bytes,
+                quantum=HTB_QUANTUM,
+            )
+        except NetlinkError as exc:
+            raise _kernel_error(exc, f"{command.split('-')[0]} HTB class", f"{HTB_MAJOR:x}:{slot:x} on {self.ifname}") from None
+
+    def add_class(self, slot: int, params: ClassParams) -> None:
+        self._class("replace-class", slot, params)
+
+    def change_class(self, slot: int, params: ClassParams) -> None:
+        self._class("change-class", slot, params)
+
+    def del_class(self, slot: int) -> None:
+        try:
+            self.ipr.tc("del-class", "htb", self.ifindex, ROOT | slot, parent=ROOT)
+        except NetlinkError as exc:
+            if exc.code != _errno.ENOENT:
+                raise _kernel_error(exc, "delete HTB class", f"{HTB_MAJOR:x}:{slot:x}") from None
+
+    def set_leaf(self, slot: int, rule: Rule, current: str | None) -> None:
+        """Make the leaf of class slot a netem with the rule's impairments, or the default."""
+        if not rule.has_netem:
+            if current == "netem":
+                try:
+                    # HTB grafts its default pfifo back when the leaf goes.
+                    self.ipr.tc("del", "netem", self.ifindex, slot << 16, parent=ROOT | slot)
+                except NetlinkError as exc:
+                    if exc.code != _errno.ENOENT:
+                        raise _kernel_error(exc, "remove netem leaf of", f"{HTB_MAJOR:x}:{slot:x}") from None
+            return
+        msg = _NetemMsg()
+        msg["family"] = 0
+        msg["index"] = self.ifindex
+        msg["handle"] = slot << 16
+        msg["parent"] = ROOT | slot
+        msg["info"] = 0
+        msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", {"value": netem.encode_options(rule)})]
+        # change keeps the qdisc (and the packets it holds); a new leaf is grafted.
+        flags = NLM_F_REQUEST | NLM_F_ACK
+        if current != "netem":
+            flags |= NLM_F_CREATE | NLM_F_REPLACE
+        try:
+            self.ipr.nlm_request(msg, msg_type=RTM_NEWQDISC, msg_flags=flags)
+        except NetlinkError as exc:
+            if exc.code == _errno.ENOENT and current != "netem":
+                raise NotSupported(NETEM_MISSING) from None
+            raise _kernel_error(exc, "set netem leaf of", f"{HTB_MAJOR:x}:{slot:x} on {self.ifname}") from None
+
+    def netem_options(self, slot: int) -> bytes | None:
+        """The raw TCA_OPTIONS of the netem leaf of a slot (tests and `show`)."""
+        for q in self.qdiscs():
+            if q["parent"] == ROOT | slot and q.get_attr("TCA_KIND") == "netem":
+                raw = q.get_attr("TCA_OPTIONS")
+                return raw if isinstance(raw, bytes) else None
+        return None
+
+    # -- removal -----------------------------------------------------------------
+    def del_root(self) -> bool:
+        if not self.has_our_root():
+            return False
+        try:
+            self.ipr.tc("del", "htb", self.ifindex, ROOT, parent=0xFFFFFFFF)
+        except NetlinkError as exc:
+            if exc.code != _errno.ENOENT:
+                raise _kernel_error(exc, "delete the HTB root of", self.ifname) from None
+        return True
+
+    def del_clsact(self) -> None:
+        try:
+            self.ipr.tc("del", "clsact", self.ifindex)
+        except NetlinkError as exc:
+            if exc.code not in (_errno.ENOENT, _errno.EINVAL):
+                raise _kernel_error(exc, "delete clsact on", self.ifname) from None

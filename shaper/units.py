@@ -1,0 +1,158 @@
+"""Parsing and formatting of the quantities rules are written in.
+
+Durations ("20ms", "1.5s", "500us"), percentages ("1%", 0-100), rates in tc's
+units ("kbit/mbit/gbit" are bits per second, "kbps/mbps" bytes per second) and
+sizes ("32kb").  Pure functions: every parser returns an integer in a fixed
+base unit or raises InvalidInput naming the field and the accepted form.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import InvalidInput
+
+_NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+
+_DURATION_US = {
+    "us": 1,
+    "usec": 1,
+    "ms": 1_000,
+    "msec": 1_000,
+    "s": 1_000_000,
+    "sec": 1_000_000,
+    "m": 60_000_000,
+    "min": 60_000_000,
+    "h": 3_600_000_000,
+}
+DURATION_FORM = "a number with a unit: us, ms, s, m or h (e.g. 20ms, 1.5s, 500us)"
+
+# tc(8): bit/kbit/mbit/gbit/tbit are bits per second (SI), the "bps" family
+# bytes per second; IEC prefixes (kibit, mibps, ...) are powers of 1024.
+_RATE_BITS = {}
+for _si, _iec, _mult in (("", "", 1), ("k", "ki", 1), ("m", "mi", 2), ("g", "gi", 3), ("t", "ti", 4)):
+    _RATE_BITS[_si + "bit"] = 1000**_mult
+    _RATE_BITS[_si + "bps"] = 8 * 1000**_mult
+    if _iec:
+        _RATE_BITS[_iec + "bit"] = 1024**_mult
+        _RATE_BITS[_iec + "bps"] = 8 * 1024**_mult
+RATE_FORM = "a number with a tc unit: bit, kbit, mbit, gbit, tbit (bits/s) or bps, kbps, mbps, gbps (bytes/s)"
+
+# tc(8) sizes are powers of 1024: "kb" is KiB.
+_SIZE_BYTES = {"b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+SIZE_FORM = "bytes as an integer, or a number with a unit: b, kb, mb, gb (powers of 1024)"
+PERCENT_FORM = "a percentage from 0% to 100% written with the % sign (e.g. 1%, 0.5%)"
+
+
+def _split(value: object, field: str, form: str) -> tuple[float, str]:
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise InvalidInput(field, f"expected a string, got {type(value).__name__}", form)
+    text = value.strip().lower()
+    m = re.fullmatch(_NUMBER + r"\s*(?P<unit>[a-z%]*)", text)
+    if not m:
+        raise InvalidInput(field, f"cannot parse {value!r}", form)
+    num = float(m.group("num"))
+    if not math.isfinite(num):
+        raise InvalidInput(field, f"{value!r} is not a finite number", form)
+    return num, m.group("unit")
+
+
+def parse_duration_us(value: object, field: str, *, max_us: int) -> int:
+    """'20ms' -> 20000.  "0" alone means zero; any other number needs a unit."""
+    if isinstance(value, str) and value.strip() == "0":
+        return 0
+    num, unit = _split(value, field, DURATION_FORM)
+    if unit not in _DURATION_US:
+        raise InvalidInput(field, f"unknown or missing unit in {value!r}", DURATION_FORM)
+    us = num * _DURATION_US[unit]
+    if us != 0 and us < 1:
+        raise InvalidInput(field, f"{value!r} is below the 1us resolution", DURATION_FORM)
+    if us > max_us:
+        raise InvalidInput(field, f"{value!r} exceeds the maximum {format_duration_us(max_us)}", DURATION_FORM)
+    return round(us)
+
+
+def parse_percent(value: object, field: str) -> float:
+    """'1%' -> 1.0 (a percentage, 0-100)."""
+    num, unit = _split(value, field, PERCENT_FORM)
+    if unit != "%":
+        raise InvalidInput(field, f"{value!r} has no % sign", PERCENT_FORM)
+    if num > 100:
+        raise InvalidInput(field, f"{value!r} is above 100%", PERCENT_FORM)
+    return num
+
+
+def parse_rate_bits(value: object, field: str, *, min_bits: int, max_bits: int) -> int:
+    """'10mbit' -> 10_000_000 bits per second."""
+    num, unit = _split(value, field, RATE_FORM)
+    if unit not in _RATE_BITS:
+        raise InvalidInput(field, f"unknown or missing unit in {value!r}", RATE_FORM)
+    bits = round(num * _RATE_BITS[unit])
+    if not min_bits <= bits <= max_bits:
+        raise InvalidInput(
+            field,
+            f"{value!r} is outside {format_rate_bits(min_bits)}..{format_rate_bits(max_bits)}",
+            RATE_FORM,
+        )
+    return bits
+
+
+def parse_size_bytes(value: object, field: str, *, min_bytes: int, max_bytes: int) -> int:
+    """'32kb' -> 32768; a plain integer is bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        num, unit = _split(value, field, SIZE_FORM)
+        if unit not in _SIZE_BYTES:
+            raise InvalidInput(field, f"unknown or missing unit in {value!r}", SIZE_FORM)
+        size = round(num * _SIZE_BYTES[unit])
+    if not min_bytes <= size <= max_bytes:
+        raise InvalidInput(field, f"{value!r} is outside {min_bytes}..{max_bytes} bytes", SIZE_FORM)
+    return size
+
+
+def parse_int(value: object, field: str, *, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, f"expected an integer, got {value!r}", f"an integer from {lo} to {hi}")
+    if not lo <= value <= hi:
+        raise InvalidInput(field, f"{value} is out of range", f"an integer from {lo} to {hi}")
+    return value
+
+
+def _trim(num: float) -> str:
+    text = f"{num:.6f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def format_duration_us(us: int) -> str:
+    """A short exact form that parses back to the same value: '20ms', '1.5s', '10m'."""
+    if us == 0:
+        return "0ms"
+    if us % 3_600_000_000 == 0:
+        return f"{us // 3_600_000_000}h"
+    if us % 60_000_000 == 0:
+        return f"{us // 60_000_000}m"
+    if us >= 1_000_000 and us % 1000 == 0:
+        return _trim(us / 1_000_000) + "s"
+    if us >= 1000:
+        return _trim(us / 1000) + "ms"
+    return f"{us}us"
+
+
+def format_percent(pct: float) -> str:
+    return _trim(pct) + "%"
+
+
+def format_rate_bits(bits: int) -> str:
+    for unit, mult in (("tbit", 10**12), ("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
+        if bits >= mult and bits % (mult // 1000) == 0:
+            return _trim(bits / mult) + unit
+    return f"{bits}bit"
+
+
+def format_size_bytes(size: int) -> str:
+    for unit, mult in (("mb", 1024**2), ("kb", 1024)):
+        if size >= mult and size % mult == 0:
+            return f"{size // mult}{unit}"
+    return f"{size}b"
