@@ -21,7 +21,7 @@
 /* How many expired entries one lookup may step over to reach a shorter,
  * live prefix (bounded so the verifier accepts the loop). */
 #define SHAPER_MAX_FALLBACK 8
-#define SHAPER_META_LEN 508
+#define SHAPER_META_LEN 1020
 
 /* LPM trie key.  IPv4 is stored IPv4-mapped (::ffff:a.b.c.d, prefixlen 96+n)
  * so one trie and one lookup serve both families. */

@@ -77,7 +77,7 @@ class KernelDatapath:
     def _pins_complete(self) -> bool:
         return all(os.path.exists(os.path.join(self.pin_dir, n)) for n in (loader.PROG_PIN,) + loader.MAP_NAMES)
 
-    def _open_maps(self) -> None:
+    def open_maps(self) -> None:
         self.lpm = Map(os.path.join(self.pin_dir, "dst_lpm"), layout.LPM_KEY.size, layout.LPM_VAL.size)
         self.stats = Map(os.path.join(self.pin_dir, "rule_stats"), 4, layout.RULE_STATS.size, percpu=True)
         self.meta = Map(os.path.join(self.pin_dir, "rule_meta"), 4, layout.RULE_META.size)
@@ -100,7 +100,7 @@ class KernelDatapath:
         ensure_bpffs(self.bpffs)
         adopted = False
         if self._pins_complete():
-            self._open_maps()
+            self.open_maps()
             own = self.read_record(0)
             if own and own.get("ifindex") == self.tc.ifindex:
                 adopted = True
@@ -112,7 +112,7 @@ class KernelDatapath:
             self.remove_pins()
             os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
             loader.load_and_pin(self.pin_dir)
-            self._open_maps()
+            self.open_maps()
             self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex, "ifname": self.ifname,
                                    "created_clsact": False})
         own = self.read_record(0) or {}
@@ -217,7 +217,7 @@ class KernelDatapath:
         if self._pins_complete():
             try:
                 if self.meta is None:
-                    self._open_maps()
+                    self.open_maps()
                 own = self.read_record(0)
             except Exception:  # unreadable pins still get removed below
                 own = None

@@ -18,7 +18,7 @@ and allocated lowest-free for new ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Union
 
 from . import layout
@@ -156,7 +156,8 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int) -> list[Opera
             leaf_ok = (kind == "netem") == rule.has_netem and rule.leaf_params() == old.rule.leaf_params()
             if not leaf_ok:
                 ops.append(SetLeaf(slot, rule, kind))
-        if rule != old.rule or expiry_of[name] != old.expires_ns:
+        # The record holds everything but dst (that lives in the trie).
+        if replace(rule, dst=()) != replace(old.rule, dst=()) or expiry_of[name] != old.expires_ns:
             ops.append(WriteRecord(slot, rule, expiry_of[name]))
 
     wanted_entries: dict[Prefix, layout.LpmVal] = {}

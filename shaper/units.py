@@ -31,7 +31,7 @@ DURATION_FORM = "a number with a unit: us, ms, s, m or h (e.g. 20ms, 1.5s, 500us
 # tc(8): bit/kbit/mbit/gbit/tbit are bits per second (SI), the "bps" family
 # bytes per second; IEC prefixes (kibit, mibps, ...) are powers of 1024.
 _RATE_BITS = {}
-for _si, _iec, _mult in (("", "", 1), ("k", "ki", 1), ("m", "mi", 2), ("g", "gi", 3), ("t", "ti", 4)):
+for _si, _iec, _mult in (("", "", 0), ("k", "ki", 1), ("m", "mi", 2), ("g", "gi", 3), ("t", "ti", 4)):
     _RATE_BITS[_si + "bit"] = 1000**_mult
     _RATE_BITS[_si + "bps"] = 8 * 1000**_mult
     if _iec:

@@ -1,0 +1,103 @@
+"""An in-memory datapath with the kernel's semantics, for tests and dry runs.
+
+It keeps what KernelDatapath keeps (rule records, LPM entries, classes and
+their leaves), classifies an address the way classifier.c does (longest
+prefix, expired entries fall back to a shorter prefix), and checks after
+every operation that no LPM entry points at a class that does not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from . import layout, plan as P
+from .model import ClassParams, Prefix, Rule
+
+
+class InvariantBroken(AssertionError):
+    pass
+
+
+@dataclass
+class FakeDatapath:
+    records: dict[int, tuple[Rule, int]] = field(default_factory=dict)
+    entries: dict[Prefix, layout.LpmVal] = field(default_factory=dict)
+    classes: dict[int, ClassParams] = field(default_factory=dict)
+    leaves: dict[int, Rule | None] = field(default_factory=dict)
+    counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Called before each operation; raise from it to simulate a kernel refusal.
+    before_op: Callable[[P.Operation], None] | None = None
+    # Called after each operation with self (e.g. to sample steering).
+    after_op: Callable[["FakeDatapath", P.Operation], None] | None = None
+    executed: list[P.Operation] = field(default_factory=list)
+
+    def observe(self) -> P.Observed:
+        dst_of: dict[int, list[Prefix]] = {}
+        for prefix, val in self.entries.items():
+            dst_of.setdefault(val.rule_id, []).append(prefix)
+        rules = {}
+        for slot, (rule, expires) in self.records.items():
+            rules[rule.name] = P.ObservedRule(slot, replace(rule, dst=tuple(sorted(dst_of.get(slot, ())))), expires)
+        kinds = {slot: ("netem" if self.leaves.get(slot) is not None else "pfifo") for slot in self.classes}
+        return P.Observed(rules=rules, entries=dict(self.entries), classes=kinds)
+
+    def execute(self, ops: list[P.Operation]) -> None:
+        for op in ops:
+            if self.before_op:
+                self.before_op(op)
+            self._one(op)
+            self.executed.append(op)
+            self.check()
+            if self.after_op:
+                self.after_op(self, op)
+
+    def _one(self, op: P.Operation) -> None:
+        if isinstance(op, P.WriteRecord):
+            self.records[op.slot] = (op.rule, op.expires_ns)
+        elif isinstance(op, P.ResetStats):
+            self.counters[op.slot] = (0, 0)
+        elif isinstance(op, P.CreateClass):
+            self.classes[op.slot] = op.rule.class_params()
+            self.leaves[op.slot] = None
+        elif isinstance(op, P.ChangeClass):
+            if op.slot not in self.classes:
+                raise InvariantBroken(f"change of missing class {op.slot}")
+            self.classes[op.slot] = op.rule.class_params()
+        elif isinstance(op, P.SetLeaf):
+            if op.slot not in self.classes:
+                raise InvariantBroken(f"leaf for missing class {op.slot}")
+            self.leaves[op.slot] = op.rule.leaf_params()
+        elif isinstance(op, P.UpsertEntries):
+            self.entries.update(op.entries)
+        elif isinstance(op, P.DeleteEntries):
+            for p in op.prefixes:
+                self.entries.pop(p, None)
+        elif isinstance(op, P.DeleteClass):
+            self.classes.pop(op.slot, None)
+            self.leaves.pop(op.slot, None)
+        elif isinstance(op, P.DeleteRecord):
+            self.records.pop(op.slot, None)
+
+    def check(self) -> None:
+        for prefix, val in self.entries.items():
+            if val.rule_id not in self.classes:
+                raise InvariantBroken(f"{prefix} steers to class {val.rule_id}, which does not exist")
+            if val.classid != layout.classid(val.rule_id) or val.prefixlen != prefix.prefixlen:
+                raise InvariantBroken(f"{prefix}: inconsistent entry {val}")
+
+    def steer(self, addr: bytes, now_ns: int) -> int | None:
+        """The classid the classifier would set for a destination, or None."""
+        limit = 128
+        for _ in range(layout.CONSTANTS["SHAPER_MAX_FALLBACK"]):
+            best = max((p for p in self.entries if p.prefixlen <= limit and p.contains(addr)),
+                       key=lambda p: p.prefixlen, default=None)
+            if best is None:
+                return None
+            val = self.entries[best]
+            if val.expires_ns == 0 or now_ns < val.expires_ns:
+                return val.classid
+            if best.prefixlen == 0:
+                return None
+            limit = best.prefixlen - 1
+        return None

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+
+from shaper.errors import InvalidInput
+from shaper import units as U
+
+
+@pytest.mark.parametrize("text,us", [("20ms", 20_000), ("1.5s", 1_500_000), ("500us", 500), ("0", 0),
+                                     ("10m", 600_000_000), ("1h", 3_600_000_000), (" 2 ms ", 2000),
+                                     ("0.5ms", 500), ("250usec", 250)])
+def test_duration(text, us):
+    assert U.parse_duration_us(text, "delay", max_us=10**12) == us
+
+
+@pytest.mark.parametrize("text", ["20", "20 parsecs", "-5ms", "nan", "inf", "", "ms", "1e3ms", "0.1us", "5ms5"])
+def test_duration_rejects(text):
+    with pytest.raises(InvalidInput) as err:
+        U.parse_duration_us(text, "delay", max_us=10**12)
+    assert err.value.field == "delay" and "ms" in err.value.accepted
+
+
+def test_duration_max_and_types():
+    with pytest.raises(InvalidInput, match="exceeds"):
+        U.parse_duration_us("2h", "delay", max_us=3_600_000_000)
+    for bad in (20, 1.5, None, True, ["20ms"]):
+        with pytest.raises(InvalidInput, match="expected a string"):
+            U.parse_duration_us(bad, "delay", max_us=10**9)
+
+
+@pytest.mark.parametrize("us", [1, 500, 1000, 1500, 20_000, 999_999, 1_000_000, 1_500_000, 61_000_000,
+                                600_000_000, 3_600_000_000, 5_400_000_000])
+def test_duration_round_trip(us):
+    assert U.parse_duration_us(U.format_duration_us(us), "x", max_us=10**13) == us
+
+
+def test_percent():
+    assert U.parse_percent("1%", "loss") == 1.0
+    assert U.parse_percent("0.5%", "loss") == 0.5
+    assert U.parse_percent("100%", "loss") == 100.0
+    for bad in ("1", "101%", "-1%", "abc%", 1, "nan%"):
+        with pytest.raises(InvalidInput):
+            U.parse_percent(bad, "loss")
+
+
+@pytest.mark.parametrize("text,bits", [("10mbit", 10**7), ("2mbit", 2 * 10**6), ("1gbit", 10**9),
+                                       ("100kbit", 10**5), ("1mbps", 8 * 10**6), ("1kibit", 1024),
+                                       ("1.5mbit", 1_500_000), ("10MBit", 10**7)])
+def test_rate(text, bits):
+    assert U.parse_rate_bits(text, "rate", min_bits=1, max_bits=10**13) == bits
+
+
+@pytest.mark.parametrize("text", ["10", "10mb", "fast", "10 mbit/s", "0mbit"])
+def test_rate_rejects(text):
+    with pytest.raises(InvalidInput) as err:
+        U.parse_rate_bits(text, "rate", min_bits=8000, max_bits=10**13)
+    assert err.value.field == "rate"
+
+
+@pytest.mark.parametrize("bits", [8000, 10**5, 2 * 10**6, 10**7, 1_500_000, 10**9, 123_456])
+def test_rate_round_trip(bits):
+    assert U.parse_rate_bits(U.format_rate_bits(bits), "r", min_bits=1, max_bits=10**13) == bits
+
+
+def test_size():
+    assert U.parse_size_bytes("32kb", "burst", min_bytes=1, max_bytes=2**30) == 32768
+    assert U.parse_size_bytes(3000, "burst", min_bytes=1, max_bytes=2**30) == 3000
+    assert U.parse_size_bytes(U.format_size_bytes(65536), "b", min_bytes=1, max_bytes=2**30) == 65536
+    with pytest.raises(InvalidInput):
+        U.parse_size_bytes("32 furlongs", "burst", min_bytes=1, max_bytes=2**30)
+    with pytest.raises(InvalidInput):
+        U.parse_size_bytes(10, "burst", min_bytes=1600, max_bytes=2**30)
+    assert not math.isnan(U.parse_percent("0%", "x"))
+
+
+def test_bare_bit_units():
+    assert U.parse_rate_bits("8000bit", "rate", min_bits=1, max_bits=10**13) == 8000
+    assert U.parse_rate_bits("1000bps", "rate", min_bits=1, max_bits=10**13) == 8000
