@@ -8,6 +8,7 @@ stderr.  Every option can also come from the environment (SHAPER_IFACE, ...).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -87,6 +88,7 @@ def main() -> None:
     jitter, loss, duplicate, corrupt, reorder, rate, TTL); everything else
     leaves the interface untouched.
     """
+    logging.basicConfig(format="shaper: %(message)s", level=logging.WARNING)
 
 
 @main.command()

@@ -78,8 +78,8 @@ class Controller:
             ops = P.plan(previous, self.datapath.observe(), self.clock())
             self.datapath.execute(ops)
             log.warning("apply failed; rolled back to the previous %d rule(s)", len(previous))
-        except Exception:  # the original error is the one to report
-            log.exception("apply failed and so did the roll-back; run `shaper show` and apply again")
+        except Exception as exc:  # the original error is the one to report
+            log.error("apply failed and so did the roll-back (%s); run `shaper show` and apply again", exc)
 
     def expire(self) -> list[P.Operation]:
         """Remove rules whose TTL has passed (the classifier already ignores them)."""

@@ -116,6 +116,8 @@ class Tc:
             raise InvalidInput("iface", f"no interface named {ifname!r}{where}", "an interface listed by `ip link`")
         self.ifindex = found[0]
         self.ipr.marshal.msg_map[RTM_NEWTFILTER] = _FilterMsg
+        # pyroute2 0.9's synchronous nlm_request reads this key, which IPRoute never sets.
+        self.ipr.status["nlm_generator"] = False
 
     def close(self) -> None:
         self.ipr.close()
@@ -282,7 +284,8 @@ class Tc:
 
     def del_class(self, slot: int) -> None:
         try:
-            self.ipr.tc("del-class", "htb", self.ifindex, ROOT | slot, parent=ROOT)
+            # No kind: with one, pyroute2 encodes class parameters (and fails) for a delete.
+            self.ipr.tc("del-class", None, self.ifindex, ROOT | slot, parent=ROOT)
         except NetlinkError as exc:
             if exc.code != _errno.ENOENT:
                 raise _kernel_error(exc, "delete HTB class", f"{HTB_MAJOR:x}:{slot:x}") from None
@@ -293,7 +296,7 @@ class Tc:
             if current == "netem":
                 try:
                     # HTB grafts its default pfifo back when the leaf goes.
-                    self.ipr.tc("del", "netem", self.ifindex, slot << 16, parent=ROOT | slot)
+                    self.ipr.tc("del", None, self.ifindex, slot << 16, parent=ROOT | slot)
                 except NetlinkError as exc:
                     if exc.code != _errno.ENOENT:
                         raise _kernel_error(exc, "remove netem leaf of", f"{HTB_MAJOR:x}:{slot:x}") from None

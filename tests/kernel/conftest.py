@@ -1,0 +1,14 @@
+import pytest
+
+from lab import Lab, kernel_tier_problem, require_tier
+
+
+@pytest.fixture(autouse=True)
+def _kernel_tier():
+    require_tier(kernel_tier_problem())
+
+
+@pytest.fixture
+def lab():
+    with Lab() as lab:
+        yield lab

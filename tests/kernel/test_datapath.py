@@ -1,0 +1,198 @@
+"""The classifier, the tc tree and the controller on the running kernel, in namespaces."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab import POD_IF, ROOT, V4, V6, sh, wait_until
+
+RULES = f"""
+rules:
+  - name: a
+    dst: [{V4['a']}/32, "{V6['a']}"]
+    rate: 100mbit
+  - name: b
+    dst: [{V4['b']}]
+    rate: 20mbit
+"""
+
+
+def netem_available() -> bool:
+    return os.path.exists("/sys/module/sch_netem")
+
+
+def test_v4_and_v6_land_in_their_classes(lab):
+    lab.shaper("apply", rules=RULES)
+    lab.send_udp(V4["a"], 300)
+    lab.send_udp(V6["a"], 200)
+    lab.send_udp(V4["b"], 100)
+    lab.send_udp(V4["d"], 50)  # no rule: must not be counted anywhere
+    rows = lab.show()
+    a, b = rows["a"], rows["b"]
+    # Rule counters (classifier) and class counters (HTB) see the same packets.
+    assert a["matched_packets"] == a["class_packets"] and a["matched_bytes"] == a["class_bytes"]
+    assert b["matched_packets"] == b["class_packets"]
+    # A unicast neighbour probe may add a packet or two to a rule.
+    assert 500 <= a["matched_packets"] <= 503
+    assert 100 <= b["matched_packets"] <= 102
+    assert a["classid"] != b["classid"]
+
+
+def _iperf(lab, addr: str, seconds: int = 3) -> float:
+    server = subprocess.Popen(["ip", "netns", "exec", lab.dst, "iperf3", "-s", "-1", "-B", addr],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: f"{addr}:5201" in sh("ip", "netns", "exec", lab.dst, "ss", "-ltnH").stdout, 10)
+        out = sh("ip", "netns", "exec", lab.pod, "iperf3", "-c", addr, "-t", str(seconds), "-J", timeout=60).stdout
+        return json.loads(out)["end"]["sum_received"]["bits_per_second"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_htb_rate_per_destination(lab):
+    lab.shaper("apply", rules=RULES)
+    shaped = _iperf(lab, V4["b"])
+    unshaped = _iperf(lab, V4["d"])
+    print(f"\nrate b (20mbit): {shaped / 1e6:.2f} Mbit/s; unshaped d: {unshaped / 1e6:.0f} Mbit/s")
+    assert 18e6 <= shaped <= 22e6  # +/-10%
+    assert unshaped > 200e6  # unmatched traffic is not capped
+
+
+def test_runtime_change_moves_traffic_without_touching_qdiscs(lab):
+    lab.shaper("apply", rules=RULES)
+    before = lab.handles()
+    prog_before = sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "egress").stdout
+    moved = RULES.replace(f"[{V4['a']}/32, \"{V6['a']}\"]", f"[{V4['a']}/32, \"{V6['a']}\", {V4['b']}]")
+    moved = moved.replace(f"dst: [{V4['b']}]", f"dst: [{V4['d']}]")
+    out = lab.shaper("apply", rules=moved).stdout
+    assert "1 change(s)" in out  # one batch of map updates, nothing else
+    lab.send_udp(V4["b"], 100)
+    rows = lab.show()
+    assert 100 <= rows["a"]["matched_packets"] <= 102 and rows["b"]["matched_packets"] == 0
+    assert lab.handles() == before
+    assert sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "egress").stdout == prog_before
+
+
+def test_changing_rate_changes_only_that_class(lab):
+    lab.shaper("apply", rules=RULES)
+    before = lab.handles()
+    lab.shaper("apply", rules=RULES.replace("rate: 20mbit", "rate: 5mbit"))
+    assert lab.handles() == before
+    classes = sh("tc", "-n", lab.pod, "class", "show", "dev", POD_IF).stdout
+    assert "rate 5Mbit" in classes and "rate 100Mbit" in classes
+
+
+def test_ttl_stops_matching_with_no_controller_alive(lab):
+    lab.shaper("apply", rules=RULES + f"""  - name: t
+    dst: [{V4['d']}]
+    rate: 10mbit
+    ttl: 2s
+""")
+    # The CLI process has exited: only the kernel enforces the TTL now.
+    lab.send_udp(V4["d"], 20)
+    assert 20 <= lab.show()["t"]["matched_packets"] <= 21
+    time.sleep(2.2)
+    lab.send_udp(V4["d"], 50)
+    lab.send_udp(V4["a"], 10)
+    rows = lab.show()
+    assert rows["t"]["matched_packets"] <= 21 and rows["t"]["expires_in"] == "expired"
+    assert rows["a"]["matched_packets"] >= 10
+
+
+def test_restarted_controller_adopts_without_change(lab):
+    lab.shaper("apply", rules=RULES)
+    before = lab.tc_state()
+    out = lab.shaper("apply", rules=RULES).stdout
+    assert "0 change(s)" in out
+    assert lab.tc_state() == before  # same program id, same handles, same parameters
+    from shaper.kernel import KernelDatapath
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        assert dp.attach() == "adopted"
+    finally:
+        dp.close()
+    assert lab.tc_state() == before
+
+
+def test_reset_leaves_tc_exactly_as_before(lab):
+    # Something of the user's own on the interface: a clsact with an ingress filter.
+    sh("tc", "-n", lab.pod, "qdisc", "add", "dev", POD_IF, "clsact")
+    sh("tc", "-n", lab.pod, "filter", "add", "dev", POD_IF, "ingress", "pref", "7", "protocol", "ip", "u32",
+       "match", "ip", "src", "10.77.0.9/32", "classid", "1:1")
+    before = lab.tc_state()
+    lab.shaper("apply", rules=RULES)
+    assert lab.tc_state() != before
+    out = lab.shaper("reset").stdout
+    assert "clsact" not in out  # the user's clsact stays
+    assert lab.tc_state() == before
+    assert not os.path.exists("/sys/fs/bpf/shaper") or not any(lab.pod in p for p in os.listdir("/sys/fs/bpf/shaper"))
+
+
+def test_reset_on_a_fresh_interface_restores_default_and_pins(lab):
+    before = lab.tc_state()
+    lab.shaper("apply", rules=RULES)
+    pins = [p for p in os.listdir("/sys/fs/bpf/shaper")]
+    assert pins
+    assert "removed filter, clsact, htb root, pins" in lab.shaper("reset").stdout
+    assert lab.tc_state() == before
+    left = os.listdir("/sys/fs/bpf/shaper") if os.path.exists("/sys/fs/bpf/shaper") else []
+    assert not set(pins) & set(left)
+    assert "nothing" in lab.shaper("reset").stdout  # idempotent
+
+
+def test_foreign_root_qdisc_is_refused_and_left_alone(lab):
+    sh("tc", "-n", lab.pod, "qdisc", "add", "dev", POD_IF, "root", "handle", "9:", "tbf", "rate", "1gbit",
+       "burst", "64kb", "latency", "50ms")
+    before = lab.tc_state()
+    proc = lab.shaper("apply", rules=RULES, check=False)
+    assert proc.returncode == 1 and "did not create" in proc.stderr
+    lab.shaper("reset")
+    assert lab.tc_state() == before
+
+
+def _kernel_snapshot(lab) -> tuple:
+    show = lab.shaper("show", "-o", "json").stdout
+    rows = json.loads(show)["rules"]
+    for r in rows:
+        r.pop("expires_in", None)
+    return lab.tc_state(), rows
+
+
+@pytest.mark.parametrize("bad", [
+    "rules: [{name: a, dst: [10.77.0.2], delay: 5 parsecs}]",
+    "rules: [{name: a, dst: [10.77.0.2]}, {name: a, dst: [10.77.0.3]}]",
+    "rules: [{name: a, dst: [10.77.0.2]}, {name: b, dst: [10.77.0.2]}]",
+    "rules: [{name: a, dst: [10.77.0.2], speed: 1mbit}]",
+    "rules: [{name: a, dst: [10.77.0.2/8]}]",
+    "rules: {{",
+])
+def test_invalid_rule_sets_change_nothing(lab, bad):
+    lab.shaper("apply", rules=RULES)
+    before = _kernel_snapshot(lab)
+    proc = lab.shaper("apply", rules=bad, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("shaper: ")
+    assert _kernel_snapshot(lab) == before
+
+
+def test_missing_netem_is_named_and_nothing_half_applied(lab):
+    if netem_available():
+        pytest.skip("this kernel has sch_netem; the VM tier covers netem")
+    lab.shaper("apply", rules=RULES)
+    before = _kernel_snapshot(lab)
+    proc = lab.shaper("apply", rules=RULES + f"  - name: slow\n    dst: [{V4['d']}]\n    delay: 50ms\n", check=False)
+    assert proc.returncode == 1 and "sch_netem" in proc.stderr
+    assert _kernel_snapshot(lab) == before
+
+
+def test_unknown_interface_and_netns(lab):
+    proc = subprocess.run([sys.executable, "-m", "shaper", "show", "--iface", "nope0", "--netns", lab.pod],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "no interface named 'nope0'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "shaper", "show", "--iface", "x", "--netns", "no-such-ns"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "no network namespace" in proc.stderr

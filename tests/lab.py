@@ -1,0 +1,155 @@
+"""Network-namespace labs for the kernel and VM tiers.
+
+A Lab is a "pod" namespace whose veth leads to a "dst" namespace holding
+every destination address.  Everything it creates it removes, shaper's state
+included, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+POD_IF = "shp0"
+V4 = {"pod": "10.77.0.1", "a": "10.77.0.2", "b": "10.77.0.3", "c": "10.77.1.5", "d": "10.77.0.4"}
+V6 = {"pod": "fd77::1", "a": "fd77::2", "b": "fd77::3"}
+
+
+def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def require_tier(reason: str | None) -> None:
+    """Skip a tier that cannot run here, except in CI where that is a failure."""
+    if reason is None:
+        return
+    if os.environ.get("CI") or os.environ.get("SHAPER_REQUIRE_ALL_TIERS"):
+        pytest.fail(f"tier cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def kernel_tier_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, tc, BPF)"
+    for tool in ("ip", "tc", "ping"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (run `make setup`)"
+    return None
+
+
+class Lab:
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.pod = f"shp-{tag}-pod"
+        self.dst = f"shp-{tag}-dst"
+        self.created: list[str] = []
+
+    def __enter__(self) -> "Lab":
+        try:
+            for ns in (self.pod, self.dst):
+                sh("ip", "netns", "add", ns)
+                self.created.append(ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", self.pod, "link", "add", "name", POD_IF, "type", "veth", "peer", "name", "shp1",
+               "netns", self.dst)
+            sh("ip", "-n", self.pod, "link", "set", POD_IF, "up")
+            sh("ip", "-n", self.dst, "link", "set", "shp1", "up")
+            sh("ip", "-n", self.pod, "addr", "add", f"{V4['pod']}/16", "dev", POD_IF)
+            sh("ip", "-n", self.pod, "addr", "add", f"{V6['pod']}/64", "dev", POD_IF, "nodad")
+            for name, addr in V4.items():
+                if name != "pod":
+                    sh("ip", "-n", self.dst, "addr", "add", f"{addr}/16", "dev", "shp1")
+            for name, addr in V6.items():
+                if name != "pod":
+                    sh("ip", "-n", self.dst, "addr", "add", f"{addr}/64", "dev", "shp1", "nodad")
+            # Warm neighbour caches so the first measured packet is not an ARP/ND wait.
+            for addr in list(V4.values())[1:] + list(V6.values())[1:]:
+                self.ping(addr, count=1, check=False)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pod in self.created:
+            self.shaper("reset", check=False)
+        for ns in reversed(self.created):
+            sh("ip", "netns", "del", ns, check=False)
+        self.created.clear()
+
+    # -- helpers ------------------------------------------------------------------------
+    def shaper(self, *args: str, check: bool = True, rules: str | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "shaper", *args, "--iface", POD_IF, "--netns", self.pod]
+        if rules is not None:
+            path = Path(f"/tmp/{self.pod}-rules.yaml")
+            path.write_text(rules)
+            cmd += ["-f", str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def show(self) -> dict[str, dict]:
+        out = self.shaper("show", "-o", "json").stdout
+        return {r["name"]: r for r in json.loads(out)["rules"]}
+
+    def ping(self, addr: str, count: int = 5, interval: float = 0.01, check: bool = True,
+             timeout: float = 120) -> dict:
+        proc = sh("ip", "netns", "exec", self.pod, "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+                  "-W", "2", addr, check=False, timeout=timeout)
+        if check and proc.returncode not in (0, 1):
+            raise AssertionError(proc.stderr)
+        return parse_ping(proc.stdout)
+
+    def send_udp(self, addr: str, count: int, size: int = 64) -> None:
+        code = ("import socket,sys;a=sys.argv[1];f=socket.AF_INET6 if ':' in a else socket.AF_INET;"
+                "s=socket.socket(f,socket.SOCK_DGRAM);[s.sendto(b'x'*int(sys.argv[3]),(a,9)) "
+                "for _ in range(int(sys.argv[2]))]")
+        sh("ip", "netns", "exec", self.pod, sys.executable, "-c", code, addr, str(count), str(size))
+
+    def tc_state(self) -> str:
+        """What `tc` shows of the pod interface, without counters."""
+        parts = [sh("tc", "-n", self.pod, "qdisc", "show", "dev", POD_IF).stdout,
+                 sh("tc", "-n", self.pod, "class", "show", "dev", POD_IF).stdout]
+        for where in ("ingress", "egress"):
+            parts.append(sh("tc", "-n", self.pod, "filter", "show", "dev", POD_IF, where, check=False).stdout)
+        return re.sub(r"direct_packets_stat \d+ ", "", "\n".join(parts))
+
+    def handles(self) -> list[str]:
+        """Kinds and handles of every qdisc and class: changes if any object is recreated."""
+        out = []
+        for what in ("qdisc", "class"):
+            for line in sh("tc", "-n", self.pod, what, "show", "dev", POD_IF).stdout.splitlines():
+                out.append(" ".join(line.split()[:5]))
+        return sorted(out)
+
+
+def parse_ping(text: str) -> dict:
+    out = {"sent": 0, "received": 0, "loss_pct": 100.0, "min": None, "avg": None, "max": None, "mdev": None}
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+    if m:
+        out["sent"], out["received"] = int(m.group(1)), int(m.group(2))
+        out["loss_pct"] = 100.0 * (1 - out["received"] / out["sent"]) if out["sent"] else 100.0
+    m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", text)
+    if m:
+        out["min"], out["avg"], out["max"], out["mdev"] = map(float, m.groups())
+    return out
+
+
+def wait_until(pred, timeout: float = 10, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
