@@ -40,6 +40,14 @@ NETEM_MISSING = (
     "Ubuntu: linux-modules-extra-$(uname -r)); rules with only a rate work without it"
 )
 
+# Kernels with the 2025 netem fix (6.1.14x and later stable, 6.16+) refuse a
+# duplicating netem when another netem shares the qdisc tree, and any netem
+# joining a tree that holds a duplicating one: duplication could recurse.
+NETEM_DUPLICATE_REFUSED = (
+    "the kernel refused the netem leaf (EINVAL). Linux refuses `duplicate` when another netem shares the "
+    "interface's qdisc tree: give duplicate only to a rule that is the sole netem rule on the interface"
+)
+
 
 class _RawOptions(nla):
     fields = (("value", "s"),)
@@ -317,6 +325,8 @@ class Tc:
         except NetlinkError as exc:
             if exc.code == _errno.ENOENT and current != "netem":
                 raise NotSupported(NETEM_MISSING) from None
+            if exc.code == _errno.EINVAL:
+                raise NotSupported(NETEM_DUPLICATE_REFUSED + f" (refused: netem leaf of rule {rule.name!r})") from None
             raise _kernel_error(exc, "set netem leaf of", f"{HTB_MAJOR:x}:{slot:x} on {self.ifname}") from None
 
     def netem_options(self, slot: int) -> bytes | None:

@@ -1,6 +1,7 @@
 import pytest
 
-from lab import Lab, kernel_tier_problem, require_tier
+from shaper.lab import Lab
+from tiers import kernel_tier_problem, require_tier
 
 
 @pytest.fixture(autouse=True)

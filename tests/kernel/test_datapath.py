@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lab import POD_IF, ROOT, V4, V6, sh, wait_until
+from shaper.lab import POD_IF, ROOT, V4, V6, sh
 
 RULES = f"""
 rules:
@@ -42,22 +42,10 @@ def test_v4_and_v6_land_in_their_classes(lab):
     assert a["classid"] != b["classid"]
 
 
-def _iperf(lab, addr: str, seconds: int = 3) -> float:
-    server = subprocess.Popen(["ip", "netns", "exec", lab.dst, "iperf3", "-s", "-1", "-B", addr],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: f"{addr}:5201" in sh("ip", "netns", "exec", lab.dst, "ss", "-ltnH").stdout, 10)
-        out = sh("ip", "netns", "exec", lab.pod, "iperf3", "-c", addr, "-t", str(seconds), "-J", timeout=60).stdout
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"]
-    finally:
-        server.kill()
-        server.wait()
-
-
 def test_htb_rate_per_destination(lab):
     lab.shaper("apply", rules=RULES)
-    shaped = _iperf(lab, V4["b"])
-    unshaped = _iperf(lab, V4["d"])
+    shaped = lab.iperf(V4["b"], 3)
+    unshaped = lab.iperf(V4["d"], 3)
     print(f"\nrate b (20mbit): {shaped / 1e6:.2f} Mbit/s; unshaped d: {unshaped / 1e6:.0f} Mbit/s")
     assert 18e6 <= shaped <= 22e6  # +/-10%
     assert unshaped > 200e6  # unmatched traffic is not capped

@@ -1,23 +1,20 @@
-"""Network-namespace labs for the kernel and VM tiers.
+"""Network-namespace labs, for `make demo` and the kernel and VM test tiers.
 
 A Lab is a "pod" namespace whose veth leads to a "dst" namespace holding
 every destination address.  Everything it creates it removes, shaper's state
-included, even when a test fails.
+included, even when a test fails.  Traffic goes only to addresses inside it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
+import tempfile
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 POD_IF = "shp0"
@@ -27,24 +24,6 @@ V6 = {"pod": "fd77::1", "a": "fd77::2", "b": "fd77::3"}
 
 def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def require_tier(reason: str | None) -> None:
-    """Skip a tier that cannot run here, except in CI where that is a failure."""
-    if reason is None:
-        return
-    if os.environ.get("CI") or os.environ.get("SHAPER_REQUIRE_ALL_TIERS"):
-        pytest.fail(f"tier cannot run: {reason}")
-    pytest.skip(reason)
-
-
-def kernel_tier_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, tc, BPF)"
-    for tool in ("ip", "tc", "ping"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed (run `make setup`)"
-    return None
 
 
 class Lab:
@@ -91,7 +70,7 @@ class Lab:
     def shaper(self, *args: str, check: bool = True, rules: str | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "shaper", *args, "--iface", POD_IF, "--netns", self.pod]
         if rules is not None:
-            path = Path(f"/tmp/{self.pod}-rules.yaml")
+            path = Path(tempfile.gettempdir()) / f"{self.pod}-rules.yaml"
             path.write_text(rules)
             cmd += ["-f", str(path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -117,6 +96,21 @@ class Lab:
                 "for _ in range(int(sys.argv[2]))]")
         sh("ip", "netns", "exec", self.pod, sys.executable, "-c", code, addr, str(count), str(size))
 
+    def iperf(self, addr: str, seconds: float = 2) -> float:
+        """TCP throughput from the pod to `addr` in bit/s (iperf3, server in the dst namespace)."""
+        server = subprocess.Popen(["ip", "netns", "exec", self.dst, "iperf3", "-s", "-1", "-B", addr],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            listening = lambda: f"{addr}:5201" in sh("ip", "netns", "exec", self.dst, "ss", "-ltnH").stdout  # noqa
+            if not wait_until(listening, 10):
+                raise RuntimeError("iperf3 server did not start")
+            out = sh("ip", "netns", "exec", self.pod, "iperf3", "-c", addr, "-t", str(seconds), "-J",
+                     timeout=60 + 2 * seconds).stdout
+            return json.loads(out)["end"]["sum_received"]["bits_per_second"]
+        finally:
+            server.kill()
+            server.wait()
+
     def tc_state(self) -> str:
         """What `tc` shows of the pod interface, without counters."""
         parts = [sh("tc", "-n", self.pod, "qdisc", "show", "dev", POD_IF).stdout,
@@ -140,6 +134,8 @@ def parse_ping(text: str) -> dict:
     if m:
         out["sent"], out["received"] = int(m.group(1)), int(m.group(2))
         out["loss_pct"] = 100.0 * (1 - out["received"] / out["sent"]) if out["sent"] else 100.0
+    m = re.search(r"\+(\d+) duplicates", text)
+    out["duplicates"] = int(m.group(1)) if m else 0
     m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", text)
     if m:
         out["min"], out["avg"], out["max"], out["mdev"] = map(float, m.groups())

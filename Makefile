@@ -1,0 +1,25 @@
+# make demo: the per-destination lab; make test: every test tier. Both set up first.
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-unit test-kernel test-vm clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m shaper.demo
+
+test: setup
+	$(PY) -m pytest tests -q -ra
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q
+
+test-kernel: setup
+	$(PY) -m pytest tests/kernel -q -ra
+
+test-vm: setup
+	$(PY) -m pytest tests/vm -q -ra -s
+
+clean:
+	rm -rf .venv .pytest_cache *.egg-info

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install what shaper and its test tiers need on Debian, as root. Idempotent.
+#  - Debian packages: bcc (python3-bpfcc), libbpf1, iproute2, kernel headers,
+#    the VM tier's stock kernel image and qemu, ping and iperf3.
+#  - Headers for the running kernel: where none are installed (a cloud kernel
+#    without modules), point /lib/modules/$(uname -r)/build at Debian's headers
+#    so bcc can compile (see ../shared/ENVIRONMENT.md).
+#  - A venv (.venv) made from Debian's python3 with --system-site-packages, so
+#    the bcc module from python3-bpfcc is importable; never PyPI's 'bcc'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (it installs Debian packages)" >&2
+    exit 1
+fi
+
+PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
+      qemu-system-x86 iputils-ping iperf3 kmod)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+rel=$(uname -r)
+if [ ! -d "/lib/modules/$rel/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$hdr" ]; then
+        echo "setup: no kernel headers for $rel and none from linux-headers-amd64" >&2
+        exit 1
+    fi
+    common=${hdr%-amd64}-common
+    echo "setup: no headers for running kernel $rel; using $hdr for bcc"
+    mkdir -p "/lib/modules/$rel"
+    ln -sfn "$hdr" "/lib/modules/$rel/build"
+    ln -sfn "$common" "/lib/modules/$rel/source"
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -e "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
+echo "setup: ready (.venv, bcc $(.venv/bin/python -c 'import bcc, importlib.metadata as m; print(getattr(bcc, "__version__", "?"))' 2>/dev/null || echo ?))"
