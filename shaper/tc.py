@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, nla
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
@@ -49,20 +49,6 @@ NETEM_DUPLICATE_REFUSED = (
 )
 
 
-class _RawOptions(nla):
-    fields = (("value", "s"),)
-
-
-class _NetemMsg(tcmsg):
-    """tcmsg whose TCA_OPTIONS is the payload netem.encode_options built."""
-
-    _nlmsg_base__compiled_nla = False  # see _FilterMsg
-
-    @staticmethod
-    def get_options(self, *argv, **kwarg):
-        return _RawOptions
-
-
 class _BpfFilterOptions(sched_bpf.options):
     # pyroute2 stops at TCA_BPF_FLAGS; the program id is what tells whether
     # the attached classifier is the pinned one.
@@ -73,7 +59,10 @@ class _BpfFilterOptions(sched_bpf.options):
     )
 
 
-class _FilterMsg(tcmsg):
+class _TcMsg(tcmsg):
+    """tcmsg with netem options as raw bytes (netem.py encodes and decodes them)
+    and bpf filter options that include the program id."""
+
     # pyroute2 compiles a class's NLA table once and a subclass inherits the
     # "compiled" flag, which would bind tcmsg.get_options: clear it here.
     # tests/unit/test_tc_codec.py catches a pyroute2 that works otherwise.
@@ -81,7 +70,10 @@ class _FilterMsg(tcmsg):
 
     @staticmethod
     def get_options(self, *argv, **kwarg):
-        if self.get_attr("TCA_KIND") == "bpf":
+        kind = self.get_attr("TCA_KIND")
+        if kind == "netem":
+            return self.cdata
+        if kind == "bpf":
             return _BpfFilterOptions
         return tcmsg.get_options(self, *argv, **kwarg)
 
@@ -123,7 +115,8 @@ class Tc:
             where = f" in network namespace {netns}" if netns else ""
             raise InvalidInput("iface", f"no interface named {ifname!r}{where}", "an interface listed by `ip link`")
         self.ifindex = found[0]
-        self.ipr.marshal.msg_map[RTM_NEWTFILTER] = _FilterMsg
+        for msg_type in (RTM_NEWQDISC, RTM_NEWTFILTER):
+            self.ipr.marshal.msg_map[msg_type] = _TcMsg
         # pyroute2 0.9's synchronous nlm_request reads this key, which IPRoute never sets.
         self.ipr.status["nlm_generator"] = False
 
@@ -309,13 +302,13 @@ class Tc:
                     if exc.code != _errno.ENOENT:
                         raise _kernel_error(exc, "remove netem leaf of", f"{HTB_MAJOR:x}:{slot:x}") from None
             return
-        msg = _NetemMsg()
+        msg = _TcMsg()
         msg["family"] = 0
         msg["index"] = self.ifindex
         msg["handle"] = slot << 16
         msg["parent"] = ROOT | slot
         msg["info"] = 0
-        msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", {"value": netem.encode_options(rule)})]
+        msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", netem.encode_options(rule))]
         # change keeps the qdisc (and the packets it holds); a new leaf is grafted.
         flags = NLM_F_REQUEST | NLM_F_ACK
         if current != "netem":
