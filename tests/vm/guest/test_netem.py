@@ -42,8 +42,9 @@ def test_per_destination_delay(lab):
     assert 49 <= a6["avg"] - baseline["a6"] <= 56
     assert b["avg"] <= baseline["b"] + 5  # no rule: unchanged
     assert 17 <= c["avg"] - baseline["c"] <= 23
-    # uniform jitter: spread over [15, 25] ms
-    assert c["min"] >= 14.5 and c["max"] <= 25 + baseline["c"] + 5 and c["mdev"] >= 1.5
+    # Uniform jitter over [15, 25] ms: sd 2.9 ms.  The max is left unchecked: under TCG
+    # a single emulator stall adds tens of ms to one sample.
+    assert c["min"] >= 14.5 and 1.5 <= c["mdev"] <= 6
 
 
 def test_loss_within_binomial_bounds(lab):
