@@ -16,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
-      qemu-system-x86 iputils-ping iperf3 kmod)
+      qemu-system-x86 iputils-ping kmod)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -59,7 +59,7 @@ def measure(lab: Lab) -> dict[str, dict]:
     for addr, _, _ in DESTINATIONS:
         res = lab.ping(addr, count=40, interval=0.02)
         if ":" not in addr:
-            res["tput"] = lab.iperf(addr, 2)
+            res["tput"] = lab.throughput(addr, 2)
         out[addr] = res
     return out
 

@@ -96,20 +96,27 @@ class Lab:
                 "for _ in range(int(sys.argv[2]))]")
         sh("ip", "netns", "exec", self.pod, sys.executable, "-c", code, addr, str(count), str(size))
 
-    def iperf(self, addr: str, seconds: float = 2) -> float:
-        """TCP throughput from the pod to `addr` in bit/s (iperf3, server in the dst namespace)."""
-        server = subprocess.Popen(["ip", "netns", "exec", self.dst, "iperf3", "-s", "-1", "-B", addr],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def throughput(self, addr: str, seconds: float = 2) -> float:
+        """TCP goodput from the pod to `addr` in bit/s, measured by the receiver.
+
+        A small Python sender/receiver rather than iperf3: iperf3 needs a
+        writable /tmp, which a VM sharing the host's root read-only lacks."""
+        server = subprocess.Popen(["ip", "netns", "exec", self.dst, sys.executable, "-c", _RECEIVER, addr],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             listening = lambda: f"{addr}:5201" in sh("ip", "netns", "exec", self.dst, "ss", "-ltnH").stdout  # noqa
             if not wait_until(listening, 10):
-                raise RuntimeError("iperf3 server did not start")
-            out = sh("ip", "netns", "exec", self.pod, "iperf3", "-c", addr, "-t", str(seconds), "-J",
-                     timeout=60 + 2 * seconds).stdout
-            return json.loads(out)["end"]["sum_received"]["bits_per_second"]
+                raise RuntimeError(f"receiver on {addr} did not start: {server.stderr.read() if server.poll() else ''}")
+            sh("ip", "netns", "exec", self.pod, sys.executable, "-c", _SENDER, addr, str(seconds),
+               timeout=60 + 2 * seconds)
+            out, err = server.communicate(timeout=30 + seconds)
+            if server.returncode != 0:
+                raise RuntimeError(f"receiver on {addr} failed: {err.strip()}")
+            return float(out)
         finally:
-            server.kill()
-            server.wait()
+            if server.poll() is None:
+                server.kill()
+                server.wait()
 
     def tc_state(self) -> str:
         """What `tc` shows of the pod interface, without counters."""
@@ -126,6 +133,36 @@ class Lab:
             for line in sh("tc", "-n", self.pod, what, "show", "dev", POD_IF).stdout.splitlines():
                 out.append(" ".join(line.split()[:5]))
         return sorted(out)
+
+
+_RECEIVER = """
+import socket, sys, time
+addr = sys.argv[1]
+srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, 5201))
+srv.listen(1)
+conn, _ = srv.accept()
+total, first, last = 0, None, None
+while True:
+    data = conn.recv(1 << 16)
+    if not data:
+        break
+    last = time.monotonic()
+    first = first or last
+    total += len(data)
+print(total * 8 / (last - first) if last and last > first else 0.0)
+"""
+_SENDER = """
+import socket, sys, time
+addr, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.create_connection((addr, 5201), timeout=30)
+buf = bytes(1 << 16)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s.sendall(buf)
+s.close()
+"""
 
 
 def parse_ping(text: str) -> dict:

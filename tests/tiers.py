@@ -23,7 +23,7 @@ def require_tier(reason: str | None) -> None:
 def kernel_tier_problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, tc, BPF)"
-    for tool in ("ip", "tc", "ping", "iperf3"):
+    for tool in ("ip", "tc", "ping", "ss"):
         if not shutil.which(tool):
             return f"{tool} is not installed (run `make setup`)"
     return None

@@ -44,8 +44,8 @@ def test_v4_and_v6_land_in_their_classes(lab):
 
 def test_htb_rate_per_destination(lab):
     lab.shaper("apply", rules=RULES)
-    shaped = lab.iperf(V4["b"], 3)
-    unshaped = lab.iperf(V4["d"], 3)
+    shaped = lab.throughput(V4["b"], 3)
+    unshaped = lab.throughput(V4["d"], 3)
     print(f"\nrate b (20mbit): {shaped / 1e6:.2f} Mbit/s; unshaped d: {unshaped / 1e6:.0f} Mbit/s")
     assert 18e6 <= shaped <= 22e6  # +/-10%
     assert unshaped > 200e6  # unmatched traffic is not capped
