@@ -9,14 +9,12 @@ and runs the same lab in a VM (Debian's stock kernel under virtme-ng).
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import subprocess
 import sys
-import uuid
+import tempfile
 
-from .lab import V4, V6, Lab, sh
+from .lab import V4, V6, Lab, netem_available, run_in_vm
 
 RULES = f"""
 rules:
@@ -40,18 +38,6 @@ DESTINATIONS = (
     (V4["d"], "-", "none"),
     (V6["b"], "-", "none"),
 )
-
-
-def netem_available() -> bool:
-    """Try a netem qdisc in a scratch namespace (modules may autoload)."""
-    ns = f"shp-probe-{uuid.uuid4().hex[:6]}"
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "add", "name", "p0", "type", "veth", "peer", "name", "p1")
-        return sh("tc", "-n", ns, "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms",
-                  check=False).returncode == 0
-    finally:
-        sh("ip", "netns", "del", ns, check=False)
 
 
 def measure(lab: Lab) -> dict[str, dict]:
@@ -94,22 +80,13 @@ def run_lab() -> None:
     print("\nlab removed (namespaces, tc objects, pins)")
 
 
-def run_in_vm() -> int:
-    images = sorted(p for p in glob.glob("/boot/vmlinuz-*-amd64") if "cloud" not in p)
-    vng = os.path.join(os.path.dirname(sys.executable), "vng")
-    vng = vng if os.path.exists(vng) else shutil.which("vng")
-    if not images or not vng:
-        print("demo: no VM kernel (linux-image-amd64) or virtme-ng: run `make setup`", file=sys.stderr)
-        return 1
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rw = f"/tmp/shaper-demo-{uuid.uuid4().hex[:6]}"
-    os.makedirs(rw)
+def run_demo_in_vm() -> int:
+    rw = tempfile.mkdtemp(prefix="shaper-demo-")
     try:
-        env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
-        cmd = (f"modprobe -a sch_netem sch_htb sch_ingress cls_bpf veth && cd {root} && "
-               f"TMPDIR={rw} PYTHONDONTWRITEBYTECODE=1 {sys.executable} -m shaper.demo --in-vm")
-        return subprocess.run([vng, "-r", images[-1], "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
-                               "--rwdir", rw, "--exec", cmd], env=env, stdin=subprocess.DEVNULL).returncode
+        return run_in_vm(f"{sys.executable} -m shaper.demo --in-vm", rw).returncode
+    except RuntimeError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(rw, ignore_errors=True)
 
@@ -121,7 +98,7 @@ def main(argv: list[str]) -> int:
     if "--in-vm" not in argv and not netem_available():
         print("This kernel has no sch_netem (delay/jitter/loss need it): running the lab in a VM with "
               "Debian's stock kernel (virtme-ng, TCG; about a minute) ...", flush=True)
-        return run_in_vm()
+        return run_demo_in_vm()
     run_lab()
     return 0
 

@@ -7,11 +7,14 @@ included, even when a test fails.  Traffic goes only to addresses inside it.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
-import tempfile
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +27,56 @@ V6 = {"pod": "fd77::1", "a": "fd77::2", "b": "fd77::3"}
 
 def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def netem_available() -> bool:
+    """Try a netem qdisc in a scratch namespace (a module may autoload; built-in shows no /sys/module)."""
+    ns = f"shp-probe-{uuid.uuid4().hex[:6]}"
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "name", "p0", "type", "veth", "peer", "name", "p1")
+        return sh("tc", "-n", ns, "qdisc", "add", "dev", "p0", "root", "netem", "delay", "1ms",
+                  check=False).returncode == 0
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def vm_kernel() -> str | None:
+    """Debian's generic stock kernel (netem as a module, 9p for virtme-ng), the newest."""
+    images = [p for p in glob.glob("/boot/vmlinuz-*-amd64") if "cloud" not in p]
+    key = lambda p: [int(x) if x.isdigit() else x for x in re.split(r"[.-]", p)]  # noqa: E731
+    return sorted(images, key=key)[-1] if images else None
+
+
+def vng_path() -> str | None:
+    cand = Path(sys.executable).parent / "vng"
+    return str(cand) if cand.exists() else shutil.which("vng")
+
+
+def run_in_vm(command: str, rwdir: str, *, capture: bool = False,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a shell command as root in a VM booting Debian's stock kernel (virtme-ng, TCG).
+
+    The VM sees this host's filesystem read-only, `rwdir` writable (also its
+    TMPDIR), the netem/HTB/clsact/cls_bpf/veth modules loaded, and starts in
+    the source tree.  /dev/kvm does not work for a guest here, hence TCG."""
+    kernel, vng = vm_kernel(), vng_path()
+    if not kernel or not vng:
+        raise RuntimeError("no VM kernel (linux-image-amd64) or virtme-ng (vng): run `make setup`")
+    script = Path(rwdir) / "guest.sh"
+    script.write_text(
+        "set -e\n"
+        "modprobe -a sch_netem sch_htb sch_ingress cls_bpf veth\n"
+        f"cd {ROOT}\n"
+        f"export PYTHONDONTWRITEBYTECODE=1 TMPDIR={rwdir}\n"
+        f"{command}\n"
+    )
+    # vng runs virtme-run from PATH: the venv's bin must be on it.
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
+    cmd = [vng, "-r", kernel, "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
+           "--rwdir", str(rwdir), "--exec", f"bash {script}"]
+    return subprocess.run(cmd, capture_output=capture, text=True, timeout=timeout, env=env, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
 
 
 class Lab:

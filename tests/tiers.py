@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+
+from shaper.lab import vm_kernel, vng_path
 
 
 def require_tier(reason: str | None) -> None:
@@ -27,18 +25,6 @@ def kernel_tier_problem() -> str | None:
         if not shutil.which(tool):
             return f"{tool} is not installed (run `make setup`)"
     return None
-
-
-def vm_kernel() -> str | None:
-    """Debian's generic stock kernel (netem as a module, 9p for virtme-ng), newest first."""
-    images = [p for p in glob.glob("/boot/vmlinuz-*-amd64") if "cloud" not in p]
-    key = lambda p: [int(x) if x.isdigit() else x for x in re.split(r"[.-]", p)]  # noqa: E731
-    return sorted(images, key=key)[-1] if images else None
-
-
-def vng_path() -> str | None:
-    cand = Path(sys.executable).parent / "vng"
-    return str(cand) if cand.exists() else shutil.which("vng")
 
 
 def vm_tier_problem() -> str | None:

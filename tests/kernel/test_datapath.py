@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shaper.lab import POD_IF, ROOT, V4, V6, sh
+from shaper.lab import POD_IF, ROOT, V4, V6, netem_available, sh
 
 RULES = f"""
 rules:
@@ -19,10 +19,6 @@ rules:
     dst: [{V4['b']}]
     rate: 20mbit
 """
-
-
-def netem_available() -> bool:
-    return os.path.exists("/sys/module/sch_netem")
 
 
 def test_v4_and_v6_land_in_their_classes(lab):
