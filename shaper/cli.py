@@ -39,6 +39,7 @@ def _errors() -> Iterator[None]:
 
 @contextmanager
 def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
+    """The interface's datapath, attached if asked; None if shaper is not attached and not asked to."""
     from .kernel import KernelDatapath  # kernel access only for commands that need it
 
     dp = KernelDatapath(iface, netns)
@@ -48,20 +49,11 @@ def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
         elif dp.is_attached():
             dp.open_maps()
         else:
-            dp = _Detached(dp)
+            yield None
+            return
         yield dp
     finally:
         dp.close()
-
-
-class _Detached:
-    """An interface shaper is not attached to: nothing to show."""
-
-    def __init__(self, dp):
-        self._dp = dp
-
-    def close(self) -> None:
-        self._dp.close()
 
 
 def load_rules_file(path: str):
@@ -105,7 +97,7 @@ def apply(iface: str, netns: str | None, rules_file: str, dry_run: bool) -> None
         rules = load_rules_file(rules_file)
         with _datapath(iface, netns, attach=not dry_run) as dp:
             if dry_run:
-                if isinstance(dp, _Detached):
+                if dp is None:
                     click.echo(f"Would attach to {iface} and create {len(rules)} rule(s)")
                     return
                 for op in Controller(dp).plan(rules):
@@ -175,12 +167,12 @@ def _table(rows: list[dict]) -> str:
 def show(iface: str, netns: str | None, output: str) -> None:
     """Show IFACE's rules with their per-rule and per-class counters."""
     with _errors(), _datapath(iface, netns, attach=False) as dp:
-        rows = [] if isinstance(dp, _Detached) else _status_rows(dp)
+        rows = [] if dp is None else _status_rows(dp)
         if output == "json":
             click.echo(json.dumps({"rules": rows}, indent=2))
         elif output == "yaml":
             click.echo(yaml.safe_dump({"rules": rows}, sort_keys=False), nl=False)
-        elif isinstance(dp, _Detached):
+        elif dp is None:
             click.echo(f"shaper is not attached to {iface}")
         else:
             click.echo(_table(rows))
