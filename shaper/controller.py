@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from . import plan as P
+from .layout import HTB_MAJOR
 from .model import Rule, validate_ruleset
+from .stats import ClassStats, RuleCounters, RuleStats
 
 log = logging.getLogger("shaper")
 
@@ -23,6 +25,10 @@ class Datapath(Protocol):
     def observe(self) -> P.Observed: ...
 
     def execute(self, ops: list[P.Operation]) -> None: ...
+
+    def counters(self, slots: list[int]) -> dict[int, RuleCounters]: ...
+
+    def class_stats(self) -> dict[int, ClassStats]: ...
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,6 @@ class RuleStatus:
 
     @property
     def classid(self) -> str:
-        from .layout import HTB_MAJOR
-
         return f"{HTB_MAJOR:x}:{self.slot:x}"
 
 
@@ -45,8 +49,9 @@ class Controller:
         self.datapath = datapath
         self.clock = clock
 
-    def status(self) -> list[RuleStatus]:
-        observed = self.datapath.observe()
+    def status(self, observed: P.Observed | None = None) -> list[RuleStatus]:
+        if observed is None:
+            observed = self.datapath.observe()
         now = self.clock()
         return sorted(
             (RuleStatus(o.rule, o.slot, o.expires_ns, bool(o.expires_ns and o.expires_ns <= now))
@@ -54,15 +59,34 @@ class Controller:
             key=lambda s: s.rule.name,
         )
 
+    def live_rules(self, observed: P.Observed) -> dict[str, Rule]:
+        """The rules in force: what a change to one rule keeps of the others."""
+        gone = observed.expired(self.clock())
+        return {n: o.rule for n, o in observed.rules.items() if n not in gone}
+
+    def stats(self, observed: P.Observed | None = None) -> list[RuleStats]:
+        """Every rule with its classifier and class counters (one class dump)."""
+        statuses = self.status(observed)
+        counters = self.datapath.counters([s.slot for s in statuses])
+        classes = self.datapath.class_stats()
+        return [RuleStats(s.rule, s.slot, s.classid, s.expires_ns, counters.get(s.slot, RuleCounters()),
+                          classes.get(s.slot)) for s in statuses]
+
     def plan(self, rules: Iterable[Rule]) -> list[P.Operation]:
         desired = validate_ruleset(rules)
         return P.plan(desired, self.datapath.observe(), self.clock())
 
-    def apply(self, rules: Iterable[Rule]) -> list[P.Operation]:
-        """Make the kernel hold exactly `rules`; returns the operations done."""
+    def apply(self, rules: Iterable[Rule], *, renew: Iterable[str] = (),
+              observed: P.Observed | None = None) -> list[P.Operation]:
+        """Make the kernel hold exactly `rules`; returns the operations done.
+
+        `observed` may be passed when the caller has just read it (under the
+        same lock); `renew` names rules whose TTL restarts even if unchanged.
+        """
         desired = validate_ruleset(rules)
-        observed = self.datapath.observe()
-        ops = P.plan(desired, observed, self.clock())
+        if observed is None:
+            observed = self.datapath.observe()
+        ops = P.plan(desired, observed, self.clock(), renew)
         if not ops:
             return ops
         try:

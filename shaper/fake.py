@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import layout, plan as P
 from .model import ClassParams, Prefix, Rule
+from .stats import ClassStats, RuleCounters
 
 
 class InvariantBroken(AssertionError):
@@ -25,7 +26,7 @@ class FakeDatapath:
     entries: dict[Prefix, layout.LpmVal] = field(default_factory=dict)
     classes: dict[int, ClassParams] = field(default_factory=dict)
     leaves: dict[int, Rule | None] = field(default_factory=dict)
-    counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rule_counters: dict[int, RuleCounters] = field(default_factory=dict)
     # Called before each operation; raise from it to simulate a kernel refusal.
     before_op: Callable[[P.Operation], None] | None = None
     # Called after each operation with self (e.g. to sample steering).
@@ -56,7 +57,7 @@ class FakeDatapath:
         if isinstance(op, P.WriteRecord):
             self.records[op.slot] = (op.rule, op.expires_ns)
         elif isinstance(op, P.ResetStats):
-            self.counters[op.slot] = (0, 0)
+            self.rule_counters[op.slot] = RuleCounters()
         elif isinstance(op, P.CreateClass):
             self.classes[op.slot] = op.rule.class_params()
             self.leaves[op.slot] = None
@@ -78,6 +79,24 @@ class FakeDatapath:
             self.leaves.pop(op.slot, None)
         elif isinstance(op, P.DeleteRecord):
             self.records.pop(op.slot, None)
+
+    def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
+        return {slot: self.rule_counters.get(slot, RuleCounters()) for slot in slots}
+
+    def class_stats(self) -> dict[int, ClassStats]:
+        return {slot: ClassStats(layout.classid(slot), leaf="netem" if self.leaves.get(slot) else None)
+                for slot in self.classes}
+
+    def map_entries(self) -> int:
+        return len(self.entries)
+
+    def count(self, addr: bytes, now_ns: int, nbytes: int = 100) -> None:
+        """Count one packet the way the classifier does (for counter tests)."""
+        classid = self.steer(addr, now_ns)
+        if classid is not None:
+            slot = classid & 0xFFFF
+            c = self.rule_counters.get(slot, RuleCounters())
+            self.rule_counters[slot] = RuleCounters(c.packets + 1, c.bytes + nbytes)
 
     def check(self) -> None:
         for prefix, val in self.entries.items():

@@ -17,23 +17,17 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
 
 from . import layout, loader, plan as P
 from .bpfmap import Map, obj_get, prog_id
 from .errors import NotSupported, PermissionDenied
 from .model import Prefix, rule_from_record
-from .tc import ClassStats, Tc
+from .stats import ClassStats, RuleCounters
+from .tc import Tc
 
 BPFFS_MAGIC_TYPE = "bpf"
 RECORD_VERSION = 1
 _SLOT = struct.Struct("=I")
-
-
-@dataclass(frozen=True)
-class RuleCounters:
-    packets: int
-    bytes: int
 
 
 def ensure_bpffs(base: str) -> None:

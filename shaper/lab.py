@@ -7,14 +7,19 @@ included, even when a test fails.  Traffic goes only to addresses inside it.
 
 from __future__ import annotations
 
+import ctypes
 import glob
+import http.client
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -85,6 +90,7 @@ class Lab:
         self.pod = f"shp-{tag}-pod"
         self.dst = f"shp-{tag}-dst"
         self.created: list[str] = []
+        self.daemons: list[Daemon] = []
 
     def __enter__(self) -> "Lab":
         try:
@@ -113,6 +119,8 @@ class Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for daemon in self.daemons:
+            daemon.kill()
         if self.pod in self.created:
             self.shaper("reset", check=False)
         for ns in reversed(self.created):
@@ -130,6 +138,23 @@ class Lab:
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
         return proc
+
+    def cli(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run a shaper client command inside the pod namespace (where the daemon listens)."""
+        cmd = ["nsenter", f"--net=/run/netns/{self.pod}", sys.executable, "-m", "shaper", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, **(env or {})})
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def daemon(self, *args: str, port: int = 2332, wait: bool = True) -> "Daemon":
+        """Start `shaper run --iface shp0` inside the pod namespace, listening on its loopback."""
+        d = Daemon(self.pod, port, args)
+        self.daemons.append(d)
+        if wait:
+            d.wait_ready()
+        return d
 
     def show(self) -> dict[str, dict]:
         out = self.shaper("show", "-o", "json").stdout
@@ -186,6 +211,103 @@ class Lab:
             for line in sh("tc", "-n", self.pod, what, "show", "dev", POD_IF).stdout.splitlines():
                 out.append(" ".join(line.split()[:5]))
         return sorted(out)
+
+
+class Daemon:
+    """A `shaper run` in a namespace (as in a pod: nsenter keeps the host's /sys/fs/bpf)."""
+
+    def __init__(self, netns: str, port: int, args: tuple[str, ...]):
+        self.netns = netns
+        self.port = port
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{netns}-daemon-", suffix=".log", delete=False)
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "shaper", "run", "--iface", POD_IF,
+               "--listen", f"127.0.0.1:{port}", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=ROOT)
+
+    def logs(self) -> list[dict]:
+        with open(self.log.name) as f:
+            return [json.loads(line) for line in f if line.startswith("{")]
+
+    def log_text(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shaper run exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                return self.request("GET", "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        if not wait_until(ready, timeout, 0.1):
+            raise RuntimeError(f"shaper run not ready after {timeout}s: {self.log_text()}")
+
+    def request(self, method: str, path: str, body: object = None, token: str | None = None,
+                raw: bytes | None = None, headers: dict | None = None) -> tuple[int, object]:
+        conn = NetnsHTTPConnection(self.netns, "127.0.0.1", self.port, timeout=120)
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            text = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            return resp.status, (json.loads(text) if ctype.startswith("application/json") else text.decode())
+        finally:
+            conn.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name) if os.path.exists(self.log.name) else None
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def netns_connect(netns: str, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection from inside a named network namespace.
+
+    A short-lived thread joins the namespace (setns changes only the calling
+    thread) and connects; the socket stays in that namespace after it ends."""
+    result: dict[str, object] = {}
+
+    def connect() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {netns}")
+            result["sock"] = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            result["error"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=connect)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["sock"]  # type: ignore[return-value]
+
+
+class NetnsHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, netns: str, host: str, port: int, timeout: float = 30):
+        super().__init__(host, port, timeout=timeout)
+        self.netns = netns
+
+    def connect(self) -> None:
+        self.sock = netns_connect(self.netns, self.host, self.port, self.timeout)
 
 
 _RECEIVER = """

@@ -118,8 +118,14 @@ def _same_except_dst(a: Rule, b: Rule) -> bool:
     return a.class_params() == b.class_params() and a.leaf_params() == b.leaf_params() and a.ttl_us == b.ttl_us
 
 
-def plan(desired: Iterable[Rule], observed: Observed, now_ns: int) -> list[Operation]:
-    """The operations that make `observed` equal `desired` (see module doc for the order)."""
+def plan(desired: Iterable[Rule], observed: Observed, now_ns: int,
+         renew: Iterable[str] = ()) -> list[Operation]:
+    """The operations that make `observed` equal `desired` (see module doc for the order).
+
+    A rule that stays unchanged keeps its TTL deadline, unless it is named in
+    `renew` (an API PUT of one rule means "for TTL from now").
+    """
+    renew = set(renew)
     want = {r.name: r for r in desired}
     expired = observed.expired(now_ns)
     live = {n: o for n, o in observed.rules.items() if n not in expired}
@@ -145,7 +151,7 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int) -> list[Opera
     for name, old in sorted(keep.items()):
         rule, slot = want[name], old.slot
         slot_of[name] = slot
-        changed = not _same_except_dst(rule, old.rule)
+        changed = not _same_except_dst(rule, old.rule) or name in renew
         expiry_of[name] = (now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0) if changed else old.expires_ns
         kind = observed.classes.get(slot)
         if kind is None:  # the class vanished under us: rebuild it
@@ -178,3 +184,16 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int) -> list[Opera
     for slot in sorted({o.slot for o in observed.rules.values()} - kept_slots):
         ops.append(DeleteRecord(slot))
     return ops
+
+
+def describe(op: Operation) -> str:
+    """One line per operation, for dry runs and logs."""
+    if isinstance(op, UpsertEntries):
+        return f"write {len(op.entries)} destination entr{'y' if len(op.entries) == 1 else 'ies'}"
+    if isinstance(op, DeleteEntries):
+        return f"remove {len(op.prefixes)} destination entr{'y' if len(op.prefixes) == 1 else 'ies'}"
+    rule = getattr(op, "rule", None)
+    what = {WriteRecord: "write the record of", ResetStats: "reset the counters of", CreateClass: "create class",
+            ChangeClass: "change class", SetLeaf: "set the leaf of", DeleteClass: "delete class",
+            DeleteRecord: "delete the record of"}[type(op)]
+    return f"{what} slot {op.slot}" + (f" ({rule.name})" if rule else "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
@@ -23,6 +22,7 @@ from . import netem
 from .errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
 from .layout import HTB_MAJOR
 from .model import ClassParams, Rule
+from .stats import ClassStats
 
 ROOT = HTB_MAJOR << 16
 CLSACT_HANDLE = 0xFFFF0000
@@ -76,19 +76,6 @@ class _TcMsg(tcmsg):
         if kind == "bpf":
             return _BpfFilterOptions
         return tcmsg.get_options(self, *argv, **kwarg)
-
-
-@dataclass(frozen=True)
-class ClassStats:
-    classid: int
-    bytes: int
-    packets: int
-    drops: int
-    overlimits: int
-    requeues: int
-    backlog_bytes: int
-    backlog_packets: int
-    leaf: str | None
 
 
 def _kernel_error(exc: NetlinkError, op: str, obj: str) -> Exception:

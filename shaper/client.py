@@ -1,0 +1,116 @@
+"""A small client of the daemon's HTTP API, used by the CLI's client commands.
+
+Errors come back as ShaperError subclasses carrying the daemon's one-line
+reason, with the CLI's exit code: 2 when the daemon refused the input
+(400/413/422), 1 otherwise (401, 404, 5xx, daemon unreachable).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any, Callable
+from urllib.parse import quote, urlsplit
+
+from .errors import InvalidInput, ShaperError
+
+DEFAULT_SERVER = "http://127.0.0.1:2332"
+# (method, url, headers, body) -> (status, body): replaced in tests to reach an in-process Api.
+Transport = Callable[[str, str, dict, bytes], tuple[int, bytes]]
+
+
+class ApiError(ShaperError):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.exit_code = 2 if status in (400, 413, 422) else 1
+        super().__init__(message)
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: from a file (whitespace stripped), else $SHAPER_TOKEN, else none."""
+    if token_file:
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise InvalidInput("--token-file", f"cannot read {token_file}: {exc.strerror}", "a readable file") from None
+        if not token:
+            raise InvalidInput("--token-file", f"{token_file} is empty", "a file holding the token")
+        return token
+    return os.environ.get("SHAPER_TOKEN") or None
+
+
+class Client:
+    transport: Transport | None = None
+
+    def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout: float = 120):
+        if "://" not in server:
+            server = "http://" + server
+        url = urlsplit(server)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise InvalidInput("--server", f"{server!r} is not an http(s) URL", "a URL like http://127.0.0.1:2332")
+        self.server = server.rstrip("/")
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+
+    def _http(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, bytes]:
+        cls = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.url.hostname, self.url.port, timeout=self.timeout)
+        try:
+            conn.request(method, self.url.path.rstrip("/") + path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            if isinstance(exc, socket.timeout):
+                reason = f"no answer within {self.timeout:g}s"
+            raise ShaperError(f"cannot reach the shaper daemon at {self.server}: {reason} "
+                              "(is `shaper run` running? set --server or SHAPER_SERVER)") from None
+        finally:
+            conn.close()
+
+    def request(self, method: str, path: str, data: Any = None) -> Any:
+        headers = {"Accept": "application/json"}
+        body = b""
+        if data is not None:
+            body = json.dumps(data).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        send = type(self).transport or self._http
+        status, raw = send(method, path, headers, body)
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = None
+        if status >= 400:
+            message = payload.get("error") if isinstance(payload, dict) else None
+            raise ApiError(status, message or f"HTTP {status} from {self.server}{path}")
+        if payload is None:
+            raise ShaperError(f"{self.server}{path} did not answer with JSON (is it a shaper daemon?)")
+        return payload
+
+    # -- the API ------------------------------------------------------------------
+    def rules(self) -> list[dict]:
+        return self.request("GET", "/rules")["rules"]
+
+    def rule(self, name: str) -> dict:
+        return self.request("GET", f"/rules/{quote(name, safe='')}")
+
+    def put(self, name: str, rule: dict) -> dict:
+        return self.request("PUT", f"/rules/{quote(name, safe='')}", rule)
+
+    def delete(self, name: str) -> list[str]:
+        return self.request("DELETE", f"/rules/{quote(name, safe='')}")["deleted"]
+
+    def replace(self, document: dict, dry_run: bool = False) -> dict:
+        return self.request("PUT", "/rules" + ("?dry_run=1" if dry_run else ""), document)
+
+    def clear(self) -> list[str]:
+        return self.request("DELETE", "/rules")["deleted"]
+
+    def stats(self) -> dict:
+        return self.request("GET", "/stats")

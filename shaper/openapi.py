@@ -1,0 +1,125 @@
+"""The OpenAPI 3.0 document of the daemon's HTTP API (served at /openapi.json).
+
+Written by hand next to the routes in api.py; a unit test checks that the
+two list the same endpoints and that the rule schema lists every field the
+model accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .model import NAME_FORM
+from .units import DURATION_FORM, PERCENT_FORM, RATE_FORM, SIZE_FORM
+
+_PCT = {"type": "string", "pattern": r"^[0-9.]+%$", "description": PERCENT_FORM}
+_DURATION = {"type": "string", "description": DURATION_FORM}
+
+RULE_FIELDS: dict[str, dict[str, Any]] = {
+    "name": {"type": "string", "description": NAME_FORM + ". In /rules/{name} it comes from the path."},
+    "dst": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+            "description": "Destinations: IPv4/IPv6 addresses or CIDRs. The longest matching prefix wins."},
+    "delay": {**_DURATION, "description": "Added delay: " + DURATION_FORM + "."},
+    "jitter": {**_DURATION, "description": "Delay variation (needs delay)."},
+    "delay_corr": {**_PCT, "description": "Correlation of successive jitter values (needs jitter)."},
+    "distribution": {"type": "string", "enum": ["uniform", "normal", "pareto", "paretonormal"],
+                     "description": "Shape of the jitter (default uniform)."},
+    "loss": {**_PCT, "description": "Random loss."},
+    "loss_corr": {**_PCT, "description": "Correlation of successive losses."},
+    "loss_ge": {"type": "object", "additionalProperties": False,
+                "properties": {k: _PCT for k in ("p", "r", "loss_bad", "loss_good")}, "required": ["p"],
+                "description": "Gilbert-Elliott bursty loss (instead of loss)."},
+    "duplicate": {**_PCT, "description": "Packets sent twice."},
+    "duplicate_corr": _PCT,
+    "corrupt": {**_PCT, "description": "Packets with one flipped bit."},
+    "corrupt_corr": _PCT,
+    "reorder": {**_PCT, "description": "Packets sent at once, ahead of delayed ones (needs delay)."},
+    "reorder_corr": _PCT,
+    "gap": {"type": "integer", "minimum": 1, "description": "Reorder every gap-th packet (default 1)."},
+    "rate": {"type": "string", "description": "Rate limit (HTB): " + RATE_FORM + "."},
+    "burst": {"type": "string", "description": "HTB burst (needs rate; default 2 ms at the rate): " + SIZE_FORM + "."},
+    "limit": {"type": "integer", "minimum": 1,
+              "description": "netem queue limit in packets (default: sized from delay x rate)."},
+    "ttl": {**_DURATION, "description": "Remove the rule after this long (restarted by each PUT of it)."},
+}
+
+_ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_RULE = {"application/json": {"schema": {"$ref": "#/components/schemas/Rule"}}}
+_RULES = {"application/json": {"schema": {"$ref": "#/components/schemas/RuleSet"}}}
+_DELETED = {"application/json": {"schema": {"type": "object", "properties": {
+    "deleted": {"type": "array", "items": {"type": "string"}}}}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_AUTH = [{"bearer": []}]
+
+
+def _op(summary: str, ok: dict | None = None, errors: tuple[int, ...] = (), *, body: dict | None = None,
+        params: list | None = None, auth: bool = False, description: str | None = None) -> dict:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", **({"content": ok} if ok else {})}}}
+    for code in errors:
+        op["responses"][str(code)] = _ERROR
+    if auth:
+        op["security"] = _AUTH
+        op["responses"]["401"] = _ERROR
+    if body:
+        op["requestBody"] = {"required": True, "content": body}
+    if params:
+        op["parameters"] = params
+    if description:
+        op["description"] = description
+    return op
+
+
+PATHS: dict[str, dict[str, dict]] = {
+    "/": {"get": _op("Service name, version, interface and endpoints")},
+    "/healthz": {"get": _op("Liveness: the daemon answers")},
+    "/readyz": {"get": _op("Readiness: the classifier is attached", errors=(503,))},
+    "/openapi.json": {"get": _op("This document")},
+    "/metrics": {"get": _op("Prometheus metrics (text exposition format)",
+                            ok={"text/plain": {"schema": {"type": "string"}}})},
+    "/rules": {
+        "get": _op("List the rules in force", ok=_RULES, errors=(503,)),
+        "put": _op("Replace the whole rule set atomically (all or nothing)", ok=_RULES, errors=(400, 422, 500, 503),
+                   body=_RULES, auth=True,
+                   params=[{"name": "dry_run", "in": "query", "schema": {"type": "boolean"},
+                            "description": "Validate and list the changes, change nothing."}]),
+        "delete": _op("Remove every rule (the classifier stays attached)", ok=_DELETED, errors=(500, 503), auth=True),
+    },
+    "/rules/{name}": {
+        "get": _op("One rule", ok=_RULE, errors=(404, 503), params=[_NAME]),
+        "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE, errors=(400, 422, 500, 503),
+                   body=_RULE, params=[_NAME], auth=True),
+        "delete": _op("Remove one rule", ok=_DELETED, errors=(404, 500, 503), params=[_NAME], auth=True),
+    },
+    "/stats": {"get": _op("Per-rule statistics: classifier matches and HTB class counters", errors=(503,),
+                          ok={"application/json": {"schema": {"type": "object"}}})},
+    "/latency/{duration}": {"get": _op(
+        "Compatibility: a delay for every destination (rule 'latency'); 0 removes it", ok=_RULE,
+        errors=(422, 500, 503), auth=True,
+        params=[{"name": "duration", "in": "path", "required": True, "schema": {"type": "string"}}],
+        description="A GET with side effects, kept only for compatibility with the agent that serves "
+                    "`curl http://POD_IP:2332/latency/20ms`. It is PUT /rules/latency with "
+                    "dst [0.0.0.0/0, ::/0] and the delay; prefer that.")},
+}
+
+
+def document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "shaper", "version": version,
+                 "description": "Per-destination network shaping of one interface: rules steer traffic towards "
+                                "their destinations into an HTB class with a netem leaf."},
+        "paths": PATHS,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed by requests that change state when the daemon "
+                                                          "runs with --token-file."}},
+            "schemas": {
+                "Rule": {"type": "object", "additionalProperties": False, "required": ["dst"],
+                         "properties": RULE_FIELDS},
+                "RuleSet": {"type": "object", "additionalProperties": False,
+                            "properties": {"rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}}},
+                "Error": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string"}, "field": {"type": "string"}, "expected": {"type": "string"}}},
+            },
+        },
+    }

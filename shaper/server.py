@@ -1,0 +1,223 @@
+"""The daemon (`shaper run`): attach, serve the API and /metrics, clean up on exit.
+
+The HTTP side is the standard library's threading server in front of
+`Api.handle`; every datapath access is serialised by the service's lock, so
+threads only overlap in parsing and writing.  The main thread attaches the
+classifier, applies the initial rules, then sleeps until SIGTERM/SIGINT,
+waking once a second to remove rules whose TTL passed.  On exit it removes
+everything shaper created on the interface, unless --keep-on-exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Sequence
+
+from prometheus_client import disable_created_metrics
+
+from . import __version__
+from .api import MAX_BODY_BYTES, Api, error
+from .errors import InvalidInput, ShaperError
+from .model import Rule
+from .service import Service, audit
+
+log = logging.getLogger("shaper")
+
+DEFAULT_PORT = 2332
+LISTEN_FORM = "ADDR:PORT, :PORT (every address), [IPV6]:PORT or a port alone"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'127.0.0.1:2332' -> ('127.0.0.1', 2332); ':2332' and '2332' -> ('', 2332) (every address)."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise InvalidInput("--listen", f"{text!r}: write an IPv6 address in brackets", LISTEN_FORM)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput("--listen", f"{text!r} has no valid port", LISTEN_FORM)
+    return host, int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"shaper/{__version__}"
+    sys_version = ""
+    timeout = 30  # a client that stops sending does not hold a thread forever
+
+    def _serve(self) -> None:
+        api: Api = self.server.api  # type: ignore[attr-defined]
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self._send(error(411, "send the body with a Content-Length"), close=True)
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._send(error(400, "invalid Content-Length"), close=True)
+            return
+        if length > MAX_BODY_BYTES:
+            self._send(error(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}"), close=True)
+            return
+        body = self.rfile.read(length) if length else b""
+        self._send(api.handle(self.command, self.path, dict(self.headers.items()), body, self.client_address[0]))
+
+    def _send(self, resp, close: bool = False) -> None:
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        for key, value in resp.headers.items():
+            self.send_header(key, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(resp.body)
+
+    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = do_HEAD = _serve
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # no access log: changes are logged by the service, reads are not
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], api: Api, family: int):
+        self.address_family = family
+        self.api = api
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # "::" serves IPv4 too (a pod IP may be either).
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def make_server(host: str, port: int, api: Api) -> _Server:
+    """Bind the API; every address (v4 and v6 where there is v6) when host is empty."""
+    where = f"{host or '*'}:{port}"
+    try:
+        if not host:
+            try:
+                return _Server(("::", port), api, socket.AF_INET6)
+            except OSError as exc:
+                if exc.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
+                    raise
+                return _Server(("0.0.0.0", port), api, socket.AF_INET)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return _Server((host, port), api, family)
+    except (OSError, socket.gaierror) as exc:
+        raise ShaperError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    iface: str
+    netns: str | None = None
+    listen: str = f":{DEFAULT_PORT}"
+    rules: Sequence[Rule] | None = None  # None: keep what an adopted datapath holds
+    token: str | None = None
+    keep_on_exit: bool = False
+
+
+def run(opts: DaemonOptions) -> None:
+    """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
+    from .kernel import KernelDatapath
+
+    host, port = parse_listen(opts.listen)
+    # The *_created series double the exposition for nothing Prometheus uses.
+    disable_created_metrics()
+    stop = threading.Event()
+    caught: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    dp = KernelDatapath(opts.iface, opts.netns)
+    service = Service(dp, opts.iface)
+    try:
+        httpd = make_server(host, port, Api(service, opts.token))
+    except ShaperError:
+        dp.close()
+        raise
+    bound = httpd.server_address
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
+    thread.start()
+    audit("daemon.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), version=__version__)
+    if not opts.token and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("api.open", extra={"fields": {"reason": "no --token-file: anyone who can reach the port can "
+                                                            "change shaping"}})
+    try:
+        try:
+            how = dp.attach()
+        except ShaperError:
+            service.instruments.error("attach")
+            raise
+        service.start(opts.rules, who="startup")
+        audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
+              rules=len(service.rules()))
+        while not stop.wait(1.0):
+            try:
+                service.expire()
+            except ShaperError as exc:  # counted and logged by the service; try again next second
+                log.debug("expire failed: %s", exc)
+        audit("daemon.stop", signal=caught[0] if caught else None)
+    finally:
+        service.ready = False
+        httpd.shutdown()
+        httpd.server_close()
+        with service.lock:
+            try:
+                if opts.keep_on_exit:
+                    audit("daemon.exit", interface=opts.iface, kept=True)
+                else:
+                    removed = dp.reset()
+                    audit("daemon.exit", interface=opts.iface, kept=False, removed=removed)
+            except ShaperError as exc:
+                service.instruments.error("reset")
+                audit("daemon.exit", interface=opts.iface, result="failed", error=str(exc))
+                raise
+            finally:
+                dp.close()

@@ -1,0 +1,228 @@
+"""The daemon's core: one interface's rules behind a lock, with metrics and an
+audit log.
+
+`Service` turns requests ("put this rule", "replace the set", "delete all")
+into whole rule sets for the controller, serialises every datapath access
+(netlink sockets and the maps are not shared between threads), counts changes
+and failures for /metrics and logs one structured line per change.  It takes
+any datapath (KernelDatapath, or the fake in tests) and does no HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry
+
+from . import plan as P
+from .controller import Controller
+from .errors import InvalidInput, ShaperError
+from .metrics import Instruments, KernelCollector, Snapshot
+from .model import Rule, parse_rule
+from .stats import RuleStats
+
+log = logging.getLogger("shaper")
+
+# The rule GET /latency/{duration} manages (compatibility with the agent people
+# already call): every destination, IPv4 and IPv6.
+LATENCY_RULE = "latency"
+LATENCY_DST = ("0.0.0.0/0", "::/0")
+
+
+class NotFound(ShaperError):
+    pass
+
+
+class NotReady(ShaperError):
+    pass
+
+
+def audit(event: str, **fields: object) -> None:
+    """One structured log line per change: who, what, result (never a secret)."""
+    log.info(event, extra={"fields": fields})
+
+
+class Service:
+    def __init__(self, datapath, interface: str, *, clock: Callable[[], int] = time.monotonic_ns,
+                 registry: CollectorRegistry | None = None):
+        self.datapath = datapath
+        self.interface = interface
+        self.clock = clock
+        self.controller = Controller(datapath, clock)
+        self.lock = threading.RLock()
+        self.ready = False
+        self.next_expiry_ns: int | None = None
+        self.registry = registry or CollectorRegistry()
+        self.instruments = Instruments(self.registry, interface)
+        self.registry.register(KernelCollector(interface, self.snapshot, self.instruments))
+
+    # -- state ------------------------------------------------------------------
+    def start(self, rules: Iterable[Rule] | None = None, who: str = "startup") -> None:
+        """Apply the initial rules (None: keep what an adopted datapath holds), then be ready."""
+        with self.lock:
+            if rules is not None:
+                rules = list(rules)
+                self._change("rules.replace", who, lambda current: rules, detail={"rules": len(rules)},
+                             require_ready=False)
+            else:
+                self._remember_expiry(self.datapath.observe(), [])
+            self.ready = True
+
+    def is_ready(self) -> bool:
+        """Ready, and the classifier is still attached (someone may have removed it)."""
+        if not self.ready:
+            return False
+        check = getattr(self.datapath, "is_attached", None)
+        if check is None:
+            return True
+        with self.lock:
+            return bool(check())
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("not ready: the classifier is not attached yet")
+
+    # -- reads ------------------------------------------------------------------
+    def rules(self) -> list[Rule]:
+        self._require_ready()
+        with self.lock:
+            observed = self.datapath.observe()
+            return sorted(self.controller.live_rules(observed).values(), key=lambda r: r.name)
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules():
+            if rule.name == name:
+                return rule
+        raise NotFound(f"no rule named {name!r}")
+
+    def stats(self) -> list[RuleStats]:
+        self._require_ready()
+        with self.lock:
+            return self.controller.stats()
+
+    def snapshot(self) -> Snapshot | None:
+        """What /metrics reports; None before the datapath is attached."""
+        if not self.ready:
+            return None
+        with self.lock:
+            return Snapshot(self.controller.stats(), self.datapath.map_entries())
+
+    # -- changes ----------------------------------------------------------------
+    def put(self, rule: Rule, who: str, event: str = "rule.put") -> Rule:
+        """Create or replace one rule; putting it unchanged restarts its TTL."""
+
+        def edit(current: dict[str, Rule]) -> list[Rule]:
+            current[rule.name] = rule
+            return list(current.values())
+
+        self._change(event, who, edit, renew=[rule.name], detail={"rule": rule.name})
+        return rule
+
+    def delete(self, name: str, who: str) -> None:
+        def edit(current: dict[str, Rule]) -> list[Rule]:
+            if name not in current:
+                raise NotFound(f"no rule named {name!r}")
+            del current[name]
+            return list(current.values())
+
+        self._change("rule.delete", who, edit, detail={"rule": name})
+
+    def replace(self, rules: Iterable[Rule], who: str) -> list[Rule]:
+        """Replace the whole set, atomically: validated whole, rolled back on failure."""
+        rules = list(rules)
+        self._change("rules.replace", who, lambda current: rules, detail={"rules": len(rules)})
+        return sorted(rules, key=lambda r: r.name)
+
+    def plan(self, rules: Iterable[Rule]) -> list[P.Operation]:
+        self._require_ready()
+        with self.lock:
+            return self.controller.plan(rules)
+
+    def clear(self, who: str) -> list[str]:
+        names: list[str] = []
+
+        def edit(current: dict[str, Rule]) -> list[Rule]:
+            names.extend(sorted(current))
+            return []
+
+        self._change("rules.delete", who, edit)
+        return names
+
+    def latency(self, delay: str, who: str) -> Rule | None:
+        """The compatibility endpoint: a catch-all delay, or none for "0"."""
+        rule = parse_rule({"dst": list(LATENCY_DST), "delay": delay}, where="path", name=LATENCY_RULE)
+        if rule.delay_us == 0:
+            self._change("latency.delete", who, lambda current: [r for n, r in current.items() if n != LATENCY_RULE],
+                         detail={"rule": LATENCY_RULE})
+            return None
+        return self.put(rule, who, "latency.set")
+
+    def expire(self) -> list[str]:
+        """Remove rules whose TTL passed (the classifier already ignores them)."""
+        if not self.ready or self.next_expiry_ns is None or self.next_expiry_ns > self.clock():
+            return []
+        with self.lock:
+            observed = self.datapath.observe()
+            gone = sorted(observed.expired(self.clock()))
+            if not gone:
+                self._remember_expiry(observed, [])
+                return []
+            self._change("rules.expire", "ttl", lambda current: list(current.values()),
+                         detail={"rules": gone}, observed=observed, op="expire")
+            return gone
+
+    def _change(self, event: str, who: str, edit: Callable[[dict[str, Rule]], list[Rule]], *,
+                renew: Iterable[str] = (), detail: dict | None = None, observed: P.Observed | None = None,
+                op: str = "apply", require_ready: bool = True) -> None:
+        if require_ready:
+            self._require_ready()
+        detail = detail or {}
+        with self.lock:
+            started = time.perf_counter()
+            try:
+                if observed is None:
+                    observed = self.datapath.observe()
+                current = self.controller.live_rules(observed)
+                before = dict(current)
+                desired = edit(current)
+                ops = self.controller.apply(desired, renew=renew, observed=observed)
+            except (InvalidInput, NotFound) as exc:
+                audit(event, who=who, result="rejected", error=str(exc), **detail)
+                raise
+            except Exception as exc:
+                self.instruments.error(op)
+                audit(event, who=who, result="failed", error=str(exc), **detail)
+                raise
+            seconds = time.perf_counter() - started
+            if ops:
+                self.instruments.apply_seconds.observe(seconds)
+            counts = self._count_changes(before, desired, observed, set(renew))
+            self._remember_expiry(observed, ops, {r.name for r in desired})
+            audit(event, who=who, result="ok", changes=len(ops), seconds=round(seconds, 4),
+                  **{k: v for k, v in counts.items() if v}, **detail)
+
+    def _count_changes(self, before: dict[str, Rule], desired: list[Rule], observed: P.Observed,
+                       renew: set[str]) -> dict[str, int]:
+        want = {r.name: r for r in desired}
+        counts = {
+            "created": sum(1 for n in want if n not in before),
+            "updated": sum(1 for n, r in want.items()
+                           if n in before and (r != before[n] or (n in renew and r.ttl_us))),
+            "deleted": sum(1 for n in before if n not in want),
+            "expired": len(observed.expired(self.clock())),
+        }
+        for kind, n in counts.items():
+            self.instruments.changed(kind, n)
+        return counts
+
+    def _remember_expiry(self, observed: P.Observed, ops: list[P.Operation],
+                         kept: set[str] | None = None) -> None:
+        """The next TTL deadline, from what was read and written (no extra map walk)."""
+        deadline = {n: o.expires_ns for n, o in observed.rules.items() if kept is None or n in kept}
+        for op in ops:
+            if isinstance(op, P.WriteRecord):
+                deadline[op.rule.name] = op.expires_ns
+        self.next_expiry_ns = min((d for d in deadline.values() if d), default=None)

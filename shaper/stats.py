@@ -1,0 +1,69 @@
+"""Per-rule statistics: the records the datapath returns and their JSON form.
+
+Two sources count the same packets from different places: the classifier's
+per-rule counters (`RuleCounters`, packets that matched a rule's destinations)
+and the HTB class (`ClassStats`, packets that went through the class and its
+leaf, with drops, overlimits and backlog).  No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .units import format_duration_us
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    classid: int
+    bytes: int = 0
+    packets: int = 0
+    drops: int = 0
+    overlimits: int = 0
+    requeues: int = 0
+    backlog_bytes: int = 0
+    backlog_packets: int = 0
+    leaf: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleStats:
+    """One rule with its counters, as `shaper show`, `GET /stats` and /metrics see it."""
+
+    rule: Any  # model.Rule
+    slot: int
+    classid: str  # "5348:1"
+    expires_ns: int
+    matched: RuleCounters
+    cls: ClassStats | None  # None: the class is missing (a rule being repaired)
+
+    def expires_in(self, now_ns: int) -> str | None:
+        if not self.expires_ns:
+            return None
+        if self.expires_ns <= now_ns:
+            return "expired"
+        left_us = (self.expires_ns - now_ns) // 1000
+        return format_duration_us(left_us - left_us % 1_000_000 or left_us)
+
+    def to_dict(self, now_ns: int) -> dict[str, Any]:
+        """A flat row: the rule's fields, then classid, TTL left and counters."""
+        row = self.rule.to_dict()
+        row["classid"] = self.classid
+        left = self.expires_in(now_ns)
+        if left is not None:
+            row["expires_in"] = left
+        row["matched_packets"] = self.matched.packets
+        row["matched_bytes"] = self.matched.bytes
+        if self.cls is not None:
+            c = self.cls
+            row.update(class_bytes=c.bytes, class_packets=c.packets, drops=c.drops, overlimits=c.overlimits,
+                       requeues=c.requeues, backlog_bytes=c.backlog_bytes, backlog_packets=c.backlog_packets,
+                       leaf=c.leaf or "pfifo")
+        return row
