@@ -17,8 +17,9 @@ from urllib.parse import quote, urlsplit
 from .errors import InvalidInput, ShaperError
 
 DEFAULT_SERVER = "http://127.0.0.1:2332"
-# (method, url, headers, body) -> (status, body): replaced in tests to reach an in-process Api.
-Transport = Callable[[str, str, dict, bytes], tuple[int, bytes]]
+# (client, method, path, headers, body) -> (status, body): set on the class in tests to reach an
+# in-process Api instead of a socket.
+Transport = Callable[["Client", str, str, dict, bytes], tuple[int, bytes]]
 
 
 class ApiError(ShaperError):
@@ -80,7 +81,7 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        send = type(self).transport or self._http
+        send = self.transport if self.transport is not None else self._http
         status, raw = send(method, path, headers, body)
         try:
             payload = json.loads(raw) if raw else None

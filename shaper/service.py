@@ -56,8 +56,11 @@ class Service:
         self.ready = False
         self.next_expiry_ns: int | None = None
         self.registry = registry or CollectorRegistry()
-        self.instruments = Instruments(self.registry, interface)
-        self.registry.register(KernelCollector(interface, self.snapshot, self.instruments))
+        # The kernel collector is registered first: a scrape that fails counts itself
+        # in shaper_errors_total{op="scrape"} before that counter is collected.
+        collector = KernelCollector(interface, self.snapshot)
+        self.registry.register(collector)
+        self.instruments = collector.instruments = Instruments(self.registry, interface)
 
     # -- state ------------------------------------------------------------------
     def start(self, rules: Iterable[Rule] | None = None, who: str = "startup") -> None:

@@ -14,6 +14,16 @@ from typing import Any
 from .units import format_duration_us
 
 
+def format_remaining(us: int) -> str:
+    """Time left, for people: '59m59s', '2h0m5s', '800ms' (seconds resolution above 1 s)."""
+    if us < 1_000_000:
+        return format_duration_us(us - us % 1000 or us)
+    secs = us // 1_000_000
+    h, rest = divmod(secs, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s")
+
+
 @dataclass(frozen=True)
 class RuleCounters:
     packets: int = 0
@@ -49,8 +59,7 @@ class RuleStats:
             return None
         if self.expires_ns <= now_ns:
             return "expired"
-        left_us = (self.expires_ns - now_ns) // 1000
-        return format_duration_us(left_us - left_us % 1_000_000 or left_us)
+        return format_remaining((self.expires_ns - now_ns) // 1000)
 
     def to_dict(self, now_ns: int) -> dict[str, Any]:
         """A flat row: the rule's fields, then classid, TTL left and counters."""
