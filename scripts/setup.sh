@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what shaper and its test tiers need on Debian, as root. Idempotent.
 #  - Debian packages: bcc (python3-bpfcc), libbpf1, iproute2, kernel headers,
-#    the VM tier's stock kernel image and qemu, ping and iperf3.
+#    the VM tier's stock kernel image and qemu, ping, and Prometheus (a real
+#    server scrapes the daemon in the kernel tier).
 #  - Headers for the running kernel: where none are installed (a cloud kernel
 #    without modules), point /lib/modules/$(uname -r)/build at Debian's headers
 #    so bcc can compile (see ../shared/ENVIRONMENT.md).
@@ -16,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
-      qemu-system-x86 iputils-ping kmod)
+      qemu-system-x86 iputils-ping kmod prometheus util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -25,6 +26,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Prometheus is only for the tests, which start their own on a namespace's
+    # loopback: do not leave the packaged service running on the host's :9090.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 rel=$(uname -r)
