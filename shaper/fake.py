@@ -87,6 +87,9 @@ class FakeDatapath:
         return {slot: ClassStats(layout.classid(slot), leaf="netem" if self.leaves.get(slot) else None)
                 for slot in self.classes}
 
+    def rule_names(self) -> dict[int, str]:
+        return {slot: rule.name for slot, (rule, _) in self.records.items()}
+
     def map_entries(self) -> int:
         return len(self.entries)
 

@@ -158,6 +158,16 @@ class KernelDatapath:
         classes = {slot: (cs.leaf or "pfifo") for slot, cs in self.tc.class_stats().items()}
         return P.Observed(rules=rules, entries=entries, classes=classes)
 
+    def rule_names(self) -> dict[int, str]:
+        """slot -> rule name from the records alone (what a scrape needs; no trie walk)."""
+        assert self.meta
+        out = {}
+        for key, raw in self.meta.items():
+            (slot,) = _SLOT.unpack(key)
+            if slot:
+                out[slot] = json.loads(layout.unpack_meta(raw))["rule"]["name"]
+        return out
+
     def execute(self, ops: list[P.Operation]) -> None:
         assert self.lpm and self.meta and self.stats
         for op in ops:

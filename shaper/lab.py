@@ -7,7 +7,6 @@ included, even when a test fails.  Traffic goes only to addresses inside it.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import http.client
 import json
@@ -19,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -271,34 +269,11 @@ class Daemon:
         os.unlink(self.log.name) if os.path.exists(self.log.name) else None
 
 
-_CLONE_NEWNET = 0x40000000
-
-
 def netns_connect(netns: str, host: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection from inside a named network namespace.
+    """A TCP connection made from inside a named network namespace."""
+    from .tc import in_netns
 
-    A short-lived thread joins the namespace (setns changes only the calling
-    thread) and connects; the socket stays in that namespace after it ends."""
-    result: dict[str, object] = {}
-
-    def connect() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {netns}")
-            result["sock"] = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            result["error"] = exc
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=connect)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["sock"]  # type: ignore[return-value]
+    return in_netns(netns, lambda: socket.create_connection((host, port), timeout=timeout))
 
 
 class NetnsHTTPConnection(http.client.HTTPConnection):

@@ -4,7 +4,7 @@ daemon's own counters.
 `KernelCollector` builds its families from a `Snapshot` taken by a reader it
 is given (the service's, which holds the datapath lock), so it is tested with
 a fake reader.  There is no polling thread: a scrape costs one class dump, one
-per-CPU lookup per rule and a walk of the rule records.  Labels are
+per-CPU lookup per rule and a walk of the rule records (not of the trie).  Labels are
 `interface`, `rule` and `classid`, never one value per destination address.
 """
 
@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .errors import ShaperError
-from .stats import RuleStats
+from .stats import ClassStats, RuleCounters
 
 log = logging.getLogger("shaper")
 
@@ -30,8 +30,16 @@ APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 @dataclass(frozen=True)
+class RuleSample:
+    rule: str
+    classid: str
+    matched: RuleCounters
+    cls: ClassStats | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    rules: list[RuleStats] = field(default_factory=list)
+    rules: list[RuleSample] = field(default_factory=list)
     map_entries: int = 0
 
 
@@ -112,7 +120,7 @@ class KernelCollector:
         matched_bytes = family(CounterMetricFamily, "shaper_rule_matched_bytes",
                                "Bytes the classifier matched to the rule's destinations.")
         for rs in snap.rules:
-            values = [iface, rs.rule.name, rs.classid]
+            values = [iface, rs.rule, rs.classid]
             matched_packets.add_metric(values, rs.matched.packets)
             matched_bytes.add_metric(values, rs.matched.bytes)
             if rs.cls is not None:

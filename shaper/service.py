@@ -17,10 +17,10 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
-from . import plan as P
 from .controller import Controller
 from .errors import InvalidInput, ShaperError
-from .metrics import Instruments, KernelCollector, Snapshot
+from . import layout, plan as P
+from .metrics import Instruments, KernelCollector, RuleSample, Snapshot
 from .model import Rule, parse_rule
 from .stats import RuleStats
 
@@ -111,7 +111,12 @@ class Service:
         if not self.ready:
             return None
         with self.lock:
-            return Snapshot(self.controller.stats(), self.datapath.map_entries())
+            names = self.datapath.rule_names()
+            counters = self.datapath.counters(sorted(names))
+            classes = self.datapath.class_stats()
+            entries = self.datapath.map_entries()
+        return Snapshot([RuleSample(names[slot], f"{layout.HTB_MAJOR:x}:{slot:x}", counters[slot], classes.get(slot))
+                         for slot in sorted(names, key=names.__getitem__)], entries)
 
     # -- changes ----------------------------------------------------------------
     def put(self, rule: Rule, who: str, event: str = "rule.put") -> Rule:

@@ -9,8 +9,12 @@ someone else put there.  Kernel errors become errors that say what to do.
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import os
+import socket
+import threading
+from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
@@ -18,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
 
-from . import netem
+from . import netem, tcdump
 from .errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
 from .layout import HTB_MAJOR
 from .model import ClassParams, Rule
@@ -84,6 +88,51 @@ def _kernel_error(exc: NetlinkError, op: str, obj: str) -> Exception:
     return KernelError(op, obj, exc.code)
 
 
+_CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run fn in a thread that joined a named network namespace; sockets it opens stay there.
+
+    setns() moves only the calling thread, so the rest of the process is untouched."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
+                result["value"] = fn()
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    t = threading.Thread(target=run, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]
+
+
+def _netlink_socket(netns: str | None) -> socket.socket:
+    """A NETLINK_ROUTE socket in a named network namespace (or this one)."""
+    def open_socket() -> socket.socket:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+    if not netns:
+        return open_socket()
+    try:
+        return in_netns(netns, open_socket)
+    except OSError as exc:
+        if exc.errno == _errno.EPERM:
+            raise PermissionDenied(f"entering network namespace {netns}: needs CAP_SYS_ADMIN (run as root)") from None
+        raise KernelError("open netlink in", netns, exc.errno) from None
+
+
 class Tc:
     """tc objects on one interface, in the current or a named network namespace."""
 
@@ -106,9 +155,14 @@ class Tc:
             self.ipr.marshal.msg_map[msg_type] = _TcMsg
         # pyroute2 0.9's synchronous nlm_request reads this key, which IPRoute never sets.
         self.ipr.status["nlm_generator"] = False
+        self._dump_sock: socket.socket | None = None
+        self._seq = 0
 
     def close(self) -> None:
         self.ipr.close()
+        if self._dump_sock is not None:
+            self._dump_sock.close()
+            self._dump_sock = None
 
     # -- qdiscs -------------------------------------------------------------
     def qdiscs(self) -> list:
@@ -219,32 +273,33 @@ class Tc:
         return True
 
     # -- classes and leaves -----------------------------------------------------
+    def _dump(self, msg_type: int) -> list[tcdump.TcObject]:
+        """A class or qdisc dump of this interface through our own netlink socket."""
+        if self._dump_sock is None:
+            self._dump_sock = _netlink_socket(self.netns)
+        self._seq += 1
+        sock = self._dump_sock
+        sock.send(tcdump.dump_request(msg_type, self.ifindex, self._seq))
+        out: list[tcdump.TcObject] = []
+        try:
+            while True:
+                objects, done = tcdump.parse(sock.recv(1 << 20), self._seq)
+                out.extend(o for o in objects if o.ifindex == self.ifindex)
+                if done:
+                    return out
+        except tcdump.DumpError as exc:
+            raise KernelError("dump the tc objects of", self.ifname, exc.errno) from None
+
     def class_stats(self) -> dict[int, ClassStats]:
         """Every class under our root, with its leaf kind: one class dump, one qdisc dump."""
-        leaves = {}
-        for q in self.qdiscs():
-            leaves[q["parent"]] = q.get_attr("TCA_KIND")
+        leaves = {q.parent: q.kind for q in self._dump(tcdump.RTM_GETQDISC)}
         out = {}
-        for c in self.ipr.get_classes(self.ifindex):
-            handle = c["handle"]
-            if handle >> 16 != HTB_MAJOR or c.get_attr("TCA_KIND") != "htb":
+        for c in self._dump(tcdump.RTM_GETTCLASS):
+            if c.handle >> 16 != HTB_MAJOR or c.kind != "htb":
                 continue
-            basic, queue = {}, {}
-            stats2 = c.get_attr("TCA_STATS2")
-            if stats2:
-                basic = stats2.get_attr("TCA_STATS_BASIC") or {}
-                queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
-            out[handle & 0xFFFF] = ClassStats(
-                classid=handle,
-                bytes=basic.get("bytes", 0),
-                packets=basic.get("packets", 0),
-                drops=queue.get("drops", 0),
-                overlimits=queue.get("overlimits", 0),
-                requeues=queue.get("requeues", 0),
-                backlog_bytes=queue.get("backlog", 0),
-                backlog_packets=queue.get("qlen", 0),
-                leaf=leaves.get(handle),
-            )
+            out[c.handle & 0xFFFF] = ClassStats(
+                classid=c.handle, bytes=c.bytes, packets=c.packets, drops=c.drops, overlimits=c.overlimits,
+                requeues=c.requeues, backlog_bytes=c.backlog, backlog_packets=c.qlen, leaf=leaves.get(c.handle))
         return out
 
     def _class(self, command: str, slot: int, params: ClassParams) -> None:

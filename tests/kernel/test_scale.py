@@ -63,3 +63,25 @@ def test_controller_rss_with_1000_rules_under_60mb(lab):
     out = run_child(lab, 1000, 1000)
     print(f"\n1000 rules: apply {out['apply_s']:.2f}s, RSS {out['rss_kb'] / 1024:.1f} MB")
     assert out["rss_kb"] <= 60 * 1024
+
+
+def test_scrape_with_1000_rules(lab):
+    """/metrics with 1,000 rules: every family has 1,000 series; the time is printed, not asserted."""
+    import time
+
+    d = lab.daemon()
+    rules = [{"name": f"r{i}", "dst": [f"10.{100 + i // 250}.{i % 250}.0/24"], "rate": "10mbit"} for i in range(1000)]
+    status, _ = d.request("PUT", "/rules", {"rules": rules})
+    assert status == 200
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        status, text = d.request("GET", "/metrics")
+        times.append(time.perf_counter() - t0)
+        assert status == 200
+    for family in ("shaper_class_bytes_total", "shaper_class_drops_total", "shaper_class_backlog_packets",
+                   "shaper_rule_matched_bytes_total"):
+        assert sum(1 for line in text.splitlines() if line.startswith(family + "{")) == 1000, family
+    print(f"\n/metrics with 1000 rules: {len(text) / 1024:.0f} KiB, scrape {min(times) * 1000:.0f} ms "
+          f"(min of 5; median {sorted(times)[2] * 1000:.0f} ms)")
+    assert d.stop() == 0
