@@ -186,9 +186,9 @@ class Api:
                                    "rules": [s.to_dict(now) for s in self.service.stats()]})
 
     def latency(self, duration: str, who: str, **_: Any) -> Response:
-        rule = self.service.latency(duration, who)
+        rule, deleted = self.service.latency(duration, who)
         if rule is None:
-            return json_response(200, {"deleted": ["latency"]})
+            return json_response(200, {"deleted": deleted})
         return json_response(200, rule.to_dict())
 
 

@@ -137,25 +137,30 @@ def main() -> None:
               help="File holding a bearer token; requests that change state must send it (or set SHAPER_TOKEN).")
 @click.option("--keep-on-exit", is_flag=True,
               help="On exit leave the shaping in place (pinned), for the next start to adopt.")
+@click.option("--insecure", is_flag=True,
+              help="Allow listening beyond loopback without a token (anyone who reaches the port can change "
+                   "shaping).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Lowest level logged (JSON lines on stderr).")
 def run(iface: str, netns: str | None, listen: str, rules_file: str | None, token_file: str | None,
-        keep_on_exit: bool, log_level: str) -> None:
+        keep_on_exit: bool, insecure: bool, log_level: str) -> None:
     """Run the daemon: attach to IFACE and serve the HTTP API and /metrics.
 
     Runs until SIGTERM or SIGINT, then removes everything it created on
     IFACE (unless --keep-on-exit). Rules whose TTL passed are removed as
-    they expire. Logs one JSON line per change.
+    they expire. Logs one JSON line per change. Listening beyond loopback
+    needs a token (--token-file or SHAPER_TOKEN) or --insecure.
     """
     from . import server
 
     with _errors():
-        server.parse_listen(listen)
+        host, _ = server.parse_listen(listen)
         rules = load_rules_file(rules_file) if rules_file else None
         token = read_token(token_file)
+        server.check_exposure(host, token, insecure)
         server.configure_logging(log_level)
         server.run(server.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
-                                        keep_on_exit=keep_on_exit))
+                                        keep_on_exit=keep_on_exit, insecure=insecure))
 
 
 # -- rules on a daemon ---------------------------------------------------------------------------------------

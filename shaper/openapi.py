@@ -93,7 +93,9 @@ PATHS: dict[str, dict[str, dict]] = {
     "/stats": {"get": _op("Per-rule statistics: classifier matches and HTB class counters", errors=(503,),
                           ok={"application/json": {"schema": {"type": "object"}}})},
     "/latency/{duration}": {"get": _op(
-        "Compatibility: a delay for every destination (rule 'latency'); 0 removes it", ok=_RULE,
+        "Compatibility: a delay for every destination (rule 'latency'); 0 removes it",
+        ok={"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Rule"},
+                                                      _DELETED["application/json"]["schema"]]}}},
         errors=(422, 500, 503), auth=True,
         params=[{"name": "duration", "in": "path", "required": True, "schema": {"type": "string"}}],
         description="A GET with side effects, kept only for compatibility with the agent that serves "

@@ -10,6 +10,7 @@ everything shaper created on the interface, unless --keep-on-exit.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import signal
@@ -70,6 +71,24 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InvalidInput("--listen", f"{text!r} has no valid port", LISTEN_FORM)
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse an API that anyone on the network could use to change shaping, unless told."""
+    if token or insecure or is_loopback(host):
+        return
+    raise InvalidInput("--listen", f"{host or 'every address'} is reachable from the network and no token is set",
+                       "--token-file FILE (or SHAPER_TOKEN), a loopback address such as 127.0.0.1:2332, or "
+                       "--insecure to allow changes from anyone")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -156,6 +175,7 @@ class DaemonOptions:
     rules: Sequence[Rule] | None = None  # None: keep what an adopted datapath holds
     token: str | None = None
     keep_on_exit: bool = False
+    insecure: bool = False  # serve changes to anyone beyond loopback, without a token
 
 
 def run(opts: DaemonOptions) -> None:
@@ -163,6 +183,7 @@ def run(opts: DaemonOptions) -> None:
     from .kernel import KernelDatapath
 
     host, port = parse_listen(opts.listen)
+    check_exposure(host, opts.token, opts.insecure)
     # The *_created series double the exposition for nothing Prometheus uses.
     disable_created_metrics()
     stop = threading.Event()
@@ -186,9 +207,9 @@ def run(opts: DaemonOptions) -> None:
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
     thread.start()
     audit("daemon.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), version=__version__)
-    if not opts.token and host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("api.open", extra={"fields": {"reason": "no --token-file: anyone who can reach the port can "
-                                                            "change shaping"}})
+    if not opts.token and not is_loopback(host):
+        log.warning("api.open", extra={"fields": {"reason": "--insecure: no token, anyone who can reach the port "
+                                                            "can change shaping"}})
     try:
         try:
             how = dp.attach()

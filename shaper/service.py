@@ -17,9 +17,9 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
+from . import layout, plan as P
 from .controller import Controller
 from .errors import InvalidInput, ShaperError
-from . import layout, plan as P
 from .metrics import Instruments, KernelCollector, RuleSample, Snapshot
 from .model import Rule, parse_rule
 from .stats import RuleStats
@@ -159,14 +159,22 @@ class Service:
         self._change("rules.delete", who, edit)
         return names
 
-    def latency(self, delay: str, who: str) -> Rule | None:
-        """The compatibility endpoint: a catch-all delay, or none for "0"."""
+    def latency(self, delay: str, who: str) -> tuple[Rule | None, list[str]]:
+        """The compatibility endpoint: a catch-all delay; "0" deletes it.
+
+        Returns the rule set (or None) and the names deleted."""
         rule = parse_rule({"dst": list(LATENCY_DST), "delay": delay}, where="path", name=LATENCY_RULE)
-        if rule.delay_us == 0:
-            self._change("latency.delete", who, lambda current: [r for n, r in current.items() if n != LATENCY_RULE],
-                         detail={"rule": LATENCY_RULE})
-            return None
-        return self.put(rule, who, "latency.set")
+        if rule.delay_us:
+            return self.put(rule, who, "latency.set"), []
+        deleted: list[str] = []
+
+        def edit(current: dict[str, Rule]) -> list[Rule]:
+            if current.pop(LATENCY_RULE, None) is not None:
+                deleted.append(LATENCY_RULE)
+            return list(current.values())
+
+        self._change("latency.delete", who, edit, detail={"rule": LATENCY_RULE})
+        return None, deleted
 
     def expire(self) -> list[str]:
         """Remove rules whose TTL passed (the classifier already ignores them)."""

@@ -63,7 +63,7 @@ def test_every_endpoint_against_the_kernel(lab):
         status, err = d.request("GET", "/latency/20ms")
         assert status == 500 and "sch_netem" in err["error"]
         assert lab.tc_state() == before
-    assert d.request("GET", "/latency/0") == (200, {"deleted": ["latency"]})
+    assert d.request("GET", "/latency/0") == (200, {"deleted": []})
 
     status, text = d.request("GET", "/metrics")
     assert status == 200 and 'shaper_rules{interface="shp0"} 1.0' in text
@@ -171,6 +171,10 @@ def test_bad_startup_touches_nothing(lab, tmp_path):
     bad.write_text("rules:\n  - {name: a, dst: [10.77.0.2], delay: soon}\n")
     d = lab.daemon("--rules", str(bad), wait=False)
     assert d.proc.wait(60) == 2 and "delay" in d.log_text()
+    assert lab.tc_state().split() == ["qdisc", "noqueue", "0:", "root", "refcnt", "2"]
+    # Every address, no token: refused before anything is touched.
+    open_api = lab.cli("run", "--iface", POD_IF, check=False)
+    assert open_api.returncode == 2 and "--insecure" in open_api.stderr
     assert lab.tc_state().split() == ["qdisc", "noqueue", "0:", "root", "refcnt", "2"]
     first = lab.daemon()
     second = lab.daemon(wait=False)  # same port

@@ -10,7 +10,7 @@ import pytest
 from shaper.api import MAX_BODY_BYTES, Api
 from shaper.errors import InvalidInput
 from shaper.fake import FakeDatapath
-from shaper.server import JsonFormatter, _Handler, parse_listen
+from shaper.server import JsonFormatter, _Handler, check_exposure, parse_listen
 from shaper.service import Service
 
 
@@ -87,3 +87,14 @@ def test_handler_refuses_oversized_and_chunked_bodies():
 def test_handler_head_has_no_body():
     status, headers, out = exchange(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 405 and out == b""
+
+
+def test_an_open_api_beyond_loopback_needs_a_token_or_insecure():
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.53"):
+        check_exposure(host, None, False)
+    for host in ("", "0.0.0.0", "::", "10.0.0.5", "fd00::1", "pod.example"):
+        with pytest.raises(InvalidInput) as exc:
+            check_exposure(host, None, False)
+        assert "--insecure" in str(exc.value) and "--token-file" in str(exc.value)
+        check_exposure(host, "t0ken", False)
+        check_exposure(host, None, True)
