@@ -221,3 +221,5 @@ def _json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadJson("body", f"not valid JSON: {exc}", "a JSON object") from None
+    except RecursionError:
+        raise BadJson("body", "nested too deeply", "a JSON object") from None

@@ -49,11 +49,13 @@ def _errors() -> Iterator[None]:
 @contextmanager
 def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
     """The interface's datapath, attached if asked; None if shaper is not attached and not asked to."""
-    from .kernel import KernelDatapath  # kernel access only for commands that need it
+    from .kernel import KernelDatapath, claim_interface  # kernel access only for commands that need it
 
     dp = KernelDatapath(iface, netns)
+    claim = None
     try:
         if attach:
+            claim = claim_interface(iface, netns)  # refused while a daemon controls it
             dp.attach()
         elif dp.is_attached():
             dp.open_maps()
@@ -63,6 +65,8 @@ def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
         yield dp
     finally:
         dp.close()
+        if claim is not None:
+            claim.close()
 
 
 def load_rules_file(path: str):
@@ -343,11 +347,15 @@ def reset(iface: str | None, netns: str | None, server: str, token_file: str | N
             deleted = _client(server, token_file).clear()
             click.echo(f"{server}: deleted {len(deleted)} rule(s)")
             return
-        from .kernel import KernelDatapath
+        from .kernel import KernelDatapath, claim_interface
 
         dp = KernelDatapath(iface, netns)
         try:
-            removed = dp.reset()
+            claim = claim_interface(iface, netns)
+            try:
+                removed = dp.reset()
+            finally:
+                claim.close()
         finally:
             dp.close()
         click.echo(f"{iface}: removed {', '.join(removed)}" if removed else f"{iface}: nothing of shaper's to remove")

@@ -13,17 +13,19 @@ leaves shaping running and a new one adopts it without touching traffic.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
+import socket
 import struct
 
 from . import layout, loader, plan as P
 from .bpfmap import Map, obj_get, prog_id
-from .errors import NotSupported, PermissionDenied
+from .errors import Conflict, NotSupported, PermissionDenied
 from .model import Prefix, rule_from_record
 from .stats import ClassStats, RuleCounters
-from .tc import Tc
+from .tc import Tc, in_netns
 
 BPFFS_MAGIC_TYPE = "bpf"
 RECORD_VERSION = 1
@@ -46,6 +48,45 @@ def ensure_bpffs(base: str) -> None:
             raise PermissionDenied(f"mounting a bpffs at {base} was refused: needs CAP_SYS_ADMIN, or mount it first "
                                    f"(mount -t bpf bpf {base})")
         raise NotSupported(f"cannot mount a bpffs at {base}: {os.strerror(err)}")
+
+
+def claim_interface(ifname: str, netns: str | None) -> socket.socket:
+    """Hold the interface for this process: one controller per interface.
+
+    The claim is an abstract unix socket named after the interface, bound in
+    the interface's network namespace: abstract names are per namespace, seen
+    by every container sharing it, and released by the kernel when the holder
+    dies, even by SIGKILL, so there is no stale lock to clean up.  Returns the
+    socket; keep it open while in control.  Raises Conflict naming the holder.
+    """
+    name = f"\0shaper/{ifname}".encode()
+
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(name)
+            sock.listen(64)  # never accepted: probes only read the listener's credentials
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        # Someone holds it: ask the kernel who (credentials of the listener).
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)  # a full backlog must not block the probe
+        try:
+            probe.connect(name)
+            pid = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            holder = f"process {pid}"
+        except OSError:
+            holder = "another process"
+        finally:
+            probe.close()
+        where = f" in network namespace {netns}" if netns else ""
+        raise Conflict(f"{ifname}{where} is controlled by another shaper ({holder}); stop it first, or talk to "
+                       "it with the client commands (shaper rule ..., --server)")
+
+    return in_netns(netns, bind) if netns else bind()
 
 
 def netns_id(netns: str | None) -> int:
@@ -216,8 +257,15 @@ class KernelDatapath:
 
     def reset(self) -> list[str]:
         """Remove exactly what shaper created here; returns what was removed."""
-        removed = []
+        removed: list[str] = []
         own = None
+        if not self.tc.link_present():
+            # The interface went and its tc objects with it; only the pins are left.
+            self.close_maps()
+            if os.path.isdir(self.pin_dir):
+                self.remove_pins()
+                removed.append("pins")
+            return removed
         if self._pins_complete():
             try:
                 if self.meta is None:

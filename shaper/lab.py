@@ -96,25 +96,33 @@ class Lab:
                 sh("ip", "netns", "add", ns)
                 self.created.append(ns)
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", self.pod, "link", "add", "name", POD_IF, "type", "veth", "peer", "name", "shp1",
-               "netns", self.dst)
-            sh("ip", "-n", self.pod, "link", "set", POD_IF, "up")
-            sh("ip", "-n", self.dst, "link", "set", "shp1", "up")
-            sh("ip", "-n", self.pod, "addr", "add", f"{V4['pod']}/16", "dev", POD_IF)
-            sh("ip", "-n", self.pod, "addr", "add", f"{V6['pod']}/64", "dev", POD_IF, "nodad")
-            for name, addr in V4.items():
-                if name != "pod":
-                    sh("ip", "-n", self.dst, "addr", "add", f"{addr}/16", "dev", "shp1")
-            for name, addr in V6.items():
-                if name != "pod":
-                    sh("ip", "-n", self.dst, "addr", "add", f"{addr}/64", "dev", "shp1", "nodad")
-            # Warm neighbour caches so the first measured packet is not an ARP/ND wait.
-            for addr in list(V4.values())[1:] + list(V6.values())[1:]:
-                self.ping(addr, count=1, check=False)
+            self.make_link()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def make_link(self) -> None:
+        """The veth pair pod/shp0 <-> dst/shp1 with every address (again, after delete_link)."""
+        sh("ip", "-n", self.pod, "link", "add", "name", POD_IF, "type", "veth", "peer", "name", "shp1",
+           "netns", self.dst)
+        sh("ip", "-n", self.pod, "link", "set", POD_IF, "up")
+        sh("ip", "-n", self.dst, "link", "set", "shp1", "up")
+        sh("ip", "-n", self.pod, "addr", "add", f"{V4['pod']}/16", "dev", POD_IF)
+        sh("ip", "-n", self.pod, "addr", "add", f"{V6['pod']}/64", "dev", POD_IF, "nodad")
+        for name, addr in V4.items():
+            if name != "pod":
+                sh("ip", "-n", self.dst, "addr", "add", f"{addr}/16", "dev", "shp1")
+        for name, addr in V6.items():
+            if name != "pod":
+                sh("ip", "-n", self.dst, "addr", "add", f"{addr}/64", "dev", "shp1", "nodad")
+        # Warm neighbour caches so the first measured packet is not an ARP/ND wait.
+        for addr in list(V4.values())[1:] + list(V6.values())[1:]:
+            self.ping(addr, count=1, check=False)
+
+    def delete_link(self) -> None:
+        """Remove the pair, as when a pod's interface goes away (its tc objects go with it)."""
+        sh("ip", "-n", self.pod, "link", "del", POD_IF)
 
     def __exit__(self, *exc: object) -> None:
         for daemon in self.daemons:

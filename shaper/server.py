@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -180,7 +181,7 @@ class DaemonOptions:
 
 def run(opts: DaemonOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
-    from .kernel import KernelDatapath
+    from .kernel import KernelDatapath, claim_interface
 
     host, port = parse_listen(opts.listen)
     check_exposure(host, opts.token, opts.insecure)
@@ -197,11 +198,17 @@ def run(opts: DaemonOptions) -> None:
         signal.signal(sig, on_signal)
 
     dp = KernelDatapath(opts.iface, opts.netns)
+    try:
+        claim = claim_interface(opts.iface, opts.netns)  # before anything is touched
+    except ShaperError:
+        dp.close()
+        raise
     service = Service(dp, opts.iface)
     try:
         httpd = make_server(host, port, Api(service, opts.token))
     except ShaperError:
         dp.close()
+        claim.close()
         raise
     bound = httpd.server_address
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
@@ -220,6 +227,10 @@ def run(opts: DaemonOptions) -> None:
         audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
               rules=len(service.rules()))
         while not stop.wait(1.0):
+            if not service.datapath.tc.link_present():
+                if not _follow_interface(service, opts, stop):
+                    break
+                continue
             try:
                 service.expire()
             except ShaperError as exc:  # counted and logged by the service; try again next second
@@ -234,11 +245,60 @@ def run(opts: DaemonOptions) -> None:
                 if opts.keep_on_exit:
                     audit("daemon.exit", interface=opts.iface, kept=True)
                 else:
-                    removed = dp.reset()
+                    removed = service.datapath.reset()
                     audit("daemon.exit", interface=opts.iface, kept=False, removed=removed)
             except ShaperError as exc:
                 service.instruments.error("reset")
                 audit("daemon.exit", interface=opts.iface, result="failed", error=str(exc))
                 raise
             finally:
-                dp.close()
+                service.datapath.close()
+                claim.close()
+
+
+STILL_WAITING_S = 30
+
+
+def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event) -> bool:
+    """The interface vanished (a pod's veth deleted, a link recreated): wait for one of
+    the same name, attach to it and put the rules back with the TTL they had left.
+
+    Returns False if asked to stop while waiting.  Never raises for a missing
+    interface, so a sidecar does not crash-loop; a vanished namespace is fatal.
+    """
+    from .kernel import KernelDatapath
+
+    service.ready = False  # /readyz and mutations answer 503 meanwhile
+    old = service.datapath
+    try:
+        rules = service.rules_to_restore()  # the maps are pinned: still readable
+    except ShaperError as exc:
+        rules = []
+        log.warning("interface.rules_lost", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
+    audit("interface.gone", interface=opts.iface, rules=len(rules))
+    waited = failures = 0
+    while not stop.wait(min(30.0, 2.0 ** failures)):  # 1 s while absent; backs off while attach fails
+        waited += 1
+        if opts.netns and not os.path.exists(f"/run/netns/{opts.netns}"):
+            raise ShaperError(f"network namespace {opts.netns} is gone, and {opts.iface} with it")
+        try:
+            dp = KernelDatapath(opts.iface, opts.netns)
+        except InvalidInput:  # not back yet
+            if waited % STILL_WAITING_S == 0:
+                audit("interface.waiting", interface=opts.iface, seconds=waited)
+            continue
+        try:
+            how = dp.attach()
+            service.swap_datapath(dp)
+            service.start(rules, who="interface")
+        except ShaperError as exc:
+            service.instruments.error("attach")
+            log.warning("interface.attach_failed", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
+            service.swap_datapath(old)
+            dp.close()
+            failures += 1
+            continue
+        old.close()
+        audit("interface.back", interface=opts.iface, ifindex=dp.tc.ifindex, datapath=how, rules=len(rules))
+        return True
+    return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
@@ -63,6 +64,26 @@ class Service:
         self.instruments = collector.instruments = Instruments(self.registry, interface)
 
     # -- state ------------------------------------------------------------------
+    def swap_datapath(self, datapath) -> None:
+        """Drive a new datapath (the interface came back with a new ifindex); not ready until start()."""
+        with self.lock:
+            self.ready = False
+            self.datapath = datapath
+            self.controller = Controller(datapath, self.clock)
+
+    def rules_to_restore(self) -> list[Rule]:
+        """The live rules, each with the TTL it has left: what to re-apply on a new interface."""
+        with self.lock:
+            observed = self.datapath.observe()
+        now = self.clock()
+        out = []
+        for name, o in sorted(observed.rules.items()):
+            if not o.expires_ns:
+                out.append(o.rule)
+            elif o.expires_ns > now:
+                out.append(replace(o.rule, ttl_us=max(1, (o.expires_ns - now) // 1000)))
+        return out
+
     def start(self, rules: Iterable[Rule] | None = None, who: str = "startup") -> None:
         """Apply the initial rules (None: keep what an adopted datapath holds), then be ready."""
         with self.lock:

@@ -158,6 +158,15 @@ class Tc:
         self._dump_sock: socket.socket | None = None
         self._seq = 0
 
+    def link_present(self) -> bool:
+        """Whether the interface this Tc was opened on still exists (same ifindex)."""
+        try:
+            return bool(self.ipr.get_links(self.ifindex))
+        except NetlinkError as exc:
+            if exc.code in (_errno.ENODEV, _errno.ENOENT):
+                return False
+            raise _kernel_error(exc, "look up", self.ifname) from None
+
     def close(self) -> None:
         self.ipr.close()
         if self._dump_sock is not None:
