@@ -328,7 +328,12 @@ def parse_ruleset(data: object) -> tuple[Rule, ...]:
     unknown = [str(k) for k in data if k != "rules"]
     if unknown:
         raise InvalidInput(unknown[0], "unknown top-level field", "only 'rules'")
-    items = data.get("rules") or []
+    if "rules" not in data:
+        # An empty mapping is more likely a mistake than a request to remove every rule.
+        raise InvalidInput("rules", "is missing", "a mapping with 'rules' (an empty list removes every rule)")
+    items = data["rules"]
+    if items is None:  # "rules:" with nothing after it in YAML
+        items = []
     if not isinstance(items, list):
         raise InvalidInput("rules", f"expected a list, got {type(items).__name__}", "a list of rules")
     return validate_ruleset(parse_rule(item, where=f"rules[{i}]") for i, item in enumerate(items))

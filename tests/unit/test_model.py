@@ -144,3 +144,11 @@ def test_class_params():
     assert r.class_params().rate_bytes == 2_500_000 and r.class_params().burst_bytes >= 3000
     assert rule(rate="20mbit", burst="64kb").class_params().burst_bytes == 65536
     assert not rule(rate="20mbit").has_netem and rule(rate="20mbit").leaf_params() is None
+
+
+def test_an_empty_or_mistyped_set_is_not_a_request_to_delete_everything():
+    assert parse_ruleset(None) == () and parse_ruleset({"rules": None}) == () and parse_ruleset({"rules": []}) == ()
+    for bad in ({}, {"rules": {}}, {"rules": 0}, {"rules": ""}, {"rules": False}):
+        with pytest.raises(InvalidInput) as exc:
+            parse_ruleset(bad)
+        assert exc.value.field == "rules"
