@@ -135,14 +135,38 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # no access log: changes are logged by the service, reads are not
 
 
+MAX_CONNECTIONS = 64
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Retry-After: 1\r\nContent-Length: 45\r\n\r\n{\"error\": \"too many connections, try again\"}\n")
+
+
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once (more get a 503 at once)."""
+
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], api: Api, family: int):
         self.address_family = family
         self.api = api
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
