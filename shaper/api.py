@@ -4,7 +4,8 @@
 its JSON into the model, calls the service and maps errors to statuses:
 400 malformed JSON, 401 missing or wrong token, 404 unknown rule or route,
 405 wrong method, 409 state shaper does not own, 413 body too large,
-422 a rule that cannot be applied, 503 not ready, 500 the kernel refused.
+422 a rule that cannot be applied, 500 the kernel refused, 501 this kernel
+lacks what the rule needs (sch_netem), 503 not ready.
 server.py puts it behind http.server; the unit tests call it directly.
 """
 
@@ -21,7 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, openapi, plan as P
-from .errors import Conflict, InvalidInput, ShaperError
+from .errors import Conflict, InvalidInput, NotSupported, ShaperError
 from .model import NAME_FORM, NAME_RE, parse_rule, parse_ruleset
 from .service import NotFound, NotReady, Service
 
@@ -115,6 +116,8 @@ class Api:
                 return error(503, str(exc))
             except Conflict as exc:
                 return error(409, str(exc))
+            except NotSupported as exc:  # this kernel lacks what the request needs (sch_netem)
+                return error(501, str(exc))
             except ShaperError as exc:
                 return error(500, str(exc))
             except Exception as exc:  # a bug: say so, keep serving
@@ -207,7 +210,11 @@ def _name(name: str) -> str:
 
 def _flag(query: dict, key: str) -> bool:
     values = query.get(key, [])
-    return bool(values) and values[-1].lower() in ("1", "true", "yes", "")
+    if not values:
+        return False
+    if len(values) > 1 or values[0].lower() not in ("1", "true", "0", "false"):
+        raise InvalidInput(key, f"invalid value {','.join(values)!r}", "true or false, once")
+    return values[0].lower() in ("1", "true")
 
 
 class BadJson(InvalidInput):

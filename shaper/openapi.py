@@ -12,11 +12,18 @@ from typing import Any
 from .model import NAME_FORM
 from .units import DURATION_FORM, PERCENT_FORM, RATE_FORM, SIZE_FORM
 
-_PCT = {"type": "string", "pattern": r"^[0-9.]+%$", "description": PERCENT_FORM}
-_DURATION = {"type": "string", "description": DURATION_FORM}
+_NUM = r"([0-9]+(\.[0-9]+)?|\.[0-9]+)"
+# Patterns say as much of the accepted forms as JSON Schema can; ranges inside strings
+# (a rate's minimum) and cross-field needs (jitter needs delay) are checked by shaper.
+_PCT = {"type": "string", "pattern": r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?|\.[0-9]+) ?%$",
+        "description": PERCENT_FORM}
+_DURATION = {"type": "string", "pattern": "^(0|" + _NUM + " ?(us|usec|ms|msec|s|sec|m|min|h))$",
+             "description": DURATION_FORM}
+NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 RULE_FIELDS: dict[str, dict[str, Any]] = {
-    "name": {"type": "string", "description": NAME_FORM + ". In /rules/{name} it comes from the path."},
+    "name": {"type": "string", "pattern": NAME_PATTERN,
+             "description": NAME_FORM + ". In /rules/{name} it comes from the path."},
     "dst": {"type": "array", "items": {"type": "string"}, "minItems": 1,
             "description": "Destinations: IPv4/IPv6 addresses or CIDRs. The longest matching prefix wins."},
     "delay": {**_DURATION, "description": "Added delay: " + DURATION_FORM + "."},
@@ -35,10 +42,12 @@ RULE_FIELDS: dict[str, dict[str, Any]] = {
     "corrupt_corr": _PCT,
     "reorder": {**_PCT, "description": "Packets sent at once, ahead of delayed ones (needs delay)."},
     "reorder_corr": _PCT,
-    "gap": {"type": "integer", "minimum": 1, "description": "Reorder every gap-th packet (default 1)."},
-    "rate": {"type": "string", "description": "Rate limit (HTB): " + RATE_FORM + "."},
-    "burst": {"type": "string", "description": "HTB burst (needs rate; default 2 ms at the rate): " + SIZE_FORM + "."},
-    "limit": {"type": "integer", "minimum": 1,
+    "gap": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1, "description": "Reorder every gap-th packet (default 1)."},
+    "rate": {"type": "string", "pattern": "^" + _NUM + " ?(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps|tbps|kibit|mibit|"
+                                                        "gibit|tibit|kibps|mibps|gibps|tibps)$",
+             "description": "Rate limit (HTB): " + RATE_FORM + "."},
+    "burst": {"type": "string", "pattern": "^" + _NUM + " ?(b|k|kb|m|mb|g|gb)$", "description": "HTB burst (needs rate; default 2 ms at the rate): " + SIZE_FORM + "."},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000,
               "description": "netem queue limit in packets (default: sized from delay x rate)."},
     "ttl": {**_DURATION, "description": "Remove the rule after this long (restarted by each PUT of it)."},
 }
@@ -46,9 +55,10 @@ RULE_FIELDS: dict[str, dict[str, Any]] = {
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _RULE = {"application/json": {"schema": {"$ref": "#/components/schemas/Rule"}}}
 _RULES = {"application/json": {"schema": {"$ref": "#/components/schemas/RuleSet"}}}
-_DELETED = {"application/json": {"schema": {"type": "object", "properties": {
-    "deleted": {"type": "array", "items": {"type": "string"}}}}}}
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_REPLACED = {"application/json": {"schema": {"$ref": "#/components/schemas/Replaced"}}}
+_DELETED = {"application/json": {"schema": {"type": "object", "required": ["deleted"], "additionalProperties": False,
+                                           "properties": {"deleted": {"type": "array", "items": {"type": "string"}}}}}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN}}
 _AUTH = [{"bearer": []}]
 
 
@@ -78,17 +88,19 @@ PATHS: dict[str, dict[str, dict]] = {
                             ok={"text/plain": {"schema": {"type": "string"}}})},
     "/rules": {
         "get": _op("List the rules in force", ok=_RULES, errors=(503,)),
-        "put": _op("Replace the whole rule set atomically (all or nothing)", ok=_RULES, errors=(400, 422, 500, 503),
+        "put": _op("Replace the whole rule set atomically (all or nothing)", ok=_REPLACED,
+                   errors=(400, 422, 500, 501, 503),
                    body=_RULES, auth=True,
-                   params=[{"name": "dry_run", "in": "query", "schema": {"type": "boolean"},
+                   params=[{"name": "dry_run", "in": "query", "schema": {"type": "boolean"}, "required": False,
                             "description": "Validate and list the changes, change nothing."}]),
         "delete": _op("Remove every rule (the classifier stays attached)", ok=_DELETED, errors=(500, 503), auth=True),
     },
     "/rules/{name}": {
-        "get": _op("One rule", ok=_RULE, errors=(404, 503), params=[_NAME]),
-        "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE, errors=(400, 422, 500, 503),
+        "get": _op("One rule", ok=_RULE, errors=(404, 422, 503), params=[_NAME]),
+        "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE,
+                   errors=(400, 422, 500, 501, 503),
                    body=_RULE, params=[_NAME], auth=True),
-        "delete": _op("Remove one rule", ok=_DELETED, errors=(404, 500, 503), params=[_NAME], auth=True),
+        "delete": _op("Remove one rule", ok=_DELETED, errors=(404, 422, 500, 503), params=[_NAME], auth=True),
     },
     "/stats": {"get": _op("Per-rule statistics: classifier matches and HTB class counters", errors=(503,),
                           ok={"application/json": {"schema": {"type": "object"}}})},
@@ -96,8 +108,8 @@ PATHS: dict[str, dict[str, dict]] = {
         "Compatibility: a delay for every destination (rule 'latency'); 0 removes it",
         ok={"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Rule"},
                                                       _DELETED["application/json"]["schema"]]}}},
-        errors=(422, 500, 503), auth=True,
-        params=[{"name": "duration", "in": "path", "required": True, "schema": {"type": "string"}}],
+        errors=(422, 500, 501, 503), auth=True,
+        params=[{"name": "duration", "in": "path", "required": True, "schema": _DURATION}],
         description="A GET with side effects, kept only for compatibility with the agent that serves "
                     "`curl http://POD_IP:2332/latency/20ms`. It is PUT /rules/latency with "
                     "dst [0.0.0.0/0, ::/0] and the delay; prefer that.")},
@@ -118,8 +130,11 @@ def document(version: str) -> dict[str, Any]:
             "schemas": {
                 "Rule": {"type": "object", "additionalProperties": False, "required": ["dst"],
                          "properties": RULE_FIELDS},
-                "RuleSet": {"type": "object", "additionalProperties": False,
+                "RuleSet": {"type": "object", "additionalProperties": False, "required": ["rules"],
                             "properties": {"rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}}},
+                "Replaced": {"type": "object", "additionalProperties": False, "required": ["rules"], "properties": {
+                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
+                    "dry_run": {"type": "boolean"}, "changes": {"type": "array", "items": {"type": "string"}}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {
                     "error": {"type": "string"}, "field": {"type": "string"}, "expected": {"type": "string"}}},
             },

@@ -325,3 +325,27 @@ def test_a_failed_scrape_is_counted_and_still_answers(api, env):
     assert "shaper_rule_matched_bytes_total" not in m
     assert m["shaper_errors_total"][(("interface", "eth0"), ("op", "scrape"))] == 1
     assert call(api, "GET", "/stats")[0] == 500
+
+
+def test_openapi_patterns_accept_what_the_parser_accepts():
+    import re as _re
+
+    from shaper.model import parse_rule
+
+    samples = {"delay": ["20ms", "1.5s", "500us", "0", "2m"], "ttl": ["60s", "1h"], "loss": ["1%", "0.5%", "100%"],
+               "rate": ["10mbit", "1.5gbit", "100kbps"], "burst": ["32kb", "2mb"]}
+    for field, values in samples.items():
+        for value in values:
+            assert _re.match(openapi.RULE_FIELDS[field]["pattern"], value), (field, value)
+            extra = {"rate": "1mbit"} if field == "burst" else {}
+            parse_rule({"name": "x", "dst": ["10.0.0.1"], field: value, **extra})
+    for value in ("20", "fast", "1e3ms", "-1ms", ""):
+        assert not _re.match(openapi.RULE_FIELDS["delay"]["pattern"], value), value
+    assert _re.match(openapi.NAME_PATTERN, "db-1.a_b") and not _re.match(openapi.NAME_PATTERN, "-x")
+
+
+def test_dry_run_flag_is_strict(api):
+    assert call(api, "PUT", "/rules?dry_run=false", {"rules": []})[1] == {"rules": []}
+    status, err = call(api, "PUT", "/rules?dry_run=null", {"rules": []})
+    assert status == 422 and err["field"] == "dry_run"
+    assert call(api, "PUT", "/rules?dry_run=1&dry_run=1", {"rules": []})[0] == 422
