@@ -139,6 +139,8 @@ class Tc:
     def __init__(self, ifname: str, netns: str | None = None):
         self.ifname = ifname
         self.netns = netns
+        if netns and ("/" in netns or netns in (".", "..")):
+            raise InvalidInput("netns", f"{netns!r} is not a namespace name", "a name listed by `ip netns list`")
         if netns and not os.path.exists(f"/run/netns/{netns}"):
             raise InvalidInput("netns", f"no network namespace named {netns!r}", "a name listed by `ip netns list`")
         try:
