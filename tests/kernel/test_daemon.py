@@ -7,6 +7,7 @@ here a netem rule is the way to make the kernel refuse part of a change.
 import os
 import re
 import signal
+import socket
 
 from shaper.lab import POD_IF, V4, V6, netem_available, sh, wait_until
 
@@ -176,11 +177,17 @@ def test_bad_startup_touches_nothing(lab, tmp_path):
     open_api = lab.cli("run", "--iface", POD_IF, check=False)
     assert open_api.returncode == 2 and "--insecure" in open_api.stderr
     assert lab.tc_state().split() == ["qdisc", "noqueue", "0:", "root", "refcnt", "2"]
-    first = lab.daemon()
-    second = lab.daemon(wait=False)  # same port
-    assert second.proc.wait(60) == 1 and "cannot listen on 127.0.0.1:2332" in second.log_text()
-    assert first.request("GET", "/readyz")[0] == 200
-    assert first.stop() == 0
+    # The port is taken (by something else in the namespace): exit 1, nothing touched.
+    from shaper.tc import in_netns
+
+    squatter = in_netns(lab.pod, lambda: socket.create_server(("127.0.0.1", 2332)))
+    try:
+        busy = lab.daemon(wait=False)
+        assert busy.proc.wait(60) == 1 and "cannot listen on 127.0.0.1:2332" in busy.log_text()
+        assert lab.tc_state().split() == ["qdisc", "noqueue", "0:", "root", "refcnt", "2"]
+    finally:
+        squatter.close()
+    assert lab.daemon().stop() == 0  # and the interface was not left claimed
 
 
 def test_cli_against_the_daemon(lab, tmp_path):
