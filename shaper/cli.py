@@ -23,12 +23,10 @@ import click
 import yaml
 
 from . import plan as P
-from .client import DEFAULT_SERVER, Client, read_token
+from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from .errors import InvalidInput, ShaperError
 from .model import FIELD_NAMES, parse_ruleset
 from .openapi import RULE_FIELDS
-
-DEFAULT_PORT = 2332
 
 OUTPUT_FORMATS = click.Choice(["table", "json", "yaml"])
 

@@ -16,7 +16,8 @@ from urllib.parse import quote, urlsplit
 
 from .errors import InvalidInput, ShaperError
 
-DEFAULT_SERVER = "http://127.0.0.1:2332"
+DEFAULT_PORT = 2332  # the port of the latency agent people already call
+DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 # (client, method, path, headers, body) -> (status, body): set on the class in tests to reach an
 # in-process Api instead of a socket.
 Transport = Callable[["Client", str, str, dict, bytes], tuple[int, bytes]]

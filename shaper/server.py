@@ -26,13 +26,13 @@ from prometheus_client import disable_created_metrics
 
 from . import __version__
 from .api import MAX_BODY_BYTES, Api, error
+from .client import DEFAULT_PORT
 from .errors import InvalidInput, ShaperError
 from .model import Rule
 from .service import Service, audit
 
 log = logging.getLogger("shaper")
 
-DEFAULT_PORT = 2332
 LISTEN_FORM = "ADDR:PORT, :PORT (every address), [IPV6]:PORT or a port alone"
 
 

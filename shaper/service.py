@@ -102,8 +102,13 @@ class Service:
         check = getattr(self.datapath, "is_attached", None)
         if check is None:
             return True
-        with self.lock:
+        # A long apply holds the lock; a readiness probe must not time out behind it.
+        if not self.lock.acquire(timeout=0.2):
+            return True
+        try:
             return bool(check())
+        finally:
+            self.lock.release()
 
     def _require_ready(self) -> None:
         if not self.ready:
