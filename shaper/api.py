@@ -124,8 +124,8 @@ class Api:
                 log.exception("internal error on %s %s", method, path)
                 return error(500, f"internal error: {type(exc).__name__}: {exc}")
         if allowed:
-            return error(405, f"{method} is not allowed on {path}", headers={"Allow": ", ".join(sorted(allowed))})
-        return error(404, f"no such endpoint: {path} (see /openapi.json)")
+            return error(405, f"{method} is not allowed on {_short(path)}", headers={"Allow": ", ".join(sorted(allowed))})
+        return error(404, f"no such endpoint: {_short(path)} (see /openapi.json)")
 
     def _authorised(self, headers: Mapping[str, str]) -> bool:
         if not self.token:
@@ -193,6 +193,11 @@ class Api:
         if rule is None:
             return json_response(200, {"deleted": deleted})
         return json_response(200, rule.to_dict())
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """A client's string quoted back in an error, cut short."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
