@@ -12,6 +12,10 @@ import errno as _errno
 import os
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ShaperError(Exception):
     """Base of every error shaper raises on purpose."""
 
@@ -25,6 +29,9 @@ class InvalidInput(ShaperError):
     exit_code = 2
 
     def __init__(self, field: str, problem: str, accepted: str | None = None):
+        # Both quote the caller's input back: keep a hostile 30 MB value out of
+        # responses and logs.
+        field, problem = _cut(field, 100), _cut(problem, 300)
         self.field = field
         self.problem = problem
         self.accepted = accepted
