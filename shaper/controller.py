@@ -48,6 +48,7 @@ class Controller:
         # CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads in the classifier.
         self.datapath = datapath
         self.clock = clock
+        self.outcome: P.Observed | None = None  # the state after the last successful apply
 
     def status(self, observed: P.Observed | None = None) -> list[RuleStatus]:
         if observed is None:
@@ -86,14 +87,15 @@ class Controller:
         desired = validate_ruleset(rules)
         if observed is None:
             observed = self.datapath.observe()
-        ops = P.plan(desired, observed, self.clock(), renew)
-        if not ops:
-            return ops
-        try:
-            self.datapath.execute(ops)
-        except Exception:
-            self._roll_back(observed)
-            raise
+        self.outcome = None
+        ops, outcome = P.plan_with_outcome(desired, observed, self.clock(), renew)
+        if ops:
+            try:
+                self.datapath.execute(ops)
+            except Exception:
+                self._roll_back(observed)
+                raise
+        self.outcome = outcome  # what observe() would now return
         return ops
 
     def _roll_back(self, before: P.Observed) -> None:

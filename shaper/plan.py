@@ -125,6 +125,13 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int,
     A rule that stays unchanged keeps its TTL deadline, unless it is named in
     `renew` (an API PUT of one rule means "for TTL from now").
     """
+    return plan_with_outcome(desired, observed, now_ns, renew)[0]
+
+
+def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
+                      renew: Iterable[str] = ()) -> tuple[list[Operation], Observed]:
+    """plan(), and the state the datapath will hold once the operations are done:
+    what observe() would then return, so a single writer need not read it back."""
     renew = set(renew)
     want = {r.name: r for r in desired}
     expired = observed.expired(now_ns)
@@ -183,7 +190,12 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int,
         ops.append(DeleteClass(slot))
     for slot in sorted({o.slot for o in observed.rules.values()} - kept_slots):
         ops.append(DeleteRecord(slot))
-    return ops
+    outcome = Observed(
+        rules={n: ObservedRule(slot_of[n], r, expiry_of[n]) for n, r in want.items()},
+        entries=wanted_entries,
+        classes={slot_of[n]: ("netem" if r.has_netem else "pfifo") for n, r in want.items()},
+    )
+    return ops, outcome
 
 
 def describe(op: Operation) -> str:

@@ -31,6 +31,7 @@ log = logging.getLogger("shaper")
 # already call): every destination, IPv4 and IPv6.
 LATENCY_RULE = "latency"
 LATENCY_DST = ("0.0.0.0/0", "::/0")
+REREAD_S = 30.0
 
 
 class NotFound(ShaperError):
@@ -56,6 +57,12 @@ class Service:
         self.lock = threading.RLock()
         self.ready = False
         self.next_expiry_ns: int | None = None
+        # The kernel state as of the last change. This process is the only writer (the
+        # interface claim), so a change need not read back the whole trie and every
+        # record first; the cache is re-read from the kernel every REREAD_S anyway, in
+        # case someone changed shaper's objects by hand.
+        self._observed: P.Observed | None = None
+        self._observed_at = 0.0
         self.registry = registry or CollectorRegistry()
         # The kernel collector is registered first: a scrape that fails counts itself
         # in shaper_errors_total{op="scrape"} before that counter is collected.
@@ -70,11 +77,21 @@ class Service:
             self.ready = False
             self.datapath = datapath
             self.controller = Controller(datapath, self.clock)
+            self._observed = None
+
+    def observe(self) -> P.Observed:
+        """The datapath's state: cached after our own changes, re-read when older than REREAD_S."""
+        with self.lock:
+            if self._observed is None or time.monotonic() - self._observed_at > REREAD_S:
+                self._observed = self.datapath.observe()
+                self._observed_at = time.monotonic()
+            return self._observed
 
     def rules_to_restore(self) -> list[Rule]:
         """The live rules, each with the TTL it has left: what to re-apply on a new interface."""
         with self.lock:
-            observed = self.datapath.observe()
+            self._observed = None  # read what the pinned maps hold
+            observed = self.observe()
         now = self.clock()
         out = []
         for name, o in sorted(observed.rules.items()):
@@ -92,7 +109,8 @@ class Service:
                 self._change("rules.replace", who, lambda current: rules, detail={"rules": len(rules)},
                              require_ready=False)
             else:
-                self._remember_expiry(self.datapath.observe(), [])
+                self._observed = None
+                self._remember_expiry(self.observe(), [])
             self.ready = True
 
     def is_ready(self) -> bool:
@@ -118,8 +136,7 @@ class Service:
     def rules(self) -> list[Rule]:
         self._require_ready()
         with self.lock:
-            observed = self.datapath.observe()
-            return sorted(self.controller.live_rules(observed).values(), key=lambda r: r.name)
+            return sorted(self.controller.live_rules(self.observe()).values(), key=lambda r: r.name)
 
     def rule(self, name: str) -> Rule:
         for rule in self.rules():
@@ -130,7 +147,7 @@ class Service:
     def stats(self) -> list[RuleStats]:
         self._require_ready()
         with self.lock:
-            return self.controller.stats()
+            return self.controller.stats(self.observe())
 
     def snapshot(self) -> Snapshot | None:
         """What /metrics reports; None before the datapath is attached."""
@@ -207,7 +224,7 @@ class Service:
         if not self.ready or self.next_expiry_ns is None or self.next_expiry_ns > self.clock():
             return []
         with self.lock:
-            observed = self.datapath.observe()
+            observed = self.observe()
             gone = sorted(observed.expired(self.clock()))
             if not gone:
                 self._remember_expiry(observed, [])
@@ -226,7 +243,7 @@ class Service:
             started = time.perf_counter()
             try:
                 if observed is None:
-                    observed = self.datapath.observe()
+                    observed = self.observe()
                 current = self.controller.live_rules(observed)
                 before = dict(current)
                 desired = edit(current)
@@ -235,9 +252,11 @@ class Service:
                 audit(event, who=who, result="rejected", error=str(exc), **detail)
                 raise
             except Exception as exc:
+                self._observed = None  # rolled back, maybe not all the way: read the kernel next time
                 self.instruments.error(op)
                 audit(event, who=who, result="failed", error=str(exc), **detail)
                 raise
+            self._observed = self.controller.outcome
             seconds = time.perf_counter() - started
             if ops:
                 self.instruments.apply_seconds.observe(seconds)

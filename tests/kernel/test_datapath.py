@@ -180,3 +180,28 @@ def test_unknown_interface_and_netns(lab):
     proc = subprocess.run([sys.executable, "-m", "shaper", "show", "--iface", "x", "--netns", "no-such-ns"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "no network namespace" in proc.stderr
+
+
+def test_the_predicted_state_is_what_the_kernel_holds(lab):
+    """The daemon caches plan's outcome instead of reading the kernel back: they must agree."""
+    from shaper.controller import Controller
+    from shaper.kernel import KernelDatapath
+    from shaper.model import parse_rule
+
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        dp.attach()
+        ctl = Controller(dp)
+        sets = [
+            [{"name": "a", "dst": [V4["a"], V6["a"]], "rate": "10mbit", "ttl": "1h"},
+             {"name": "b", "dst": ["10.77.0.0/24"], "rate": "2mbit", "burst": "64kb"}],
+            [{"name": "b", "dst": ["10.77.0.0/24", V4["c"]], "rate": "3mbit"},
+             {"name": "c", "dst": ["::/0"], "rate": "1gbit"}],
+            [],
+        ]
+        for rules in sets:
+            ctl.apply([parse_rule(r) for r in rules])
+            assert ctl.outcome == dp.observe()
+    finally:
+        dp.reset()
+        dp.close()
