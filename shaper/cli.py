@@ -156,10 +156,8 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, toke
     from . import server
 
     with _errors():
-        host, _ = server.parse_listen(listen)
         rules = load_rules_file(rules_file) if rules_file else None
         token = read_token(token_file)
-        server.check_exposure(host, token, insecure)
         server.configure_logging(log_level)
         server.run(server.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
                                         keep_on_exit=keep_on_exit, insecure=insecure))
@@ -349,11 +347,8 @@ def reset(iface: str | None, netns: str | None, server: str, token_file: str | N
 
         dp = KernelDatapath(iface, netns)
         try:
-            claim = claim_interface(iface, netns)
-            try:
+            with claim_interface(iface, netns):  # the socket is the claim; closing it lets go
                 removed = dp.reset()
-            finally:
-                claim.close()
         finally:
             dp.close()
         click.echo(f"{iface}: removed {', '.join(removed)}" if removed else f"{iface}: nothing of shaper's to remove")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from . import plan as P
-from .layout import HTB_MAJOR
+from .layout import classid_text
 from .model import Rule, validate_ruleset
 from .stats import ClassStats, RuleCounters, RuleStats
 
@@ -40,7 +40,7 @@ class RuleStatus:
 
     @property
     def classid(self) -> str:
-        return f"{HTB_MAJOR:x}:{self.slot:x}"
+        return classid_text(self.slot)
 
 
 class Controller:

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import struct
+from typing import Iterator
 
 from . import layout, loader, plan as P
 from .bpfmap import Map, obj_get, prog_id
@@ -189,11 +190,7 @@ class KernelDatapath:
         for prefix, val in entries.items():
             dst_of.setdefault(val.rule_id, []).append(prefix)
         rules = {}
-        for key, raw in self.meta.items():
-            (slot,) = _SLOT.unpack(key)
-            if slot == 0:
-                continue
-            record = json.loads(layout.unpack_meta(raw))
+        for slot, record in self._records():
             rule = rule_from_record(record["rule"], tuple(dst_of.get(slot, ())))
             rules[rule.name] = P.ObservedRule(slot, rule, record.get("expires_ns", 0))
         classes = {slot: (cs.leaf or "pfifo") for slot, cs in self.tc.class_stats().items()}
@@ -201,13 +198,15 @@ class KernelDatapath:
 
     def rule_names(self) -> dict[int, str]:
         """slot -> rule name from the records alone (what a scrape needs; no trie walk)."""
+        return {slot: record["rule"]["name"] for slot, record in self._records()}
+
+    def _records(self) -> Iterator[tuple[int, dict]]:
+        """(slot, record) of every rule; slot 0 is the controller's own record."""
         assert self.meta
-        out = {}
         for key, raw in self.meta.items():
             (slot,) = _SLOT.unpack(key)
             if slot:
-                out[slot] = json.loads(layout.unpack_meta(raw))["rule"]["name"]
-        return out
+                yield slot, json.loads(layout.unpack_meta(raw))
 
     def execute(self, ops: list[P.Operation]) -> None:
         assert self.lpm and self.meta and self.stats

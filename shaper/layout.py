@@ -123,3 +123,8 @@ def unpack_meta(data: bytes) -> bytes:
 
 def classid(slot: int) -> int:
     return (HTB_MAJOR << 16) | slot
+
+
+def classid_text(slot: int) -> str:
+    """A slot's HTB class as tc writes it: '5348:1'."""
+    return f"{HTB_MAJOR:x}:{slot:x}"

@@ -90,8 +90,7 @@ class Service:
     def rules_to_restore(self) -> list[Rule]:
         """The live rules, each with the TTL it has left: what to re-apply on a new interface."""
         with self.lock:
-            self._observed = None  # read what the pinned maps hold
-            observed = self.observe()
+            observed = self.datapath.observe()  # what the pinned maps hold
         now = self.clock()
         out = []
         for name, o in sorted(observed.rules.items()):
@@ -109,8 +108,7 @@ class Service:
                 self._change("rules.replace", who, lambda current: rules, detail={"rules": len(rules)},
                              require_ready=False)
             else:
-                self._observed = None
-                self._remember_expiry(self.observe(), [])
+                self._remember_expiry(self.observe())
             self.ready = True
 
     def is_ready(self) -> bool:
@@ -158,7 +156,7 @@ class Service:
             counters = self.datapath.counters(sorted(names))
             classes = self.datapath.class_stats()
             entries = self.datapath.map_entries()
-        return Snapshot([RuleSample(names[slot], f"{layout.HTB_MAJOR:x}:{slot:x}", counters[slot], classes.get(slot))
+        return Snapshot([RuleSample(names[slot], layout.classid_text(slot), counters[slot], classes.get(slot))
                          for slot in sorted(names, key=names.__getitem__)], entries)
 
     # -- changes ----------------------------------------------------------------
@@ -227,7 +225,7 @@ class Service:
             observed = self.observe()
             gone = sorted(observed.expired(self.clock()))
             if not gone:
-                self._remember_expiry(observed, [])
+                self._remember_expiry(observed)
                 return []
             self._change("rules.expire", "ttl", lambda current: list(current.values()),
                          detail={"rules": gone}, observed=observed, op="expire")
@@ -261,7 +259,7 @@ class Service:
             if ops:
                 self.instruments.apply_seconds.observe(seconds)
             counts = self._count_changes(before, desired, observed, set(renew))
-            self._remember_expiry(observed, ops, {r.name for r in desired})
+            self._remember_expiry(self._observed)
             audit(event, who=who, result="ok", changes=len(ops), seconds=round(seconds, 4),
                   **{k: v for k, v in counts.items() if v}, **detail)
 
@@ -279,11 +277,6 @@ class Service:
             self.instruments.changed(kind, n)
         return counts
 
-    def _remember_expiry(self, observed: P.Observed, ops: list[P.Operation],
-                         kept: set[str] | None = None) -> None:
-        """The next TTL deadline, from what was read and written (no extra map walk)."""
-        deadline = {n: o.expires_ns for n, o in observed.rules.items() if kept is None or n in kept}
-        for op in ops:
-            if isinstance(op, P.WriteRecord):
-                deadline[op.rule.name] = op.expires_ns
-        self.next_expiry_ns = min((d for d in deadline.values() if d), default=None)
+    def _remember_expiry(self, observed: P.Observed) -> None:
+        """The next TTL deadline in a state just read or just predicted (no extra map walk)."""
+        self.next_expiry_ns = min((o.expires_ns for o in observed.rules.values() if o.expires_ns), default=None)

@@ -24,7 +24,7 @@ from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
 
 from . import netem, tcdump
 from .errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
-from .layout import HTB_MAJOR
+from .layout import HTB_MAJOR, classid_text
 from .model import ClassParams, Rule
 from .stats import ClassStats
 
@@ -328,7 +328,7 @@ class Tc:
                 quantum=HTB_QUANTUM,
             )
         except NetlinkError as exc:
-            raise _kernel_error(exc, f"{command.split('-')[0]} HTB class", f"{HTB_MAJOR:x}:{slot:x} on {self.ifname}") from None
+            raise _kernel_error(exc, f"{command.split('-')[0]} HTB class", f"{classid_text(slot)} on {self.ifname}") from None
 
     def add_class(self, slot: int, params: ClassParams) -> None:
         self._class("replace-class", slot, params)
@@ -342,7 +342,7 @@ class Tc:
             self.ipr.tc("del-class", None, self.ifindex, ROOT | slot, parent=ROOT)
         except NetlinkError as exc:
             if exc.code != _errno.ENOENT:
-                raise _kernel_error(exc, "delete HTB class", f"{HTB_MAJOR:x}:{slot:x}") from None
+                raise _kernel_error(exc, "delete HTB class", f"{classid_text(slot)}") from None
 
     def set_leaf(self, slot: int, rule: Rule, current: str | None) -> None:
         """Make the leaf of class slot a netem with the rule's impairments, or the default."""
@@ -353,7 +353,7 @@ class Tc:
                     self.ipr.tc("del", None, self.ifindex, slot << 16, parent=ROOT | slot)
                 except NetlinkError as exc:
                     if exc.code != _errno.ENOENT:
-                        raise _kernel_error(exc, "remove netem leaf of", f"{HTB_MAJOR:x}:{slot:x}") from None
+                        raise _kernel_error(exc, "remove netem leaf of", f"{classid_text(slot)}") from None
             return
         msg = _TcMsg()
         msg["family"] = 0
@@ -373,7 +373,7 @@ class Tc:
                 raise NotSupported(NETEM_MISSING) from None
             if exc.code == _errno.EINVAL:
                 raise NotSupported(NETEM_DUPLICATE_REFUSED + f" (refused: netem leaf of rule {rule.name!r})") from None
-            raise _kernel_error(exc, "set netem leaf of", f"{HTB_MAJOR:x}:{slot:x} on {self.ifname}") from None
+            raise _kernel_error(exc, "set netem leaf of", f"{classid_text(slot)} on {self.ifname}") from None
 
     def netem_options(self, slot: int) -> bytes | None:
         """The raw TCA_OPTIONS of the netem leaf of a slot (tests and `show`)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno as _errno
 import struct
 from dataclasses import dataclass
-from typing import Iterator
 
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
