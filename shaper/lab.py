@@ -274,7 +274,9 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        os.unlink(self.log.name) if os.path.exists(self.log.name) else None
+        self.log.close()
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
 
 
 def netns_connect(netns: str, host: str, port: int, timeout: float) -> socket.socket:

@@ -129,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(resp.body)
 
-    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _serve
+    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = do_HEAD = _serve
 
     def __getattr__(self, name: str):
         # Any other method (the stdlib answers 501 with an HTML page): the API says 405 or 404.

@@ -98,3 +98,9 @@ def test_an_open_api_beyond_loopback_needs_a_token_or_insecure():
         assert "--insecure" in str(exc.value) and "--token-file" in str(exc.value)
         check_exposure(host, "t0ken", False)
         check_exposure(host, None, True)
+
+
+def test_any_other_method_gets_the_apis_405_not_an_html_501():
+    for method in (b"TRACE", b"OPTIONS", b"PROPFIND"):
+        status, headers, out = exchange(method + b" /rules HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 405 and headers["Allow"] == "DELETE, GET, PUT" and json.loads(out)["error"]
