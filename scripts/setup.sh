@@ -2,7 +2,9 @@
 # Install what shaper and its test tiers need on Debian, as root. Idempotent.
 #  - Debian packages: bcc (python3-bpfcc), libbpf1, iproute2, kernel headers,
 #    the VM tier's stock kernel image and qemu, ping, and Prometheus (a real
-#    server scrapes the daemon in the kernel tier).
+#    server scrapes the daemon in the kernel tier); iptables, ipset and iperf3
+#    for the peers' mechanisms in bench/; podman, buildah, runc and debootstrap
+#    to build and run the sidecar image (no Docker engine, no registry).
 #  - Headers for the running kernel: where none are installed (a cloud kernel
 #    without modules), point /lib/modules/$(uname -r)/build at Debian's headers
 #    so bcc can compile (see ../shared/ENVIRONMENT.md).
@@ -17,7 +19,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
-      qemu-system-x86 iputils-ping kmod prometheus util-linux)
+      qemu-system-x86 iputils-ping kmod prometheus util-linux
+      iptables ipset iperf3 curl openssl
+      podman buildah runc uidmap slirp4netns fuse-overlayfs debootstrap)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
