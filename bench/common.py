@@ -1,0 +1,137 @@
+"""What the benchmark sections share: scratch namespace pairs, the C packet
+generator, tc counters and summary statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from shaper.lab import ROOT, sh
+
+BENCH = Path(__file__).resolve().parent
+SENDER_SRC = BENCH / "sender.c"
+# Addresses of the classification benchmark: rules are consecutive /32s from
+# RULE_BASE; traffic leaves through the pair's gateway and the far namespace
+# drops it (a blackhole route), so only the sending side's egress path differs.
+CLASS_STATS = re.compile(r"^class htb (\S+) .*\n Sent \d+ bytes (\d+) pkt \(dropped (\d+)", re.M)
+RULE_BASE = (10 << 24) | (128 << 16)
+MISS_BASE = (10 << 24) | (200 << 16)
+
+
+def ip4(n: int) -> str:
+    return f"{n >> 24}.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+
+
+def rule_addr(i: int) -> str:
+    return ip4(RULE_BASE + i)
+
+
+@lru_cache(maxsize=None)
+def sender_binary(outdir: str | None = None) -> str:
+    """Compile bench/sender.c (once per process) and return the binary's path."""
+    out = Path(outdir or tempfile.gettempdir()) / f"shaper-bench-sender-{os.getpid()}"
+    sh("gcc", "-O2", "-Wall", "-o", str(out), str(SENDER_SRC))
+    return str(out)
+
+
+def summary(values: list[float]) -> dict:
+    vals = sorted(values)
+    return {"min": vals[0], "median": statistics.median(vals), "max": vals[-1], "n": len(vals)} if vals else {}
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    vals = sorted(values)
+    k = max(0, min(len(vals) - 1, int(round(p / 100 * len(vals) + 0.5)) - 1))
+    return vals[k]
+
+
+class Pair:
+    """Two scratch namespaces joined by a veth pair: `ns`/b0 (10.66.0.1) sends,
+    `peer`/b1 (10.66.0.2) is the gateway for 10.128.0.0/9 and drops what it gets."""
+
+    IF = "b0"
+    GW = "10.66.0.2"
+
+    def __init__(self, label: str):
+        tag = uuid.uuid4().hex[:6]
+        self.ns = f"shb-{tag}-{label}"[:30]
+        self.peer = f"shb-{tag}-peer"
+        self.created: list[str] = []
+
+    def __enter__(self) -> "Pair":
+        try:
+            for ns in (self.ns, self.peer):
+                sh("ip", "netns", "add", ns)
+                self.created.append(ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+                # IPv4 only: no IPv6 router or neighbour solicitation crosses the measured qdisc.
+                sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                   "net.ipv6.conf.default.disable_ipv6=1")
+            sh("ip", "-n", self.ns, "link", "add", "name", self.IF, "type", "veth", "peer", "name", "b1",
+               "netns", self.peer)
+            sh("ip", "-n", self.ns, "addr", "add", "10.66.0.1/24", "dev", self.IF)
+            sh("ip", "-n", self.peer, "addr", "add", f"{self.GW}/24", "dev", "b1")
+            sh("ip", "-n", self.ns, "link", "set", self.IF, "up")
+            sh("ip", "-n", self.peer, "link", "set", "b1", "up")
+            sh("ip", "-n", self.ns, "route", "add", "10.128.0.0/9", "via", self.GW)
+            sh("ip", "netns", "exec", self.peer, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sh("ip", "-n", self.peer, "route", "add", "blackhole", "10.128.0.0/9")
+            mac = json.loads(sh("ip", "-n", self.peer, "-j", "link", "show", "b1").stdout)[0]["address"]
+            # A permanent neighbour: no ARP packet ever crosses the measured qdisc.
+            sh("ip", "-n", self.ns, "neigh", "replace", self.GW, "lladdr", mac, "dev", self.IF, "nud", "permanent")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in reversed(self.created):
+            # Deleting the namespace removes its qdiscs, filters, iptables rules and ipsets.
+            sh("ip", "netns", "del", ns, check=False)
+        self.created.clear()
+
+    def run(self, *cmd: str, timeout: float = 600, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], input=stdin, capture_output=True, text=True,
+                              check=True, timeout=timeout)
+
+    def blast(self, dests: list[str], seconds: float, payload: int = 18, pps: float = 0) -> dict:
+        """Send from this namespace with the C generator; returns sent/errors/seconds."""
+        with tempfile.NamedTemporaryFile("w", suffix=".dst", delete=False) as f:
+            f.write("\n".join(dests) + "\n")
+        try:
+            out = self.run(sender_binary(), "blast", str(seconds), str(payload), f.name, str(pps),
+                           timeout=seconds + 60).stdout.split()
+        finally:
+            os.unlink(f.name)
+        return {"sent": int(out[0]), "errors": int(out[1]), "seconds": float(out[2])}
+
+    def class_packets(self) -> dict[str, int]:
+        """classid -> packets seen by the class (sent + dropped), and 'direct' for HTB's direct queue."""
+        out: dict[str, int] = {}
+        # iproute2 6.1 has no JSON output for classes.
+        text = sh("tc", "-n", self.ns, "-s", "class", "show", "dev", self.IF).stdout
+        for handle, packets, drops in CLASS_STATS.findall(text):
+            out[handle] = int(packets) + int(drops)
+        for q in json.loads(sh("tc", "-n", self.ns, "-s", "-j", "qdisc", "show", "dev", self.IF).stdout or "[]"):
+            if q.get("kind") == "htb" and q.get("root"):
+                out["direct"] = q.get("options", {}).get("direct_packets_stat", 0)
+        return out
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - t0, result
+
+
+def root_path() -> Path:
+    return ROOT
