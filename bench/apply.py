@@ -1,0 +1,167 @@
+"""Section 2: time to apply N per-destination rules.
+
+- shaper bulk: one `PUT /rules` of N rules to a running daemon (HTTP, JSON,
+  validation, plan and kernel writes), and the same through the library
+  (`Controller.apply`, no HTTP) for 100,000 prefixes;
+- shaper one at a time: N `PUT /rules/{name}` in a row, each on a new connection;
+- tcconfig: N `tcset --add` calls, one per destination with a rate (its u32 path).
+
+Each rule is one /32 with a 10 Mbit/s rate; every run starts from an empty interface.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from shaper.controller import Controller
+from shaper.kernel import KernelDatapath
+from shaper.lab import ROOT, Lab
+from shaper.model import parse_rule
+
+from .common import Pair, rule_addr, summary
+
+VENV = ROOT / ".venv-bench"
+TCSET = VENV / "bin" / "tcset"
+
+
+def ensure_tcconfig(log=print) -> Path:
+    """tcconfig in its own venv (it pins its own pyroute2 and pulls docker): never in .venv."""
+    if not TCSET.exists():
+        log("  installing tcconfig into .venv-bench (pip)")
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "tcconfig"],
+                       check=True)
+    return TCSET
+
+
+def tcconfig_version() -> str:
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c",
+                          "import importlib.metadata as m; print(m.version('tcconfig'))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def _lsmod_shim() -> str:
+    """tcset probes for sch_netem with lsmod, which fails outright on a kernel without
+    loadable modules (no /proc/modules).  This lsmod lists no modules, which is the truth
+    here; tcset then goes on (its netem leaf is refused by this kernel, its HTB class and
+    u32 filter are made: a rate-only rule works)."""
+    d = tempfile.mkdtemp(prefix="shaper-bench-shim-")
+    path = os.path.join(d, "lsmod")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\necho 'Module                  Size  Used by'\n")
+    os.chmod(path, 0o755)
+    return d
+
+
+def rules_body(n: int, per: int = 1) -> list[dict]:
+    return [{"name": f"r{i}", "dst": [f"{rule_addr(i * per + j)}/32" for j in range(per)], "rate": "10mbit"}
+            for i in range(n)]
+
+
+def tcconfig_apply(n: int, shim: str) -> tuple[float, dict]:
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    with Pair("tcc") as pair:
+        t0 = time.perf_counter()
+        failures = 0
+        for i in range(n):
+            proc = subprocess.run(["ip", "netns", "exec", pair.ns, str(TCSET), Pair.IF, "--rate", "10Mbps",
+                                   "--network", rule_addr(i), "--add"], capture_output=True, text=True, env=env,
+                                  timeout=300)
+            failures += proc.returncode != 0
+        elapsed = time.perf_counter() - t0
+        filters = pair.run("tc", "filter", "show", "dev", Pair.IF).stdout.count("flowid")
+        classes = pair.run("tc", "class", "show", "dev", Pair.IF).stdout.count("class htb")
+    return elapsed, {"filters": filters, "classes": classes, "failures": failures}
+
+
+def library_apply(nrules: int, per: int, repeats: int) -> tuple[list[float], int]:
+    """Controller.apply of nrules x per /32 prefixes onto an attached, empty interface."""
+    times, entries = [], 0
+    rules = [parse_rule(r) for r in rules_body(nrules, per)]
+    for _ in range(repeats):
+        with Pair("lib") as pair:
+            dp = KernelDatapath(Pair.IF, pair.ns)
+            try:
+                dp.attach()
+                t0 = time.perf_counter()
+                Controller(dp).apply(rules)
+                times.append(time.perf_counter() - t0)
+                entries = dp.map_entries()
+            finally:
+                dp.reset()
+                dp.close()
+    return times, entries
+
+
+def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_repeats: dict | None = None,
+        log=print) -> dict:
+    ensure_tcconfig(log)
+    shim = _lsmod_shim()
+    tcconfig_repeats = tcconfig_repeats or {}
+    res: dict = {"counts": list(counts), "repeats": repeats, "big": big, "tcconfig": tcconfig_version(), "rows": []}
+    with Lab() as lab:
+        d = lab.daemon()
+        for n in counts:
+            bulk, single, inside = [], [], []
+            body = {"rules": rules_body(n)}
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                status, out = d.request("PUT", "/rules", body)
+                bulk.append(time.perf_counter() - t0)
+                assert status == 200, out
+                inside.append(d.logs()[-1]["seconds"])
+                assert d.request("DELETE", "/rules")[0] == 200
+                # A new connection per request, as curl or the CLI does (see section 3 on keep-alive).
+                t0 = time.perf_counter()
+                for rule in body["rules"]:
+                    status, out = d.request("PUT", f"/rules/{rule['name']}", rule)
+                    assert status == 200, out
+                single.append(time.perf_counter() - t0)
+                assert len(d.request("GET", "/rules")[1]["rules"]) == n
+                assert d.request("DELETE", "/rules")[0] == 200
+            res["rows"].append({"n": n, "method": "shaper PUT /rules (bulk)", "seconds": summary(bulk),
+                                "inside_daemon_s": summary(inside)})
+            res["rows"].append({"n": n, "method": "shaper PUT /rules/{name} x N", "seconds": summary(single)})
+            log(f"  apply N={n}: bulk median {summary(bulk)['median'] * 1000:.1f} ms, "
+                f"one at a time {summary(single)['median'] * 1000:.0f} ms")
+        if big:
+            per = big // 1000 if big >= 1000 else 1
+            nrules = big // per
+            body = {"rules": rules_body(nrules, per)}
+            bulk, inside = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                status, out = d.request("PUT", "/rules", body)
+                bulk.append(time.perf_counter() - t0)
+                assert status == 200, out
+                inside.append(d.logs()[-1]["seconds"])
+                assert d.request("DELETE", "/rules")[0] == 200
+            res["rows"].append({"n": big, "method": f"shaper PUT /rules (bulk, {nrules} rules x {per} prefixes)",
+                                "seconds": summary(bulk), "inside_daemon_s": summary(inside)})
+            log(f"  apply {big} prefixes via the API: median {summary(bulk)['median']:.2f}s "
+                f"(inside the daemon {summary(inside)['median']:.2f}s)")
+        assert d.stop() == 0
+    if big:
+        for nrules, per in ((1, big), (max(1, big // 100), 100) if big >= 100 else (1, big)):
+            times, entries = library_apply(nrules, per, repeats)
+            assert entries == nrules * per, entries
+            res["rows"].append({"n": nrules * per, "method": f"shaper Controller.apply ({nrules} rules x {per} prefixes)",
+                                "seconds": summary(times)})
+            log(f"  library apply {nrules} x {per}: median {summary(times)['median']:.2f}s")
+    for n in counts:
+        times, checks = [], []
+        for _ in range(tcconfig_repeats.get(n, repeats)):
+            elapsed, check = tcconfig_apply(n, shim)
+            assert check["filters"] == n, check
+            times.append(elapsed)
+            checks.append(check)
+        res["rows"].append({"n": n, "method": "tcconfig tcset --add x N", "seconds": summary(times), "checks": checks})
+        log(f"  tcconfig N={n}: median {summary(times)['median']:.2f}s ({len(times)} run(s)) {checks[-1]}")
+    os.unlink(os.path.join(shim, "lsmod"))
+    os.rmdir(shim)
+    return res
