@@ -25,7 +25,7 @@ import yaml
 from . import plan as P
 from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from .errors import InvalidInput, ShaperError
-from .model import FIELD_NAMES, parse_ruleset
+from .model import FIELD_NAMES, parse_ruleset_text
 from .openapi import RULE_FIELDS
 
 OUTPUT_FORMATS = click.Choice(["table", "json", "yaml"])
@@ -70,12 +70,10 @@ def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
 def load_rules_file(path: str):
     try:
         with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+            text = f.read()
     except OSError as exc:
         raise InvalidInput("-f", f"cannot read {path}: {exc.strerror}", "a readable YAML rules file") from None
-    except yaml.YAMLError as exc:
-        raise InvalidInput("-f", f"{path} is not valid YAML: {str(exc).splitlines()[0]}", "a YAML rules file") from None
-    return parse_ruleset(data)
+    return parse_ruleset_text(text, "-f", path)
 
 
 iface_option = click.option("--iface", "-i", required=True, help="Interface to shape (egress), e.g. eth0.")
@@ -134,6 +132,10 @@ def main() -> None:
               help="Where the API and /metrics listen: ADDR:PORT, :PORT (every address, v4 and v6), [V6ADDR]:PORT.")
 @click.option("--rules", "rules_file", default=None, type=click.Path(dir_okay=False),
               help="YAML rules to apply at start (they replace rules adopted from a previous run).")
+@click.option("--initial-rules", "initial_rules_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML rules to apply when nothing is adopted; the file may be absent or empty, and bad rules "
+                   "are logged (rules.invalid) instead of stopping the daemon. For the shaper.io/rules pod "
+                   "annotation.")
 @click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
               type=click.Path(dir_okay=False),
               help="File holding a bearer token; requests that change state must send it (or set SHAPER_TOKEN).")
@@ -144,8 +146,8 @@ def main() -> None:
                    "shaping).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Lowest level logged (JSON lines on stderr).")
-def run(iface: str, netns: str | None, listen: str, rules_file: str | None, token_file: str | None,
-        keep_on_exit: bool, insecure: bool, log_level: str) -> None:
+def run(iface: str, netns: str | None, listen: str, rules_file: str | None, initial_rules_file: str | None,
+        token_file: str | None, keep_on_exit: bool, insecure: bool, log_level: str) -> None:
     """Run the daemon: attach to IFACE and serve the HTTP API and /metrics.
 
     Runs until SIGTERM or SIGINT, then removes everything it created on
@@ -159,8 +161,9 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, toke
         rules = load_rules_file(rules_file) if rules_file else None
         token = read_token(token_file)
         server.configure_logging(log_level)
+        initial = server.load_initial_rules(initial_rules_file) if initial_rules_file else None
         server.run(server.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
-                                        keep_on_exit=keep_on_exit, insecure=insecure))
+                                        keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial))
 
 
 # -- rules on a daemon ---------------------------------------------------------------------------------------
@@ -371,6 +374,51 @@ def show(iface: str, netns: str | None, output: str) -> None:
             click.echo(f"shaper is not attached to {iface}")
         else:
             _emit({"rules": rows}, output, lambda: _stats_table(rows))
+
+
+# -- the admission webhook -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--listen", default=":8443", show_default=True, help="Where HTTPS is served (ADDR:PORT, :PORT).")
+@click.option("--tls-cert", required=True, type=click.Path(dir_okay=False),
+              help="PEM certificate for the webhook Service's DNS name (reloaded when the file changes).")
+@click.option("--tls-key", required=True, type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--image", required=True, help="The shaper image the sidecar runs.")
+@click.option("--namespace", envvar="POD_NAMESPACE", show_envvar=True, default="shaper-system", show_default=True,
+              help="The webhook's own namespace: pods there are never injected (nor in kube-system).")
+@click.option("--sidecar", type=click.Choice(["native", "container"]), default="native", show_default=True,
+              help="native: an init container with restartPolicy Always, up before the app (Kubernetes >= 1.29); "
+                   "container: an ordinary container, for older clusters.")
+@click.option("--token-secret", default="shaper-token", show_default=True,
+              help="Secret (in the pod's namespace) whose key --token-key holds the API token.")
+@click.option("--token-key", default="token", show_default=True)
+@click.option("--interface", default="eth0", show_default=True,
+              help="Pod interface to shape (a pod's shaper.io/interface annotation overrides it).")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="Port of the sidecar's API and /metrics (named shaper-metrics).")
+@click.option("--pull-policy", type=click.Choice(["IfNotPresent", "Always", "Never"]), default="IfNotPresent",
+              show_default=True)
+@click.option("--sys-admin", is_flag=True,
+              help="Also give the sidecar CAP_SYS_ADMIN: for kernels before 5.8 (no CAP_BPF) or nodes whose "
+                   "/sys/fs/bpf is not a bpffs mount.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def webhook(listen: str, tls_cert: str, tls_key: str, image: str, namespace: str, sidecar: str, token_secret: str,
+            token_key: str, interface: str, port: int, pull_policy: str, sys_admin: bool, log_level: str) -> None:
+    """Serve the mutating admission webhook that adds the shaper sidecar to pods (POST /inject).
+
+    Deployed from deploy/ (see README, "Kubernetes"): pods of namespaces
+    labelled shaper-injection=enabled get the sidecar unless annotated
+    shaper.io/inject: "false"; elsewhere, pods annotated "true" get it.
+    Never twice, never in its own namespace or kube-system, CREATE only.
+    """
+    from . import server, webhook as wh
+
+    with _errors():
+        server.configure_logging(log_level)
+        cfg = wh.SidecarConfig(image=image, namespace=namespace, native=sidecar == "native",
+                               token_secret=token_secret, token_key=token_key, interface=interface, port=port,
+                               pull_policy=pull_policy, sys_admin=sys_admin)
+        wh.serve(cfg, listen, tls_cert, tls_key)
 
 
 # -- output ----------------------------------------------------------------------------------------------------

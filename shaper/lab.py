@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POD_IF = "shp0"
 V4 = {"pod": "10.77.0.1", "a": "10.77.0.2", "b": "10.77.0.3", "c": "10.77.1.5", "d": "10.77.0.4"}
 V6 = {"pod": "fd77::1", "a": "fd77::2", "b": "fd77::3"}
+CLIENT = {"client": "10.78.0.2", "gateway": "10.78.0.1"}  # Lab.add_client: a third namespace, routed by dst
 
 
 def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -119,6 +120,23 @@ class Lab:
         # Warm neighbour caches so the first measured packet is not an ARP/ND wait.
         for addr in list(V4.values())[1:] + list(V6.values())[1:]:
             self.ping(addr, count=1, check=False)
+
+    def add_client(self) -> str:
+        """A "client" namespace (another pod of the cluster), reaching the pod through the dst
+        namespace, which routes; returns its name. Traffic from the pod to it leaves by shp0."""
+        ns = self.pod.replace("-pod", "-cli")
+        sh("ip", "netns", "add", ns)
+        self.created.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "add", "name", "cli0", "type", "veth", "peer", "name", "shc1", "netns", self.dst)
+        sh("ip", "-n", ns, "addr", "add", f"{CLIENT['client']}/24", "dev", "cli0")
+        sh("ip", "-n", ns, "link", "set", "cli0", "up")
+        sh("ip", "-n", self.dst, "addr", "add", f"{CLIENT['gateway']}/24", "dev", "shc1")
+        sh("ip", "-n", self.dst, "link", "set", "shc1", "up")
+        sh("ip", "netns", "exec", self.dst, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        sh("ip", "-n", ns, "route", "add", "default", "via", CLIENT["gateway"])
+        sh("ip", "-n", self.pod, "route", "add", f"{CLIENT['client']}/32", "via", V4["d"])
+        return ns
 
     def delete_link(self) -> None:
         """Remove the pair, as when a pod's interface goes away (its tc objects go with it)."""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .errors import ShaperError
+from .model import Rule
 from .stats import ClassStats, RuleCounters
 
 log = logging.getLogger("shaper")
@@ -35,6 +36,7 @@ class RuleSample:
     classid: str
     matched: RuleCounters
     cls: ClassStats | None
+    config: Rule | None = None  # its configuration, for the shaper_rule_{delay,jitter,loss,rate} gauges
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,19 @@ class KernelCollector:
                                  "Packets the classifier matched to the rule's destinations.")
         matched_bytes = family(CounterMetricFamily, "shaper_rule_matched_bytes",
                                "Bytes the classifier matched to the rule's destinations.")
+        # The configuration, for dashboards: a series only where the rule sets the field
+        # (a rule with no rate has no rate series), which keeps a 1,000-rule scrape lean.
+        config = {
+            "delay": (family(GaugeMetricFamily, "shaper_rule_delay_seconds", "The rule's configured delay."),
+                      lambda r: r.delay_us / 1e6),
+            "jitter": (family(GaugeMetricFamily, "shaper_rule_jitter_seconds", "The rule's configured jitter."),
+                       lambda r: r.jitter_us / 1e6),
+            "loss": (family(GaugeMetricFamily, "shaper_rule_loss_ratio",
+                            "The rule's configured random loss, 0 to 1."), lambda r: r.loss_pct / 100),
+            "rate": (family(GaugeMetricFamily, "shaper_rule_rate_bytes_per_second",
+                            "The rule's configured rate (HTB ceiling)."),
+                     lambda r: (r.rate_bits or 0) / 8),
+        }
         for rs in snap.rules:
             values = [iface, rs.rule, rs.classid]
             matched_packets.add_metric(values, rs.matched.packets)
@@ -126,9 +141,16 @@ class KernelCollector:
             if rs.cls is not None:
                 for attr, fam in cls.items():
                     fam.add_metric(values, getattr(rs.cls, attr))
+            if rs.config is not None:
+                for fam, value in config.values():
+                    v = value(rs.config)
+                    if v:
+                        fam.add_metric(values, v)
         yield from cls.values()
         yield matched_packets
         yield matched_bytes
+        for fam, _ in config.values():
+            yield fam
         rules = GaugeMetricFamily("shaper_rules", "Rules installed (expired ones until they are removed).",
                                   labels=["interface"])
         rules.add_metric([iface], len(snap.rules))

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
+import yaml
+
 from . import layout
 from .errors import InvalidInput
 from .units import (
@@ -337,6 +339,16 @@ def parse_ruleset(data: object) -> tuple[Rule, ...]:
     if not isinstance(items, list):
         raise InvalidInput("rules", f"expected a list, got {type(items).__name__}", "a list of rules")
     return validate_ruleset(parse_rule(item, where=f"rules[{i}]") for i, item in enumerate(items))
+
+
+def parse_ruleset_text(text: str | bytes, field: str, source: str) -> tuple[Rule, ...]:
+    """Parse a YAML (or JSON) rules document: a rules file, or the shaper.io/rules annotation."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(field, f"{source} is not valid YAML: {str(exc).splitlines()[0]}",
+                           "a YAML rules document") from None
+    return parse_ruleset(data)
 
 
 def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:

@@ -152,11 +152,20 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], api: Api, family: int):
+    def __init__(self, address: tuple[str, int], api, family: int, tls=None):
         self.address_family = family
         self.api = api
+        self.tls = tls  # webhook.CertificateFiles: serve HTTPS
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            # The handshake happens on the handler's first read, in its own thread,
+            # so a slow client cannot stall accept().
+            sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
         if not self.slots.acquire(blocking=False):
@@ -174,6 +183,10 @@ class _Server(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def handle_error(self, request, client_address) -> None:
+        # A client that went away or failed the TLS handshake: not worth a traceback.
+        log.debug("connection error", extra={"fields": {"client": client_address[0]}}, exc_info=True)
+
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
             # "::" serves IPv4 too (a pod IP may be either).
@@ -181,19 +194,20 @@ class _Server(ThreadingHTTPServer):
         super().server_bind()
 
 
-def make_server(host: str, port: int, api: Api) -> _Server:
-    """Bind the API; every address (v4 and v6 where there is v6) when host is empty."""
+def make_server(host: str, port: int, api, tls=None) -> _Server:
+    """Bind `api` (anything with Api.handle's signature); every address (v4 and v6 where
+    there is v6) when host is empty; HTTPS when `tls` (a webhook.CertificateFiles) is given."""
     where = f"{host or '*'}:{port}"
     try:
         if not host:
             try:
-                return _Server(("::", port), api, socket.AF_INET6)
+                return _Server(("::", port), api, socket.AF_INET6, tls)
             except OSError as exc:
                 if exc.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
                     raise
-                return _Server(("0.0.0.0", port), api, socket.AF_INET)
+                return _Server(("0.0.0.0", port), api, socket.AF_INET, tls)
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return _Server((host, port), api, family)
+        return _Server((host, port), api, family, tls)
     except (OSError, socket.gaierror) as exc:
         raise ShaperError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
@@ -204,9 +218,34 @@ class DaemonOptions:
     netns: str | None = None
     listen: str = f":{DEFAULT_PORT}"
     rules: Sequence[Rule] | None = None  # None: keep what an adopted datapath holds
+    initial_rules: Sequence[Rule] | None = None  # applied only to a fresh datapath, never fatal
     token: str | None = None
     keep_on_exit: bool = False
     insecure: bool = False  # serve changes to anyone beyond loopback, without a token
+
+
+def load_initial_rules(path: str) -> Sequence[Rule] | None:
+    """Rules from a file that may be absent, empty or wrong (the shaper.io/rules annotation seen
+    through the downward API): wrong rules are logged, never fatal."""
+    from .model import parse_ruleset_text
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("rules.invalid", extra={"fields": {"source": path, "error": exc.strerror,
+                                                       "action": "starting with no rules"}})
+        return None
+    if not text.strip():
+        return None
+    try:
+        return parse_ruleset_text(text, "--initial-rules", path)
+    except InvalidInput as exc:
+        log.warning("rules.invalid", extra={"fields": {"source": path, "error": str(exc),
+                                                       "action": "starting with no rules"}})
+        return None
 
 
 def run(opts: DaemonOptions) -> None:
@@ -253,7 +292,16 @@ def run(opts: DaemonOptions) -> None:
         except ShaperError:
             service.instruments.error("attach")
             raise
-        service.start(opts.rules, who="startup")
+        if opts.rules is None and opts.initial_rules and how == "attached":
+            try:
+                service.start(opts.initial_rules, who="initial-rules")
+            except ShaperError as exc:
+                # Pod annotations are not worth a crash loop: start with none and say why.
+                log.warning("rules.refused", extra={"fields": {"source": "initial rules", "error": str(exc),
+                                                               "action": "started with no rules"}})
+                service.start(None, who="startup")
+        else:
+            service.start(opts.rules, who="startup")
         audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
               rules=len(service.rules()))
         while not stop.wait(1.0):

@@ -156,7 +156,10 @@ class Service:
             counters = self.datapath.counters(sorted(names))
             classes = self.datapath.class_stats()
             entries = self.datapath.map_entries()
-        return Snapshot([RuleSample(names[slot], layout.classid_text(slot), counters[slot], classes.get(slot))
+            # The configurations from the state this process keeps (it is the only writer).
+            configs = {o.slot: o.rule for o in self.observe().rules.values()}
+        return Snapshot([RuleSample(names[slot], layout.classid_text(slot), counters[slot], classes.get(slot),
+                                    configs.get(slot))
                          for slot in sorted(names, key=names.__getitem__)], entries)
 
     # -- changes ----------------------------------------------------------------

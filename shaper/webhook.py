@@ -1,0 +1,340 @@
+"""`shaper webhook`: a mutating admission webhook that adds the shaper sidecar to pods.
+
+The Kubernetes API server POSTs an AdmissionReview (v1) for each pod being
+created to /inject; the answer allows the pod and, when it should get a
+sidecar, carries a JSONPatch adding it.  Which pods reach the webhook is
+decided by the MutatingWebhookConfiguration in deploy/ (namespaces labelled
+shaper-injection=enabled, and pods annotated shaper.io/inject: "true"
+elsewhere); the webhook then decides per pod:
+
+- never in its own namespace or kube-system, only on CREATE of a Pod;
+- never twice (the shaper.io/status annotation records an injection);
+- shaper.io/inject: "false" opts a pod out.
+
+Initial rules may be declared on the pod in the shaper.io/rules annotation
+(the rules-file format).  The sidecar reads them through the downward API at
+start; the webhook checks them too, and bad rules come back as admission
+warnings (kubectl prints them) while the pod is still created: the sidecar
+then starts with no rules and logs why, instead of crash-looping.
+
+Everything here but `serve` is pure: AdmissionReview in, AdmissionReview out.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .api import Response, error, json_response
+from .client import DEFAULT_PORT
+from .errors import InvalidInput
+
+log = logging.getLogger("shaper")
+
+INJECT_ANNOTATION = "shaper.io/inject"
+STATUS_ANNOTATION = "shaper.io/status"
+RULES_ANNOTATION = "shaper.io/rules"
+IFACE_ANNOTATION = "shaper.io/interface"
+INJECTED_LABEL = "shaper.io/injected"
+CONTAINER = "shaper"
+METRICS_PORT_NAME = "shaper-metrics"  # what the PodMonitor in deploy/ selects
+PODINFO_DIR = "/etc/shaper/pod"
+EXCLUDED_NAMESPACES = ("kube-system",)
+MAX_WARNING = 120  # the API server's advice for warning length
+MAX_REVIEW_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """What the injected container looks like; set by `shaper webhook` options."""
+
+    image: str
+    namespace: str = "shaper-system"  # the webhook's own namespace: never injected
+    native: bool = True  # an init container with restartPolicy: Always (Kubernetes >= 1.29)
+    token_secret: str = "shaper-token"
+    token_key: str = "token"
+    interface: str = "eth0"
+    port: int = DEFAULT_PORT
+    pull_policy: str = "IfNotPresent"
+    sys_admin: bool = False
+    excluded: tuple[str, ...] = field(default=EXCLUDED_NAMESPACES)
+
+
+# -- decisions ----------------------------------------------------------------------------------------------
+def skip_reason(request: Mapping[str, Any], cfg: SidecarConfig) -> str | None:
+    """Why this admission request gets no sidecar, or None if it gets one."""
+    if request.get("operation") != "CREATE":
+        return f"operation {request.get('operation')}"
+    kind = request.get("kind") or {}
+    if kind.get("kind") != "Pod" or kind.get("group", "") != "":
+        return f"kind {kind.get('kind')}"
+    if request.get("subResource"):
+        return f"subresource {request['subResource']}"
+    namespace = request.get("namespace") or ""
+    if namespace == cfg.namespace or namespace in cfg.excluded:
+        return f"namespace {namespace} is excluded"
+    pod = request.get("object") or {}
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    if annotations.get(STATUS_ANNOTATION):
+        return "already injected"
+    if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false":
+        return f"{INJECT_ANNOTATION}: false"
+    spec = pod.get("spec") or {}
+    if spec.get("hostNetwork"):
+        return "hostNetwork pod: its interface is the node's"
+    names = {c.get("name") for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])}
+    if CONTAINER in names:
+        return f"it already has a container named {CONTAINER}"
+    return None
+
+
+def rules_warnings(annotations: Mapping[str, Any]) -> list[str]:
+    """The shaper.io/rules annotation checked as the sidecar will check it; [] when absent or valid."""
+    from .model import parse_ruleset_text
+
+    text = annotations.get(RULES_ANNOTATION)
+    if text is None:
+        return []
+    try:
+        parse_ruleset_text(str(text), RULES_ANNOTATION, f"annotation {RULES_ANNOTATION}")
+    except InvalidInput as exc:
+        return [_warning(f"{RULES_ANNOTATION} ignored, the sidecar starts with no rules: {exc}")]
+    return []
+
+
+def _warning(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_WARNING else text[: MAX_WARNING - 3] + "..."
+
+
+# -- what is added ------------------------------------------------------------------------------------------
+def sidecar_container(cfg: SidecarConfig, interface: str) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}}
+    caps = ["NET_ADMIN", "BPF"] + (["SYS_ADMIN"] if cfg.sys_admin else [])
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.pull_policy,
+        "args": ["run", "--iface", interface, "--listen", f":{cfg.port}",
+                 "--initial-rules", f"{PODINFO_DIR}/rules"],
+        "env": [
+            {"name": "SHAPER_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": cfg.token_secret, "key": cfg.token_key}}},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        ],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": cfg.port, "protocol": "TCP"}],
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
+        "resources": {
+            # The BPF compile (a child process holding LLVM) peaks near 160 MB for
+            # about a second; the daemon then stays under 60 MB.
+            "requests": {"cpu": "20m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "securityContext": {
+            # root with two capabilities: tc and BPF need CAP_NET_ADMIN and CAP_BPF.
+            # Runtime-default seccomp profiles refuse bpf() without CAP_SYS_ADMIN,
+            # so this container (only) runs unconfined.
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": caps},
+            "seccompProfile": {"type": "Unconfined"},
+        },
+        "volumeMounts": [
+            {"name": "shaper-modules", "mountPath": "/lib/modules", "readOnly": True},
+            {"name": "shaper-src", "mountPath": "/usr/src", "readOnly": True},
+            {"name": "shaper-bpffs", "mountPath": "/sys/fs/bpf"},
+            {"name": "shaper-podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
+            {"name": "shaper-tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if not cfg.sys_admin:
+        container["securityContext"]["allowPrivilegeEscalation"] = False
+    if cfg.native:
+        # A native sidecar: started, and ready, before the app's containers start;
+        # stopped after them.
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = {**probe, "periodSeconds": 1, "failureThreshold": 120}
+    return container
+
+
+def sidecar_volumes() -> list[dict[str, Any]]:
+    return [
+        {"name": "shaper-modules", "hostPath": {"path": "/lib/modules", "type": "Directory"}},
+        {"name": "shaper-src", "hostPath": {"path": "/usr/src", "type": "Directory"}},
+        {"name": "shaper-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
+        {"name": "shaper-podinfo", "downwardAPI": {"items": [
+            {"path": "rules", "fieldRef": {"fieldPath": f"metadata.annotations['{RULES_ANNOTATION}']"}},
+        ]}},
+        {"name": "shaper-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> list[dict[str, Any]]:
+    """The JSONPatch (RFC 6902) that adds the sidecar, its volumes and the status annotation."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotations = meta.get("annotations") or {}
+    interface = str(annotations.get(IFACE_ANNOTATION) or cfg.interface)
+    ops: list[dict[str, Any]] = []
+    container = sidecar_container(cfg, interface)
+    if cfg.native:
+        if spec.get("initContainers"):
+            ops.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
+        else:
+            ops.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
+    else:
+        ops.append({"op": "add", "path": "/spec/containers/-", "value": container})
+    taken = {v.get("name") for v in spec.get("volumes") or []}
+    volumes = [v for v in sidecar_volumes() if v["name"] not in taken]
+    if "volumes" in spec and spec["volumes"] is not None:
+        ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes]
+    else:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+    status = json.dumps({"container": CONTAINER, "image": cfg.image, "native": cfg.native}, sort_keys=True)
+    for where, key, value in (("annotations", STATUS_ANNOTATION, status), ("labels", INJECTED_LABEL, "true")):
+        if meta.get(where) is None:
+            ops.append({"op": "add", "path": f"/metadata/{where}", "value": {key: value}})
+        else:
+            ops.append({"op": "add", "path": f"/metadata/{where}/{_pointer(key)}", "value": value})
+    return ops
+
+
+def review(body: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any]:
+    """Answer one AdmissionReview: always allowed, with a patch when the pod gets a sidecar."""
+    if body.get("apiVersion") != "admission.k8s.io/v1" or body.get("kind") != "AdmissionReview":
+        raise InvalidInput("apiVersion/kind", "not an AdmissionReview", "admission.k8s.io/v1 AdmissionReview")
+    request = body.get("request")
+    if not isinstance(request, Mapping) or not isinstance(request.get("uid"), str):
+        raise InvalidInput("request.uid", "missing", "an AdmissionReview request with a uid")
+    response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
+    pod = request.get("object")
+    where = f"{request.get('namespace') or '-'}/{_pod_name(pod)}"
+    reason = skip_reason(request, cfg) if isinstance(pod, Mapping) else "no object"
+    if reason is None:
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        warnings = rules_warnings(annotations)
+        patch = injection_patch(pod, cfg)
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+        if warnings:
+            response["warnings"] = warnings
+            # One line a log shipper can turn into an event on the pod.
+            log.warning("inject.rules_invalid", extra={"fields": {"pod": where, "reason": warnings[0]}})
+        log.info("inject", extra={"fields": {"pod": where, "native": cfg.native, "dry_run": bool(request.get("dryRun"))}})
+    else:
+        log.debug("inject.skip", extra={"fields": {"pod": where, "reason": reason}})
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+def _pod_name(pod: Any) -> str:
+    meta = pod.get("metadata") or {} if isinstance(pod, Mapping) else {}
+    return str(meta.get("name") or (meta.get("generateName") or "?") + "*")
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------------
+class WebhookApp:
+    """The webhook's routes, in the shape server.make_server expects (handle -> Response)."""
+
+    def __init__(self, cfg: SidecarConfig):
+        self.cfg = cfg
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes,
+               client: str = "") -> Response:
+        path = target.split("?", 1)[0]
+        if path in ("/healthz", "/readyz"):
+            return json_response(200, {"status": "ok"}) if method in ("GET", "HEAD") else \
+                error(405, f"{method} not allowed", headers={"Allow": "GET, HEAD"})
+        if path != "/inject":
+            return error(404, f"no such path {path[:100]!r}: the webhook serves POST /inject")
+        if method != "POST":
+            return error(405, f"{method} not allowed on /inject", headers={"Allow": "POST"})
+        if len(body) > MAX_REVIEW_BYTES:
+            return error(413, "AdmissionReview too large")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return error(400, "body is not JSON")
+        if not isinstance(data, Mapping):
+            return error(400, "body is not a JSON object")
+        try:
+            return json_response(200, review(data, self.cfg))
+        except InvalidInput as exc:
+            return error(400, str(exc))
+
+
+class CertificateFiles:
+    """A TLS server context that follows certificate rotation (cert-manager, the script): reloaded
+    when the files change, checked at most once per second."""
+
+    def __init__(self, cert: str, key: str):
+        self.cert, self.key = cert, key
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._context: ssl.SSLContext | None = None
+        self.context()  # fail now, not at the first request
+
+    def _files_stamp(self) -> tuple:
+        return tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (self.cert, self.key))
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            try:
+                stamp = self._files_stamp()
+            except OSError as exc:
+                if self._context is None:
+                    raise InvalidInput("--tls-cert", f"cannot read {exc.filename}: {exc.strerror}",
+                                       "PEM certificate and key files") from None
+                return self._context  # mid-rotation: keep serving with what we have
+            if stamp != self._stamp:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                try:
+                    ctx.load_cert_chain(self.cert, self.key)
+                except (ssl.SSLError, OSError) as exc:
+                    if self._context is None:
+                        raise InvalidInput("--tls-cert", f"cannot load {self.cert} / {self.key}: {exc}",
+                                           "a PEM certificate and its private key") from None
+                    log.warning("tls.reload_failed", extra={"fields": {"error": str(exc)}})
+                    return self._context
+                if self._context is not None:
+                    log.info("tls.reloaded", extra={"fields": {"cert": self.cert}})
+                self._context, self._stamp = ctx, stamp
+            return self._context
+
+
+def serve(cfg: SidecarConfig, listen: str, cert: str, key: str) -> None:
+    """Serve /inject over HTTPS until SIGTERM/SIGINT."""
+    import signal
+
+    from .server import make_server, parse_listen
+
+    host, port = parse_listen(listen)
+    tls = CertificateFiles(cert, key)
+    httpd = make_server(host, port, WebhookApp(cfg), tls=tls)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="https", daemon=True)
+    thread.start()
+    bound = httpd.server_address
+    log.info("webhook.listen", extra={"fields": {"address": f"{bound[0]}:{bound[1]}", "image": cfg.image,
+                                                 "native": cfg.native, "namespace": cfg.namespace}})
+    try:
+        stop.wait()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        log.info("webhook.stop", extra={"fields": {}})
