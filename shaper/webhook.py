@@ -103,9 +103,11 @@ def rules_warnings(annotations: Mapping[str, Any]) -> list[str]:
     if text is None:
         return []
     try:
-        parse_ruleset_text(str(text), RULES_ANNOTATION, f"annotation {RULES_ANNOTATION}")
+        parse_ruleset_text(str(text), "rules", "it")
     except InvalidInput as exc:
-        return [_warning(f"{RULES_ANNOTATION} ignored, the sidecar starts with no rules: {exc}")]
+        # Short enough for kubectl's one-line warning; the sidecar logs the whole reason.
+        return [_warning(f"{RULES_ANNOTATION} ignored (no initial rules): {exc.field}: {exc.problem}"),
+                ] + ([_warning(f"{RULES_ANNOTATION}: expected {exc.accepted}")] if exc.accepted else [])
     return []
 
 

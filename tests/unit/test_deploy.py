@@ -1,0 +1,171 @@
+"""deploy/: every manifest validates against the Kubernetes API schemas, kustomize would deploy
+all of them, they agree with the code (names, ports, paths, flags), and the Grafana dashboard
+queries only metrics the daemon exports."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import k8s_pods as K  # noqa: E402
+
+from shaper import cli, webhook as W  # noqa: E402
+from shaper.api import Api  # noqa: E402
+from shaper.fake import FakeDatapath  # noqa: E402
+from shaper.model import parse_rule, parse_ruleset_text  # noqa: E402
+from shaper.service import Service  # noqa: E402
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}  # CRDs: no schema in kubernetes-validate
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def objects() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in MANIFESTS:
+        for d in docs(path):
+            out[(d["kind"], d["metadata"]["name"])] = d
+    return out
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_manifest_validates_against_the_api_schemas(path):
+    for doc in docs(path):
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue
+        for version in K.K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_validation_is_not_vacuous():
+    webhook = objects()[("Deployment", "shaper-webhook")]
+    broken = json.loads(json.dumps(webhook))
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = ["Always"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K.K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("kustomization", sorted(DEPLOY.rglob("kustomization.yaml")),
+                         ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_kustomizations_deploy_every_manifest(kustomization):
+    k = yaml.safe_load(kustomization.read_text())
+    here = kustomization.parent
+    listed = {(here / r).resolve() for r in k["resources"]}
+    present = {p.resolve() for p in here.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert listed == present
+    # Generators read files that deploy/secrets.sh makes (git holds none) or that are in the tree.
+    made = {"secrets/tls.crt", "secrets/tls.key", "secrets/ca.crt", "token"}
+    for gen in k.get("secretGenerator", []) + k.get("configMapGenerator", []):
+        for entry in gen["files"]:
+            src = entry.split("=", 1)[-1]
+            assert src in made or (here / src).is_file(), src
+    ignored = (DEPLOY.parent / ".gitignore").read_text()
+    assert "/deploy/secrets/" in ignored and "/deploy/example/token" in ignored
+
+
+def test_webhook_configuration_matches_the_webhook():
+    conf = objects()[("MutatingWebhookConfiguration", "shaper-sidecar-injector")]
+    service = objects()[("Service", "shaper-webhook")]
+    namespace = service["metadata"]["namespace"]
+    assert len(conf["webhooks"]) == 2
+    for hook in conf["webhooks"]:
+        ref = hook["clientConfig"]["service"]
+        assert ref == {"name": "shaper-webhook", "namespace": namespace, "path": "/inject", "port": 443}
+        assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                  "resources": ["pods"], "scope": "Namespaced"}]
+        never = [e for e in hook["namespaceSelector"]["matchExpressions"] if e["key"] == "kubernetes.io/metadata.name"]
+        assert never == [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                          "values": ["kube-system", namespace]}]
+        assert W.INJECT_ANNOTATION in hook["matchConditions"][0]["expression"]
+    by_ns, by_pod = conf["webhooks"]
+    assert {"key": "shaper-injection", "operator": "In", "values": ["enabled"]} in \
+        by_ns["namespaceSelector"]["matchExpressions"]
+    assert "!= 'false'" in by_ns["matchConditions"][0]["expression"]
+    assert "== 'true'" in by_pod["matchConditions"][0]["expression"]
+    assert service["spec"]["ports"][0]["port"] == 443
+    # The webhook's own namespace opts out explicitly too.
+    assert objects()[("Namespace", namespace)]["metadata"]["labels"]["shaper-injection"] == "disabled"
+
+
+def test_webhook_deployment_runs_a_command_shaper_accepts():
+    dep = objects()[("Deployment", "shaper-webhook")]
+    pod = dep["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    args = [a.replace("$(SIDECAR_IMAGE)", "shaper:0.1.0") for a in container["args"]]
+    ctx = cli.main.commands[args[0]].make_context(args[0], args[1:])
+    assert ctx.params["listen"] == ":8443" and ctx.params["sidecar"] == "native"
+    assert container["ports"][0]["containerPort"] == 8443
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert ctx.params["tls_cert"].startswith(mount) and ctx.params["tls_key"].startswith(mount)
+    assert pod["volumes"][0]["secret"]["secretName"] == "shaper-webhook-tls"
+    assert {e["name"] for e in container["env"]} == {"SIDECAR_IMAGE", "POD_NAMESPACE"}
+    # Non-root and restricted, as its namespace's Pod Security level requires.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_podmonitor_finds_the_sidecars():
+    pm = objects()[("PodMonitor", "shaper-sidecars")]
+    assert pm["spec"]["selector"]["matchLabels"] == {W.INJECTED_LABEL: "true"}
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == W.METRICS_PORT_NAME and endpoint["path"] == "/metrics"
+    assert W.sidecar_container(W.SidecarConfig(image="x"), "eth0")["ports"][0]["name"] == W.METRICS_PORT_NAME
+
+
+def test_example_workload_gets_a_valid_sidecar_with_its_rules():
+    objs = objects()
+    sts = objs[("StatefulSet", "db")]
+    ns = objs[("Namespace", sts["metadata"]["namespace"])]
+    assert ns["metadata"]["labels"]["shaper-injection"] == "enabled"
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    template = sts["spec"]["template"]
+    rules = parse_ruleset_text(template["metadata"]["annotations"][W.RULES_ANNOTATION], "x", "x")
+    assert [r.name for r in rules] == ["pods"] and rules[0].delay_us == 10_000
+    pod = K.statefulset_pod(ns["metadata"]["name"], annotations=template["metadata"]["annotations"])
+    pod["spec"]["containers"] = [dict(K.statefulset_pod()["spec"]["containers"][0], **template["spec"]["containers"][0])]
+    out = W.review(K.review(pod), W.SidecarConfig(image="shaper:0.1.0"))["response"]
+    assert "warnings" not in out
+    K.validate_pod(K.apply_response(pod, out))
+    # The opted-out client is left alone, and reads the token the sidecars use.
+    client = objs[("Deployment", "client")]["spec"]["template"]
+    assert client["metadata"]["annotations"][W.INJECT_ANNOTATION] == "false"
+    secret_ref = client["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+    assert secret_ref == {"name": W.SidecarConfig(image="x").token_secret, "key": "token"}
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name /metrics has with rules that set each configured field."""
+    service = Service(FakeDatapath(), "eth0")
+    service.start([parse_rule({"name": "a", "dst": ["10.0.0.0/8"], "delay": "10ms", "jitter": "1ms",
+                               "loss": "1%", "rate": "2mbit"}),
+                   parse_rule({"name": "b", "dst": ["fd00::/8"], "rate": "1gbit"})])
+    body = Api(service).handle("GET", "/metrics", {}, b"").body.decode()
+    return {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line and not line.startswith("#")}
+
+
+def test_dashboard_queries_name_exported_metrics():
+    dash = json.loads((DEPLOY / "grafana" / "shaper-dashboard.json").read_text())
+    exported = exported_metric_names()
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    used = {m for e in exprs for m in re.findall(r"\bshaper_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("delay", "rate", "throughput", "drops", "backlog"):
+        assert needed in titles
+    # The per-rule configuration the dashboard shows is exported.
+    assert {"shaper_rule_delay_seconds", "shaper_rule_rate_bytes_per_second", "shaper_rule_loss_ratio",
+            "shaper_class_bytes_total", "shaper_class_drops_total", "shaper_class_backlog_bytes"} <= used
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
