@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import struct
+from dataclasses import replace
 from typing import Iterator
 
 from . import layout, loader, plan as P
@@ -212,7 +213,8 @@ class KernelDatapath:
         assert self.lpm and self.meta and self.stats
         for op in ops:
             if isinstance(op, P.WriteRecord):
-                rule = op.rule.to_dict()
+                # dst lives in the trie: do not format every prefix only to drop them.
+                rule = replace(op.rule, dst=()).to_dict()
                 del rule["dst"]
                 self._write_record(op.slot, {"rule": rule, "expires_ns": op.expires_ns})
             elif isinstance(op, P.ResetStats):
