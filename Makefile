@@ -1,7 +1,7 @@
-# make demo: the per-destination lab; make test: every test tier. Both set up first.
+# make demo: the per-destination lab; make test: every test tier; make bench: docs/benchmarks.md. All set up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-vm clean
+.PHONY: setup demo test test-unit test-kernel test-vm bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,5 +21,8 @@ test-kernel: setup
 test-vm: setup
 	$(PY) -m pytest tests/vm -q -ra -s
 
+bench: setup
+	$(PY) -m bench
+
 clean:
-	rm -rf .venv .pytest_cache *.egg-info
+	rm -rf .venv .venv-bench bench/results .pytest_cache *.egg-info

@@ -114,6 +114,7 @@ def run(counts=(1, 100, 1000, 10_000, 100_000), repeats: int = 3, seconds: float
                 for kind in ("match", "miss"):
                     s = summary(samples[(mech, kind)])
                     results["rows"].append({"n": n, "mechanism": mech, "traffic": kind, "pps": s,
+                                            "samples": samples[(mech, kind)],
                                             "ns_per_packet": 1e9 / s["median"], "setup_s": setup_s[mech],
                                             "checks": checks[(mech, kind)]})
                     log(f"  classify N={n} {mech:8} {kind:5}: median {s['median']:,.0f} pkt/s "

@@ -167,7 +167,7 @@ def no_disruption(seconds: float = 6.0, pps: float = 20_000, log=print) -> dict:
 
             in_netns(lab.pod, churn)
             sent = sender.communicate(timeout=seconds + 30)[0].split()
-            received = int(receiver.communicate(timeout=seconds + 30)[0].split()[-1])
+            received = int(receiver.communicate(timeout=seconds + 30)[0].split()[-3])
         finally:
             dests.close()
             if receiver.poll() is None:

@@ -7,8 +7,10 @@
  *       addresses in DESTFILE for SECONDS, with sendmmsg() in batches of 64
  *       (PPS 0: as fast as possible; otherwise paced to PPS).  Prints
  *       "sent errors seconds" on one line.
- *   sender recv ADDR SECONDS
- *       Count UDP datagrams arriving at ADDR:9 for SECONDS; prints the count.
+ *   sender recv ADDR SECONDS [SKIP]
+ *       Count UDP datagrams arriving at ADDR:9 for SECONDS; prints "count
+ *       payload_bytes span": those that arrived after the first SKIP seconds
+ *       and the time from the first to the last of them.
  *
  * Python sending one datagram per call would measure the interpreter (a few
  * microseconds a packet), not the classifier; sendmmsg sends a batch per
@@ -112,14 +114,15 @@ static int blast(double seconds, int payload, const char *destfile, double pps)
 	return 0;
 }
 
-static int recv_count(const char *addr, double seconds)
+static int recv_count(const char *addr, double seconds, double skip)
 {
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(9) };
 	static char bufs[BATCH][2048];
 	struct mmsghdr msgs[BATCH];
 	struct iovec iov[BATCH];
 	struct timeval tv = { 0, 100000 };
-	unsigned long long count = 0;
+	unsigned long long count = 0, bytes = 0;
+	double first = 0, last = 0;
 	int rcvbuf = 32 << 20;
 	int fd = socket(AF_INET, SOCK_DGRAM, 0);
 
@@ -143,16 +146,24 @@ static int recv_count(const char *addr, double seconds)
 	/* Ready: the caller waits for this line before sending. */
 	printf("ready\n");
 	fflush(stdout);
-	double end = now() + seconds;
+	double start = now(), end = start + seconds;
 
 	while (now() < end) {
 		int n = recvmmsg(fd, msgs, BATCH, 0, NULL);
-		if (n > 0)
-			count += n;
-		else if (n < 0 && errno != EAGAIN && errno != EINTR)
+		double t = now();
+
+		if (n < 0 && errno != EAGAIN && errno != EINTR)
 			perror("recvmmsg");
+		if (n <= 0 || t - start < skip)
+			continue;
+		if (!count)
+			first = t;
+		last = t;
+		count += n;
+		for (int i = 0; i < n; i++)
+			bytes += msgs[i].msg_len;
 	}
-	printf("%llu\n", count);
+	printf("%llu %llu %.6f\n", count, bytes, last - first);
 	return 0;
 }
 
@@ -160,8 +171,8 @@ int main(int argc, char **argv)
 {
 	if (argc >= 5 && !strcmp(argv[1], "blast"))
 		return blast(atof(argv[2]), atoi(argv[3]), argv[4], argc > 5 ? atof(argv[5]) : 0);
-	if (argc == 4 && !strcmp(argv[1], "recv"))
-		return recv_count(argv[2], atof(argv[3]));
-	fprintf(stderr, "usage: sender blast SECONDS PAYLOAD DESTFILE [PPS] | sender recv ADDR SECONDS\n");
+	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "recv"))
+		return recv_count(argv[2], atof(argv[3]), argc > 4 ? atof(argv[4]) : 0);
+	fprintf(stderr, "usage: sender blast SECONDS PAYLOAD DESTFILE [PPS] | sender recv ADDR SECONDS [SKIP]\n");
 	return 2;
 }

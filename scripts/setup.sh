@@ -60,4 +60,12 @@ if [ ! -e "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
+# bench/ (make bench, tests/kernel/test_bench_smoke.py): tcconfig, the peer tool the
+# benchmarks compare with, in its own venv. It pins its own pyroute2 and pulls docker's
+# client, so it never goes into .venv.
+if [ ! -x .venv-bench/bin/tcset ]; then
+    rm -rf .venv-bench
+    /usr/bin/python3 -m venv .venv-bench
+    .venv-bench/bin/pip install -q --disable-pip-version-check tcconfig
+fi
 echo "setup: ready (.venv, bcc $(.venv/bin/python -c 'import bcc, importlib.metadata as m; print(getattr(bcc, "__version__", "?"))' 2>/dev/null || echo ?))"

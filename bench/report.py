@@ -1,0 +1,374 @@
+"""docs/benchmarks.md and its figures, from the results of one run."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import accuracy, apply, classify, daemon, profile  # noqa: E402
+
+LABELS = {"baseline": "no classifier (HTB only)", "shaper": "shaper (BPF + LPM trie)",
+          "u32": "u32 list (tcconfig, Litmus, Pumba)", "ipset": "iptables + ipset (Chaos Mesh)",
+          "iptables": "iptables rule per address (comcast)"}
+
+
+def _f(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def _ok(flag: bool) -> str:
+    return "**met**" if flag else "**missed**"
+
+
+def _rows(res: dict, mech: str, kind: str) -> dict[int, dict]:
+    return {r["n"]: r for r in res["rows"] if r["mechanism"] == mech and r["traffic"] == kind}
+
+
+def _ratios(a: dict, b: dict) -> dict:
+    """Per-repeat ratios a/b (samples taken in the same repeat), summarised."""
+    vals = sorted(x / y for x, y in zip(a["samples"], b["samples"]))
+    return {"min": vals[0], "median": statistics.median(vals), "max": vals[-1]}
+
+
+def _mmm(s: dict, scale: float = 1, digits: int = 0) -> str:
+    return f"{_f(s['median'] * scale, digits)} ({_f(s['min'] * scale, digits)}-{_f(s['max'] * scale, digits)})"
+
+
+def plot_classify(res: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("match", "miss")):
+        for mech in res["mechanisms"]:
+            rows = _rows(res, mech, kind)
+            ns = sorted(rows)
+            med = [rows[n]["pps"]["median"] for n in ns]
+            lo = [rows[n]["pps"]["median"] - rows[n]["pps"]["min"] for n in ns]
+            hi = [rows[n]["pps"]["max"] - rows[n]["pps"]["median"] for n in ns]
+            ax.errorbar(ns, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[mech])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("destination rules")
+        ax.set_title("traffic to destinations in the rules" if kind == "match" else "traffic to no rule's destination")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("packets/s through the egress path (one sender)")
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_apply(res: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    methods: dict[str, list] = {}
+    for r in res["rows"]:
+        key = r["method"].split(" (")[0] if "Controller" in r["method"] or "100" in r["method"] else r["method"]
+        methods.setdefault(key, []).append(r)
+    for key, rows in methods.items():
+        rows = sorted(rows, key=lambda r: r["n"])
+        ax.errorbar([r["n"] for r in rows], [r["seconds"]["median"] for r in rows],
+                    yerr=[[r["seconds"]["median"] - r["seconds"]["min"] for r in rows],
+                          [r["seconds"]["max"] - r["seconds"]["median"] for r in rows]],
+                    marker="o", capsize=3, label=key)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("per-destination rules (prefixes)")
+    ax.set_ylabel("seconds to apply")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(res: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in res["rows"]:
+        xs = sorted(row["samples_ms"])
+        ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{row['rules']} rules in place")
+    ax.axvline(5, color="grey", ls="--", lw=0.8)
+    ax.axvline(20, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("PUT /rules/{name} to the trie steering the new destination (ms)")
+    ax.set_ylabel("fraction of changes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _doc(mod) -> str:
+    """A module docstring's body (after its first line), as Markdown paragraphs."""
+    text = (mod.__doc__ or "").strip().split("\n", 1)
+    return text[1].strip() if len(text) > 1 else ""
+
+
+def write(results: dict, md: Path, figdir: Path) -> list[str]:
+    """Write the document and figures; returns the goal verdict lines."""
+    figdir.mkdir(parents=True, exist_ok=True)
+    meta = results["meta"]
+    out: list[str] = []
+    verdicts: list[str] = []
+    w = out.append
+    w("# Benchmarks\n")
+    w(f"Produced by `make bench` (`python -m bench`) on {meta['date']}: kernel {meta['kernel']}, "
+      f"{meta['cpus']} CPUs ({meta['cpu']}), {meta['os']}. The machine was **shared** with another engineer's "
+      "test runs while this ran, so absolute numbers are noisy: every comparison below was measured side by side "
+      "in the same run and is given as a ratio, with min/median/max over the repeats. "
+      f"The whole run took {meta['duration_s'] / 60:.1f} minutes. Raw results: `bench/results/latest.json` "
+      "(not committed).\n")
+    w("Everything runs in network namespaces and veth pairs that the bench creates and removes; "
+      "traffic goes only to addresses inside them. iptables and ipset run inside the namespaces.\n")
+    w("## Goals\n")
+    w("GOALS_PLACEHOLDER\n")
+
+    # 1 -------------------------------------------------------------------------------
+    c = results.get("classify")
+    if c:
+        plot_classify(c, figdir / "classify.png")
+        w("## 1. Per-packet classification cost against the number of destination rules\n")
+        w(_doc(classify) + "\n")
+        w("The generator (`bench/sender.c`, compiled with gcc when the bench starts) sends batches of 64 "
+          "datagrams per `sendmmsg()` as fast as one core allows; the rate it achieves is the measure. "
+          "Transmission on a veth is synchronous, so the classifier, HTB enqueue and dequeue and the veth "
+          "transmit all run in the sender's system call: a costlier classifier lowers the packet rate. "
+          f"Each point: {c['repeats']} runs of {c['seconds']:g} s per mechanism and traffic kind, in turns. "
+          "The added cost is `1e9/rate - 1e9/baseline rate` in ns per packet (medians of the same run).\n")
+        w("![packet rate against rule count](benchmarks/classify.png)\n")
+        for kind, title in (("match", "Traffic to destinations in the rules"), ("miss", "Traffic to no rule's destination")):
+            w(f"### {title}: packets/s, median (min-max)\n")
+            w("| rules | " + " | ".join(LABELS[m] for m in c["mechanisms"]) + " |")
+            w("|---:|" + "---:|" * len(c["mechanisms"]))
+            base = _rows(c, "baseline", kind)
+            for n in c["counts"]:
+                cells = []
+                for m in c["mechanisms"]:
+                    r = _rows(c, m, kind)[n]
+                    extra = "" if m == "baseline" else \
+                        f"<br>+{_f(1e9 / r['pps']['median'] - 1e9 / base[n]['pps']['median'])} ns/pkt"
+                    cells.append(_mmm(r["pps"]) + extra)
+                w(f"| {n:,} | " + " | ".join(cells) + " |")
+            w("")
+        w("### Ratios (per repeat, same run): median (min-max)\n")
+        w("| rules | shaper / baseline (match) | shaper / u32 (match) | shaper / u32 (miss) | shaper / ipset (match) "
+          "| shaper / iptables per address (match) | shaper at N / shaper at 1 rule (match) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|")
+        sh_m, sh_x = _rows(c, "shaper", "match"), _rows(c, "shaper", "miss")
+        first = min(c["counts"])
+
+        def rt(a, b):
+            x = _ratios(a, b)
+            return f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})"
+
+        for n in c["counts"]:
+            w(f"| {n:,} | {rt(sh_m[n], _rows(c, 'baseline', 'match')[n])} | {rt(sh_m[n], _rows(c, 'u32', 'match')[n])} "
+              f"| {rt(sh_x[n], _rows(c, 'u32', 'miss')[n])} | {rt(sh_m[n], _rows(c, 'ipset', 'match')[n])} "
+              f"| {rt(sh_m[n], _rows(c, 'iptables', 'match')[n])} | {rt(sh_m[n], sh_m[first])} |")
+        w("")
+        w("The last column compares measurements taken in different rounds (one round per rule count): it is the "
+          "noisiest ratio here.\n")
+        bad = [(r["n"], r["mechanism"], r["traffic"], ch) for r in c["rows"] for ch in r["checks"]
+               if (r["mechanism"] != "baseline" and r["traffic"] == "match" and ch["classified"] != ch["sent"])
+               or (r["traffic"] == "miss" and ch["classified"] != 0)]
+        w("**Check:** after every run the class counters were read back: " +
+          ("every packet sent to a rule's destination was counted in the rule's HTB class, and none of the others, "
+           "for every mechanism and rule count." if not bad else f"MISMATCHES: {bad[:5]}") + "\n")
+        setup = {(r["n"], r["mechanism"]): r["setup_s"] for r in c["rows"] if r["traffic"] == "match"}
+        w("Time to build each mechanism for the measurement (s; shaper's includes compiling and loading the "
+          "classifier):\n")
+        w("| rules | " + " | ".join(m for m in c["mechanisms"]) + " |")
+        w("|---:|" + "---:|" * len(c["mechanisms"]))
+        for n in c["counts"]:
+            w(f"| {n:,} | " + " | ".join(f"{setup[(n, m)]:.2f}" for m in c["mechanisms"]) + " |")
+        w("")
+        if 100_000 in c["counts"] and 1 in c["counts"]:
+            x = _ratios(sh_m[100_000], sh_m[1])
+            verdicts.append(f"| shaper at 100k rules >= 95% of its 1-rule packet rate | {x['median'] * 100:.1f}% "
+                            f"(per-repeat {x['min'] * 100:.1f}-{x['max'] * 100:.1f}%) | {_ok(x['median'] >= 0.95)} |")
+        if 10_000 in c["counts"]:
+            x = _ratios(sh_m[10_000], _rows(c, "u32", "match")[10_000])
+            verdicts.append(f"| shaper >= 5x the u32 list at 10k rules | {x['median']:.1f}x "
+                            f"({x['min']:.1f}-{x['max']:.1f}x) | {_ok(x['median'] >= 5)} |")
+
+    # 2 -------------------------------------------------------------------------------
+    a = results.get("apply")
+    if a:
+        plot_apply(a, figdir / "apply.png")
+        w("## 2. Time to apply N per-destination rules\n")
+        w(_doc(apply) + "\n")
+        w(f"tcconfig {a['tcconfig']} is installed by the bench into its own venv (`.venv-bench`). Its `tcset` probes "
+          "for sch_netem with `lsmod`, which fails outright on this kernel (no loadable modules, no /proc/modules); "
+          "the bench puts an `lsmod` first on tcset's PATH that lists no modules, which is the truth here. tcset "
+          "then makes its HTB class and u32 filter for each call and tries a netem leaf, which this kernel refuses "
+          "(no sch_netem): the rate-only rule still works, and the refused `tc` call is part of its time. After "
+          "each run the bench counts tcconfig's u32 filters (one per destination).\n")
+        w("![apply time against rule count](benchmarks/apply.png)\n")
+        w("| method | rules | seconds, median (min-max) | runs | per rule (ms) |")
+        w("|---|---:|---:|---:|---:|")
+        for r in sorted(a["rows"], key=lambda r: (r["method"], r["n"])):
+            s = r["seconds"]
+            inside = f" (in the daemon {_mmm(r['inside_daemon_s'], 1, 3)})" if "inside_daemon_s" in r else ""
+            w(f"| {r['method']} | {r['n']:,} | {_mmm(s, 1, 3)}{inside} | {s['n']} | {s['median'] * 1000 / r['n']:.3f} |")
+        w("")
+        by = {(r["method"], r["n"]): r["seconds"] for r in a["rows"]}
+        tcc = {n: s for (m, n), s in by.items() if m.startswith("tcconfig")}
+        bulk = {n: s for (m, n), s in by.items() if m == "shaper PUT /rules (bulk)"}
+        single = {n: s for (m, n), s in by.items() if m.startswith("shaper PUT /rules/{name}")}
+        w("Ratios (tcconfig time / shaper time, medians):\n")
+        w("| rules | vs shaper bulk PUT /rules | vs shaper one PUT /rules/{name} per rule |")
+        w("|---:|---:|---:|")
+        for n in sorted(tcc):
+            w(f"| {n:,} | {tcc[n]['median'] / bulk[n]['median']:,.0f}x | {tcc[n]['median'] / single[n]['median']:,.1f}x |")
+        w("")
+        big = [(m, s) for (m, n), s in by.items() if n == a["big"] and n not in tcc]
+        for m, s in big:
+            verdicts.append(f"| {a['big']:,} prefixes applied in <= 1 s: {m} | {s['median']:.2f} s "
+                            f"({s['min']:.2f}-{s['max']:.2f}) | {_ok(s['median'] <= 1.0)} |")
+        if 1000 in tcc:
+            verdicts.append(f"| >= 100x faster than tcconfig at 1,000 (bulk PUT /rules) | "
+                            f"{tcc[1000]['median'] / bulk[1000]['median']:,.0f}x | "
+                            f"{_ok(tcc[1000]['median'] / bulk[1000]['median'] >= 100)} |")
+            verdicts.append(f"| (same, one PUT /rules/{{name}} per rule) | "
+                            f"{tcc[1000]['median'] / single[1000]['median']:,.1f}x | "
+                            f"{_ok(tcc[1000]['median'] / single[1000]['median'] >= 100)} |")
+
+    # 3 -------------------------------------------------------------------------------
+    lt = results.get("latency")
+    if lt:
+        plot_latency(lt, figdir / "latency.png")
+        w("## 3. Change latency\n")
+        w("From sending `PUT /rules/{name}` (a new connection each time, as curl or the CLI does) to the pinned LPM "
+          "trie answering a lookup of the rule's new destination with the rule's class (the lookup the classifier "
+          "makes), polled from the moment the response arrives. Each change gives the rule a new /32 and a new rate "
+          "(the class is changed in place before the trie is written, in the same synchronous apply). "
+          "The daemon runs in the pod namespace; the client is the bench, in the same namespace, over loopback.\n")
+        w("![change latency CDF](benchmarks/latency.png)\n")
+        w("| rules in place | changes | p50 (ms) | p99 (ms) | min / max (ms) | inside the daemon p50 / p99 (ms) | "
+          "keep-alive connection p50 / p99 (ms) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in lt["rows"]:
+            ka = f"{r['keepalive_p50_ms']:.1f} / {r['keepalive_p99_ms']:.1f} ({r['keepalive_changes']} changes)" \
+                if "keepalive_p50_ms" in r else "-"
+            w(f"| {r['rules']:,} | {r['changes']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['min_ms']:.2f} / "
+              f"{r['max_ms']:.1f} | {r['inside_p50_ms']:.1f} / {r['inside_p99_ms']:.1f} | {ka} |")
+            verdicts.append(f"| change latency p50 <= 5 ms ({r['rules']:,} rules in place) | {r['p50_ms']:.2f} ms | "
+                            f"{_ok(r['p50_ms'] <= 5)} |")
+            verdicts.append(f"| change latency p99 <= 20 ms ({r['rules']:,} rules in place) | {r['p99_ms']:.2f} ms | "
+                            f"{_ok(r['p99_ms'] <= 20)} |")
+        w("")
+        w("In every change the trie already held the new destination when the response arrived (polls beyond the "
+          f"first lookup: {sum(r['extra_polls'] for r in lt['rows'])}): the apply is synchronous.\n")
+
+    # 4 -------------------------------------------------------------------------------
+    nd = results.get("disruption")
+    if nd:
+        w("## 4. No disruption\n")
+        w(f"Rules `a` and `b` (1 Gbit/s each) carry {nd['pps']:,.0f} UDP packets/s (the C generator, paced) for "
+          f"{nd['seconds']:g} s while rule `churn` is changed as fast as the API allows: its rate and destination "
+          "change on every PUT and every 20th change deletes it (the next PUT re-creates it: a class added and "
+          "removed under live traffic). Permanent neighbour entries keep ARP out of the count. Counted: packets "
+          "sent by the generator, matched by the classifier and sent by `a`'s and `b`'s HTB classes "
+          "(`/stats`), and received by a UDP counter in the destination namespace.\n")
+        ch = nd["changes"]
+        w("| changes to `churn` | sent | received | lost | classified into a/b's classes | unshaped "
+          "(sent - classified) | classifier matches | class drops | HTB direct-queue packets (any source) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w(f"| {ch['put']} PUT + {ch['delete']} DELETE ({ch['failed']} failed) | {nd['sent']:,} | {nd['received']:,} "
+          f"| {nd['lost']:,} | {nd['classified']:,} | {nd['unshaped']:,} | {nd['matched']:,} | {nd['class_drops']} "
+          f"| {nd['direct_queue_packets']} |")
+        w("")
+        w("The direct-queue column counts anything else the pod's interface sent unclassified in that time (IPv6 "
+          "neighbour and router solicitations of the lab's addresses); `a` and `b`'s packets are all accounted for "
+          "in their classes.\n")
+        verdicts.append(f"| no disruption: zero loss and no unshaped packet for other rules during {ch['put'] + ch['delete']} "
+                        f"changes | lost {nd['lost']}, unshaped {nd['unshaped']} of {nd['sent']:,} | "
+                        f"{_ok(nd['lost'] == 0 and nd['unshaped'] == 0)} |")
+
+    # 5 -------------------------------------------------------------------------------
+    fp = results.get("footprint")
+    if fp:
+        w("## 5. Footprint and start-up\n")
+        w("`shaper run` in the pod namespace. Start to ready: from starting the process to `/readyz` answering 200 "
+          "(polled every 10 ms; includes Python start-up and compiling and loading the classifier in the loader "
+          "child, on an interface with nothing pinned). RSS is the daemon's VmRSS (VmHWM: its peak) after each "
+          "rule set was applied through `PUT /rules`.\n")
+        mb = lambda kb: f"{kb / 1024:.1f}"  # noqa: E731
+        w("| measure | value |")
+        w("|---|---:|")
+        w(f"| start to ready, s, median (min-max) of {fp['ready_s']['n']} | {_mmm(fp['ready_s'], 1, 2)} |")
+        w(f"| RSS with 0 rules, MB (peak) | {mb(fp['rss_0']['VmRSS'])} ({mb(fp['rss_0']['VmHWM'])}) |")
+        w(f"| RSS with 1,000 rules, MB (peak) | {mb(fp['rss_1k']['VmRSS'])} ({mb(fp['rss_1k']['VmHWM'])}) |")
+        if "rss_big" in fp:
+            w(f"| RSS with {fp['big']:,} prefixes (1,000 rules), MB (peak) | {mb(fp['rss_big']['VmRSS'])} "
+              f"({mb(fp['rss_big']['VmHWM'])}) |")
+        w(f"| /metrics scrape at 1,000 rules, ms, median (min-max) of {fp['scrape_1k_s']['n']} | "
+          f"{_mmm(fp['scrape_1k_s'], 1000, 1)} ({fp['scrape_bytes'] / 1024:.0f} KiB) |")
+        w("")
+        verdicts.append(f"| RSS <= 60 MB at 1k rules | {mb(fp['rss_1k']['VmRSS'])} MB | "
+                        f"{_ok(fp['rss_1k']['VmRSS'] <= 60 * 1024)} |")
+        verdicts.append(f"| start to ready <= 2 s | {fp['ready_s']['median']:.2f} s (max {fp['ready_s']['max']:.2f}) | "
+                        f"{_ok(fp['ready_s']['median'] <= 2)} |")
+        verdicts.append(f"| /metrics scrape <= 100 ms at 1k rules | {fp['scrape_1k_s']['median'] * 1000:.1f} ms "
+                        f"(max {fp['scrape_1k_s']['max'] * 1000:.1f}) | {_ok(fp['scrape_1k_s']['median'] <= 0.1)} |")
+
+    # 6 -------------------------------------------------------------------------------
+    ac = results.get("accuracy")
+    if ac:
+        w("## 6. Accuracy (netem, in a VM)\n")
+        if ac.get("skipped"):
+            w(f"Skipped: {ac['skipped']}\n")
+        else:
+            w(_doc(accuracy) + "\n")
+            w(f"The VM (Debian's stock kernel {ac['kernel']}, virtme-ng, TCG emulation: no KVM here) booted and "
+              f"measured in {ac['vm_wall_s']:.0f} s. {accuracy.PINGS} pings per destination at 10 ms intervals.\n")
+            w("| destination | configured delay (ms) | RTT before / with the rule (ms) | measured delay (ms) | error | "
+              "goal max(0.5 ms, 2%) |")
+            w("|---|---:|---:|---:|---:|---:|")
+            for r in ac["delay"]:
+                w(f"| {r['dst']} | {r['configured_ms']:g} | {r['base_rtt_ms']:.3f} / {r['rtt_ms']:.3f} | "
+                  f"{r['measured_ms']:.3f} | {r['error_ms']:+.3f} ms ({r['error_pct']:+.2f}%) | {_ok(r['within_goal'])} |")
+                verdicts.append(f"| delay to {r['dst']} ({r['configured_ms']:g} ms) within max(0.5 ms, 2%) | "
+                                f"{r['error_ms']:+.3f} ms | {_ok(r['within_goal'])} |")
+            w("")
+            w("| destination | configured rate (Mbit/s) | measured (Mbit/s) | error | packets counted | goal 5% |")
+            w("|---|---:|---:|---:|---:|---:|")
+            for r in ac["rate"]:
+                w(f"| {r['dst']} | {r['configured_mbit']:g} | {r['measured_mbit']:.3f} | {r['error_pct']:+.2f}% | "
+                  f"{r['packets']:,} | {_ok(r['within_goal'])} |")
+                verdicts.append(f"| rate to {r['dst']} ({r['configured_mbit']:g} Mbit/s) within 5% | "
+                                f"{r['error_pct']:+.2f}% | {_ok(r['within_goal'])} |")
+            w("")
+
+    # profile -------------------------------------------------------------------------
+    pr = results.get("profile")
+    if pr:
+        w("## Where shaper's time goes (cProfile, this run)\n")
+        w(_doc(profile) + "\n")
+        w(f"One `PUT /rules/{{name}}` among {pr['nrules']:,} rules: {pr['put_ms']:.1f} ms per change under the "
+          f"profiler ({pr['changes']} changes). Top functions by own time per change:\n")
+        w("| function | calls per change | own ms | cumulative ms |")
+        w("|---|---:|---:|---:|")
+        for r in pr["put_top"]:
+            w(f"| `{r['function']}` | {r['calls_per_op']:,.1f} | {r['own_ms_per_op']:.3f} | {r['cum_ms_per_op']:.3f} |")
+        w("")
+        if "big_top" in pr:
+            w(f"`Controller.apply` of {pr['big']:,} prefixes over 1,000 rules onto an empty interface: "
+              f"{pr['big_s']:.2f} s under the profiler. Top functions by own time:\n")
+            w("| function | calls | own ms | cumulative ms |")
+            w("|---|---:|---:|---:|")
+            for r in pr["big_top"]:
+                w(f"| `{r['function']}` | {r['calls_per_op']:,.0f} | {r['own_ms_per_op']:.1f} | {r['cum_ms_per_op']:.1f} |")
+            w("")
+
+    notes = Path(__file__).with_name("findings.md")
+    if notes.exists() and not meta.get("smoke"):
+        w(notes.read_text())
+    text = "\n".join(out)
+    goals = ["| goal | measured | verdict |", "|---|---|---|"] + verdicts
+    text = text.replace("GOALS_PLACEHOLDER", "\n".join(goals))
+    md.write_text(text)
+    return verdicts

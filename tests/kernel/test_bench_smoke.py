@@ -1,0 +1,74 @@
+"""The benchmarks at tiny sizes, so `make bench` cannot rot: every section and every
+mechanism (shaper, u32, iptables + ipset, iptables per address, tcconfig) runs for
+real and must classify, apply and count what it claims.  The netem accuracy half
+needs a VM boot and is left to `make bench`; its rate half runs here on this kernel."""
+
+import shutil
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import accuracy, apply, classify, daemon, profile, report
+from bench.common import sender_binary
+from tiers import require_tier
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bench_tools():
+    missing = [t for t in ("gcc", "iptables", "iptables-restore", "ipset") if not shutil.which(t)]
+    require_tier(f"{', '.join(missing)} not installed (run `make setup`)" if missing else None)
+
+
+def test_bench_smoke(tmp_path):
+    results = {"meta": {**bench_main.machine(), "smoke": True, "duration_s": 0.0}}
+
+    c = results["classify"] = classify.run(counts=(1, 50), repeats=2, seconds=0.2, log=lambda *_: None)
+    assert {(r["n"], r["mechanism"], r["traffic"]) for r in c["rows"]} == \
+        {(n, m, t) for n in (1, 50) for m in classify.MECHANISMS for t in ("match", "miss")}
+    for r in c["rows"]:
+        assert r["pps"]["median"] > 1000, r
+        for check in r["checks"]:
+            assert check["sent"] > 0 and check["errors"] == 0, r
+            if r["mechanism"] != "baseline" and r["traffic"] == "match":
+                # Every packet to a rule's destination went into the rule's class, none to the direct queue.
+                assert check["classified"] == check["sent"] and check["direct"] == 0, r
+            else:
+                assert check["classified"] == 0 and check["direct"] == check["sent"], r
+
+    a = results["apply"] = apply.run(counts=(2,), repeats=1, big=300, log=lambda *_: None)
+    methods = {r["method"]: r for r in a["rows"]}
+    assert methods["tcconfig tcset --add x N"]["checks"][0]["filters"] == 2
+    assert methods["tcconfig tcset --add x N"]["checks"][0]["failures"] == 0
+    assert {"shaper PUT /rules (bulk)", "shaper PUT /rules/{name} x N"} <= set(methods)
+    assert sum(1 for m in methods if m.startswith("shaper Controller.apply")) == 2
+    assert all(r["seconds"]["median"] > 0 for r in a["rows"])
+
+    lt = results["latency"] = daemon.change_latency(rule_counts=(5,), changes=20, keepalive_changes=3,
+                                                   log=lambda *_: None)
+    row = lt["rows"][0]
+    assert row["changes"] == 20 and len(row["samples_ms"]) == 20 and 0 < row["p50_ms"] <= row["p99_ms"]
+
+    nd = results["disruption"] = daemon.no_disruption(seconds=2.0, pps=5000, log=lambda *_: None)
+    assert nd["sent"] > 5000 and nd["changes"]["put"] > 10 and nd["changes"]["delete"] >= 0
+    assert nd["lost"] == 0 and nd["unshaped"] == 0 and nd["matched"] == nd["sent"], nd
+
+    fp = results["footprint"] = daemon.footprint(starts=1, scrapes=2, big=2000, log=lambda *_: None)
+    assert 0 < fp["ready_s"]["median"] < 60
+    assert all(fp[k]["VmRSS"] > 10_000 for k in ("rss_0", "rss_1k", "rss_big"))
+    assert fp["scrape_1k_s"]["n"] == 2
+
+    rate = accuracy.measure(sender_binary(), delays={}, rates={"c": 4.0}, seconds=2.0)["rate"][0]
+    assert rate["packets"] > 100 and abs(rate["error_pct"]) < 10, rate  # HTB's rate, measured at the receiver
+    results["accuracy"] = {"skipped": "smoke"}
+
+    results["profile"] = profile.run(nrules=20, changes=5, big=500, log=lambda *_: None)
+    assert results["profile"]["put_top"] and results["profile"]["big_top"]
+
+    md = tmp_path / "benchmarks.md"
+    verdicts = report.write(results, md, tmp_path / "benchmarks")
+    text = md.read_text()
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Where shaper's time goes"):
+        assert title in text, title
+    for png in ("classify.png", "apply.png", "latency.png"):
+        assert (tmp_path / "benchmarks" / png).stat().st_size > 10_000, png
+    assert any("no disruption" in v and "**met**" in v for v in verdicts)
