@@ -1,7 +1,7 @@
 # make demo: the per-destination lab; make test: every test tier; make bench: docs/benchmarks.md. All set up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-vm bench clean
+.PHONY: setup demo test test-unit test-kernel test-container test-vm image bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,13 @@ test-unit: setup
 
 test-kernel: setup
 	$(PY) -m pytest tests/kernel -q -ra
+
+test-container: setup
+	$(PY) -m pytest tests/container -q -ra -s
+
+# The sidecar/webhook image, with podman and no registry (see scripts/image.sh).
+image: setup
+	bash scripts/image.sh
 
 test-vm: setup
 	$(PY) -m pytest tests/vm -q -ra -s

@@ -148,7 +148,11 @@ class KernelDatapath:
         if not adopted:
             self.remove_pins()
             os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
-            loader.load_and_pin(self.pin_dir)
+            try:
+                loader.load_and_pin(self.pin_dir)
+            except BaseException:
+                self.remove_pins()  # nothing left behind, not even an empty shaper/ directory
+                raise
             self.open_maps()
             self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex, "ifname": self.ifname,
                                    "created_clsact": False})

@@ -60,7 +60,13 @@ def _child(pin_dir: str) -> int:
         text = str(exc)
         if "Operation not permitted" in text or os.geteuid() != 0:
             print(f"loading the classifier was refused ({text}): run as root or with CAP_BPF, CAP_NET_ADMIN "
-                  f"(and CAP_SYS_ADMIN on kernels before 5.8)", file=sys.stderr)
+                  f"and CAP_PERFMON (CAP_SYS_ADMIN on kernels before 5.8)", file=sys.stderr)
+            return EXIT_EPERM
+        if "Permission denied" in text:
+            # EACCES from the verifier: with CAP_BPF but not CAP_PERFMON it treats the
+            # program as unprivileged and refuses its packet-pointer arithmetic.
+            print(f"the kernel's verifier refused the classifier as unprivileged ({text}): it needs CAP_BPF, "
+                  f"CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN)", file=sys.stderr)
             return EXIT_EPERM
         print(f"compiling/loading the classifier failed: {text}", file=sys.stderr)
         return EXIT_FAILED
@@ -88,13 +94,16 @@ def load_and_pin(pin_dir: str) -> None:
     )
     if proc.returncode == 0:
         return
-    detail = proc.stderr.strip().splitlines()
-    tail = "\n".join(detail[-15:]) or f"exit status {proc.returncode}"
+    detail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    # The child's last line is its reason: put it first, where one-line reports (the CLI,
+    # a pod's termination message) show it; the lines before it (bcc, the verifier) follow.
+    reason = detail[-1] if detail else f"the loader exited with status {proc.returncode}"
+    text = "\n".join([reason] + detail[-15:-1])
     if proc.returncode in (EXIT_NO_BCC, EXIT_NO_HEADERS):
-        raise NotSupported(tail)
+        raise NotSupported(text)
     if proc.returncode == EXIT_EPERM:
-        raise PermissionDenied(tail)
-    raise ShaperError(f"loading the classifier failed:\n{tail}")
+        raise PermissionDenied(text)
+    raise ShaperError(f"loading the classifier failed: {text}")
 
 
 if __name__ == "__main__":

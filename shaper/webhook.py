@@ -119,7 +119,9 @@ def _warning(text: str) -> str:
 # -- what is added ------------------------------------------------------------------------------------------
 def sidecar_container(cfg: SidecarConfig, interface: str) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}}
-    caps = ["NET_ADMIN", "BPF"] + (["SYS_ADMIN"] if cfg.sys_admin else [])
+    # CAP_PERFMON: without it the verifier treats the program as unprivileged and
+    # refuses its packet-pointer arithmetic (Spectre v1 hardening).
+    caps = ["NET_ADMIN", "BPF", "PERFMON"] + (["SYS_ADMIN"] if cfg.sys_admin else [])
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": cfg.image,
@@ -140,7 +142,8 @@ def sidecar_container(cfg: SidecarConfig, interface: str) -> dict[str, Any]:
             "limits": {"memory": "256Mi"},
         },
         "securityContext": {
-            # root with two capabilities: tc and BPF need CAP_NET_ADMIN and CAP_BPF.
+            # root with three capabilities: tc needs CAP_NET_ADMIN, loading the
+            # classifier CAP_BPF and CAP_PERFMON.
             # Runtime-default seccomp profiles refuse bpf() without CAP_SYS_ADMIN,
             # so this container (only) runs unconfined.
             "runAsUser": 0,
@@ -279,13 +282,14 @@ class WebhookApp:
 
 class CertificateFiles:
     """A TLS server context that follows certificate rotation (cert-manager, the script): reloaded
-    when the files change, checked at most once per second."""
+    when the files change (two stat() calls per new connection)."""
 
     def __init__(self, cert: str, key: str):
         self.cert, self.key = cert, key
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._context: ssl.SSLContext | None = None
+        self._problem: str | None = None
         self.context()  # fail now, not at the first request
 
     def _files_stamp(self) -> tuple:
@@ -299,7 +303,11 @@ class CertificateFiles:
                 if self._context is None:
                     raise InvalidInput("--tls-cert", f"cannot read {exc.filename}: {exc.strerror}",
                                        "PEM certificate and key files") from None
-                return self._context  # mid-rotation: keep serving with what we have
+                if self._problem != str(exc):  # once per problem, not once per connection
+                    self._problem = str(exc)
+                    log.warning("tls.reload_failed", extra={"fields": {"error": str(exc),
+                                                                       "action": "serving the previous certificate"}})
+                return self._context  # mid-rotation, or unreadable: keep serving with what we have
             if stamp != self._stamp:
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -309,11 +317,14 @@ class CertificateFiles:
                     if self._context is None:
                         raise InvalidInput("--tls-cert", f"cannot load {self.cert} / {self.key}: {exc}",
                                            "a PEM certificate and its private key") from None
-                    log.warning("tls.reload_failed", extra={"fields": {"error": str(exc)}})
+                    if self._problem != str(exc):
+                        self._problem = str(exc)
+                        log.warning("tls.reload_failed", extra={"fields": {
+                            "error": str(exc), "action": "serving the previous certificate"}})
                     return self._context
                 if self._context is not None:
                     log.info("tls.reloaded", extra={"fields": {"cert": self.cert}})
-                self._context, self._stamp = ctx, stamp
+                self._context, self._stamp, self._problem = ctx, stamp, None
             return self._context
 
 

@@ -68,7 +68,7 @@ def test_injected_pod_is_valid_and_complete(make):
     assert side["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "shaper-metrics"}
     assert side["startupProbe"]["httpGet"]["path"] == "/readyz"
     sc = side["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "BPF"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]}
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert "privileged" not in sc
     # Recorded, and labelled for the PodMonitor.
