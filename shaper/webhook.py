@@ -245,7 +245,7 @@ def review(body: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any]:
 
 
 def _pod_name(pod: Any) -> str:
-    meta = pod.get("metadata") or {} if isinstance(pod, Mapping) else {}
+    meta = (pod.get("metadata") or {}) if isinstance(pod, Mapping) else {}
     return str(meta.get("name") or (meta.get("generateName") or "?") + "*")
 
 
@@ -278,6 +278,9 @@ class WebhookApp:
             return json_response(200, review(data, self.cfg))
         except InvalidInput as exc:
             return error(400, str(exc))
+        except (AttributeError, TypeError, ValueError) as exc:  # a field of the wrong JSON type
+            log.warning("inject.malformed", extra={"fields": {"error": str(exc)[:200]}})
+            return error(400, "malformed AdmissionReview: a field has the wrong type")
 
 
 class CertificateFiles:

@@ -181,3 +181,7 @@ def test_http_routes():
     del no_uid["request"]["uid"]
     assert app.handle("POST", "/inject", {}, json.dumps(no_uid).encode()).status == 400
     assert app.handle("POST", "/inject", {}, b" " * (W.MAX_REVIEW_BYTES + 1)).status == 413
+    for bad in ({"metadata": []}, {"metadata": {"annotations": "x"}}, {"spec": {"containers": 5}}, "pod"):
+        req = K.review(K.deployment_pod())
+        req["request"]["object"] = bad
+        assert app.handle("POST", "/inject", {}, json.dumps(req).encode()).status in (200, 400), bad
