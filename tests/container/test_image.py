@@ -53,6 +53,21 @@ def podman_flags(container: dict, volumes: list[dict], host_paths: dict[str, str
     return flags
 
 
+def run_sidecar(image: str, lab, bpffs: Path, name: str, tmp_path: Path, *, rules: str = "",
+                container: dict | None = None, volumes: list[dict] | None = None,
+                detach: bool = True) -> subprocess.CompletedProcess:
+    """`podman run` of the injected sidecar in the lab's pod namespace; `rules` is what the
+    downward API would write from the pod's shaper.io/rules annotation."""
+    container = container or W.sidecar_container(W.SidecarConfig(image=image), POD_IF)
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir(exist_ok=True)
+    (podinfo / "rules").write_text(rules)
+    flags = podman_flags(container, volumes or W.sidecar_volumes(),
+                         {"shaper-bpffs": str(bpffs), "shaper-podinfo": str(podinfo)})
+    return podman("run", "--detach" if detach else "--rm", "--name", name, "--network", f"ns:/run/netns/{lab.pod}",
+                  *flags, image, *container["args"], check=detach, timeout=120)
+
+
 def request(netns: str, method: str, path: str, body=None, token: str | None = None,
             host: str = V4["pod"]) -> tuple[int, str]:
     conn = NetnsHTTPConnection(netns, host, 2332, timeout=30)
@@ -85,16 +100,10 @@ def metric(text: str, name: str, rule: str) -> float:
 
 def test_sidecar_as_injected_shapes_per_destination(image, lab, bpffs, containers, tmp_path):
     client = lab.add_client()
-    container = W.sidecar_container(W.SidecarConfig(image=image), POD_IF)
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    # The pod's shaper.io/rules annotation, as the downward API writes it.
-    (podinfo / "rules").write_text(f"rules:\n  - name: b\n    dst: [{V4['b']}/32]\n    rate: 50mbit\n")
     name = containers()
-    flags = podman_flags(container, W.sidecar_volumes(), {"shaper-bpffs": str(bpffs), "shaper-podinfo": str(podinfo)})
     started = time.monotonic()
-    podman("run", "--detach", "--name", name, "--network", f"ns:/run/netns/{lab.pod}", *flags, image,
-           *container["args"])
+    # The pod's shaper.io/rules annotation, as the downward API writes it.
+    run_sidecar(image, lab, bpffs, name, tmp_path, rules=f"rules:\n  - name: b\n    dst: [{V4['b']}/32]\n    rate: 50mbit\n")
     assert wait_until(lambda: ready(client), 90, 0.2), logs(name)
     print(f"\ncontainer start to ready: {time.monotonic() - started:.2f} s")
     inspect = json.loads(podman("inspect", name).stdout)[0]
@@ -135,14 +144,8 @@ def test_sidecar_as_injected_shapes_per_destination(image, lab, bpffs, container
 
 def test_bad_rules_annotation_is_logged_not_a_crash_loop(image, lab, bpffs, containers, tmp_path):
     client = lab.add_client()
-    container = W.sidecar_container(W.SidecarConfig(image=image), POD_IF)
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    (podinfo / "rules").write_text("rules:\n  - name: b\n    dst: [10.77.0.3/32]\n    rate: fast\n")
     name = containers()
-    flags = podman_flags(container, W.sidecar_volumes(), {"shaper-bpffs": str(bpffs), "shaper-podinfo": str(podinfo)})
-    podman("run", "--detach", "--name", name, "--network", f"ns:/run/netns/{lab.pod}", *flags, image,
-           *container["args"])
+    run_sidecar(image, lab, bpffs, name, tmp_path, rules="rules:\n  - name: b\n    dst: [10.77.0.3/32]\n    rate: fast\n")
     assert wait_until(lambda: ready(client), 90, 0.2), logs(name)
     assert json.loads(request(client, "GET", "/rules")[1]) == {"rules": []}
     [line] = [json.loads(x) for x in logs(name).splitlines() if '"rules.invalid"' in x]
@@ -155,11 +158,7 @@ def test_missing_kernel_headers_are_named(image, lab, bpffs, containers, tmp_pat
     container = W.sidecar_container(W.SidecarConfig(image=image), POD_IF)
     vols = [v for v in W.sidecar_volumes() if v["name"] not in ("shaper-modules", "shaper-src")]
     container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] in {v["name"] for v in vols}]
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    flags = podman_flags(container, vols, {"shaper-bpffs": str(bpffs), "shaper-podinfo": str(podinfo)})
-    proc = podman("run", "--rm", "--name", containers(), "--network", f"ns:/run/netns/{lab.pod}", *flags, image,
-                  *container["args"], check=False, timeout=120)
+    proc = run_sidecar(image, lab, bpffs, containers(), tmp_path, container=container, volumes=vols, detach=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "kernel headers" in out and "mount the node's /lib/modules and /usr/src read-only" in out, out
@@ -185,7 +184,6 @@ def test_webhook_served_by_the_image_as_non_root(image, lab, containers, tmp_pat
     ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
 
     def post(body: bytes) -> tuple[int, dict]:
-        nonlocal ctx
         raw = netns_connect(client, V4["pod"], 8443, 10)
         conn = http.client.HTTPSConnection("shaper-webhook.shaper-system.svc", 8443, context=ctx, timeout=10)
         conn.sock = ctx.wrap_socket(raw, server_hostname="shaper-webhook.shaper-system.svc")
@@ -261,11 +259,7 @@ def test_missing_capability_is_named(image, lab, bpffs, containers, tmp_path):
     """Without CAP_PERFMON the verifier refuses the classifier: the one-line reason says what to add."""
     container = W.sidecar_container(W.SidecarConfig(image=image), POD_IF)
     container["securityContext"]["capabilities"]["add"].remove("PERFMON")
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    flags = podman_flags(container, W.sidecar_volumes(), {"shaper-bpffs": str(bpffs), "shaper-podinfo": str(podinfo)})
-    proc = podman("run", "--rm", "--name", containers(), "--network", f"ns:/run/netns/{lab.pod}", *flags, image,
-                  *container["args"], check=False, timeout=120)
+    proc = run_sidecar(image, lab, bpffs, containers(), tmp_path, container=container, detach=False)
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert proc.returncode != 0
     assert last.startswith("shaper: the kernel's verifier refused the classifier") and "CAP_PERFMON" in last, last
