@@ -9,12 +9,11 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
 
-from shaper.lab import ROOT, sh
+from shaper.lab import sh
 
 BENCH = Path(__file__).resolve().parent
 SENDER_SRC = BENCH / "sender.c"
@@ -126,12 +125,3 @@ class Pair:
                 out["direct"] = q.get("options", {}).get("direct_packets_stat", 0)
         return out
 
-
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - t0, result
-
-
-def root_path() -> Path:
-    return ROOT

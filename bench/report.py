@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import accuracy, apply, classify, daemon, profile  # noqa: E402
+from . import accuracy, apply, classify, profile  # noqa: E402
 
 LABELS = {"baseline": "no classifier (HTB only)", "shaper": "shaper (BPF + LPM trie)",
           "u32": "u32 list (tcconfig, Litmus, Pumba)", "ipset": "iptables + ipset (Chaos Mesh)",
@@ -65,7 +65,8 @@ def plot_apply(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     methods: dict[str, list] = {}
     for r in res["rows"]:
-        key = r["method"].split(" (")[0] if "Controller" in r["method"] or "100" in r["method"] else r["method"]
+        # The 100,000-prefix bulk PUT continues the bulk series; each library apply is its own point.
+        key = "shaper PUT /rules (bulk)" if r["method"].startswith("shaper PUT /rules (bulk") else r["method"]
         methods.setdefault(key, []).append(r)
     for key, rows in methods.items():
         rows = sorted(rows, key=lambda r: r["n"])
@@ -116,8 +117,8 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
     w = out.append
     w("# Benchmarks\n")
     w(f"Produced by `make bench` (`python -m bench`) on {meta['date']}: kernel {meta['kernel']}, "
-      f"{meta['cpus']} CPUs ({meta['cpu']}), {meta['os']}. The machine was **shared** with another engineer's "
-      "test runs while this ran, so absolute numbers are noisy: every comparison below was measured side by side "
+      f"{meta['cpus']} CPUs ({meta['cpu']}), {meta['os']}. The machine was **shared** with another engineer "
+      "working at the same time, so absolute numbers are noisy: every comparison below was measured side by side "
       "in the same run and is given as a ratio, with min/median/max over the repeats. "
       f"The whole run took {meta['duration_s'] / 60:.1f} minutes. Raw results: `bench/results/latest.json` "
       "(not committed).\n")
@@ -149,7 +150,7 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
                 for m in c["mechanisms"]:
                     r = _rows(c, m, kind)[n]
                     extra = "" if m == "baseline" else \
-                        f"<br>+{_f(1e9 / r['pps']['median'] - 1e9 / base[n]['pps']['median'])} ns/pkt"
+                        f"<br>{1e9 / r['pps']['median'] - 1e9 / base[n]['pps']['median']:+,.0f} ns/pkt"
                     cells.append(_mmm(r["pps"]) + extra)
                 w(f"| {n:,} | " + " | ".join(cells) + " |")
             w("")
@@ -281,9 +282,9 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
           f"| {nd['lost']:,} | {nd['classified']:,} | {nd['unshaped']:,} | {nd['matched']:,} | {nd['class_drops']} "
           f"| {nd['direct_queue_packets']} |")
         w("")
-        w("The direct-queue column counts anything else the pod's interface sent unclassified in that time (IPv6 "
-          "neighbour and router solicitations of the lab's addresses); `a` and `b`'s packets are all accounted for "
-          "in their classes.\n")
+        w("The direct-queue column counts anything else the pod's interface sent unclassified in that time "
+          "(not identified; the lab has IPv6 addresses, so neighbour or router solicitations are likely); `a` and "
+          "`b`'s packets are all accounted for in their classes.\n")
         verdicts.append(f"| no disruption: zero loss and no unshaped packet for other rules during {ch['put'] + ch['delete']} "
                         f"changes | lost {nd['lost']}, unshaped {nd['unshaped']} of {nd['sent']:,} | "
                         f"{_ok(nd['lost'] == 0 and nd['unshaped'] == 0)} |")
