@@ -70,6 +70,7 @@ def measure(sender: str, delays: dict = DELAYS_MS, rates: dict = RATES_MBIT, pin
             sh("ip", "-n", lab.pod, "neigh", "replace", V4[name], "lladdr", mac, "dev", POD_IF, "nud", "permanent")
         before = {n: lab.ping(V4[n], count=pings, interval=0.01) for n in delays}
         lab.shaper("apply", rules=rules_yaml(delays, rates))
+        (Path(tempfile.gettempdir()) / f"{lab.pod}-rules.yaml").unlink(missing_ok=True)  # the lab's copy
         for name, ms in delays.items():
             after = lab.ping(V4[name], count=pings, interval=0.01)
             measured = after["avg"] - before[name]["avg"]

@@ -3,6 +3,7 @@ generator, tc counters and summary statistics."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -38,6 +39,8 @@ def sender_binary(outdir: str | None = None) -> str:
     """Compile bench/sender.c (once per process) and return the binary's path."""
     out = Path(outdir or tempfile.gettempdir()) / f"shaper-bench-sender-{os.getpid()}"
     sh("gcc", "-O2", "-Wall", "-o", str(out), str(SENDER_SRC))
+    if outdir is None:  # a given directory is the caller's to remove
+        atexit.register(lambda: out.unlink(missing_ok=True))
     return str(out)
 
 
