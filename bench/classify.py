@@ -10,6 +10,9 @@ same machine load:
 - ipset: one iptables CLASSIFY rule matching an ipset (hash:ip) of the N addresses (Chaos Mesh);
 - iptables: N iptables CLASSIFY rules, one per address (comcast).
 
+iptables is Debian 12's default `iptables` (the nf_tables backend, iptables-nft);
+its rules are in the mangle table's POSTROUTING chain, matched on the output interface.
+
 Every classifier steers matches into one HTB class of 10 Gbit/s (never the
 bottleneck); the rest goes to HTB's direct queue, unshaped.  Traffic is 18-byte
 UDP payloads from the C generator to 256 destinations spread evenly over the
