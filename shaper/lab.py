@@ -150,6 +150,7 @@ class Lab:
         for ns in reversed(self.created):
             sh("ip", "netns", "del", ns, check=False)
         self.created.clear()
+        (Path(tempfile.gettempdir()) / f"{self.pod}-rules.yaml").unlink(missing_ok=True)
 
     # -- helpers ------------------------------------------------------------------------
     def shaper(self, *args: str, check: bool = True, rules: str | None = None) -> subprocess.CompletedProcess:
