@@ -55,7 +55,10 @@ NETEM_DUPLICATE_REFUSED = (
 
 class _BpfFilterOptions(sched_bpf.options):
     # pyroute2 stops at TCA_BPF_FLAGS; the program id is what tells whether
-    # the attached classifier is the pinned one.
+    # the attached classifier is the pinned one.  Like _TcMsg below, clear the
+    # "compiled" flag: once pyroute2 has decoded any bpf filter with its own
+    # class, a subclass would inherit that compiled table, without TCA_BPF_ID.
+    _nlmsg_base__compiled_nla = False
     nla_map = sched_bpf.options.nla_map + (
         ("TCA_BPF_FLAGS_GEN", "uint32"),
         ("TCA_BPF_TAG", "hex"),

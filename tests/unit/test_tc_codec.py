@@ -1,6 +1,9 @@
 """The netlink messages shaper builds and reads, encoded and decoded with no socket."""
 
+import os
 import struct
+import subprocess
+import sys
 
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 
@@ -34,6 +37,21 @@ def test_netem_options_travel_as_raw_bytes():
 
 
 def test_bpf_filter_options_decode_program_id():
+    _bpf_filter_options_decode_program_id()
+
+
+def test_program_id_decodes_after_pyroute2_decoded_a_bpf_filter_itself():
+    # pyroute2 compiles a class's table on first use, and a subclass used after that
+    # inherited the parent's table (without TCA_BPF_ID). Any tc filter dump in the
+    # process does that first; a fresh interpreter makes the order certain.
+    code = ("import test_tc_codec as t; from pyroute2.netlink.rtnl.tcmsg import tcmsg; "
+            "m = tcmsg(t._bpf_filter_dump()); m.decode(); t._bpf_filter_options_decode_program_id(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(__file__))
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def _bpf_filter_dump() -> bytes:
     def nla(kind, payload):
         return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
@@ -41,8 +59,11 @@ def test_bpf_filter_options_decode_program_id():
     options = nla(7, b"shaper_classifier\0") + nla(10, b"\xaa" * 8) + nla(8, struct.pack("=I", 1)) + \
         nla(11, struct.pack("=I", 4242))
     body = struct.pack("=BBHiIII", 0, 0, 0, 3, 1, 0xFFFFFFF3, 0) + nla(1, b"bpf\0") + nla(2, options)
-    raw = struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, 0, 1, 0) + body
-    msg = _TcMsg(raw)
+    return struct.pack("=IHHII", 16 + len(body), RTM_NEWTFILTER, 0, 1, 0) + body
+
+
+def _bpf_filter_options_decode_program_id():
+    msg = _TcMsg(_bpf_filter_dump())
     msg.decode()
     opts = msg.get_attr("TCA_OPTIONS")
     assert opts.get_attr("TCA_BPF_ID") == 4242 and opts.get_attr("TCA_BPF_NAME") == "shaper_classifier"
