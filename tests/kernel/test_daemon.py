@@ -211,3 +211,39 @@ def test_cli_against_the_daemon(lab, tmp_path):
     assert away.returncode == 1 and "cannot reach the shaper daemon" in away.stderr
     assert lab.cli("reset").stdout.strip() == "http://127.0.0.1:2332: deleted 2 rule(s)"
     assert classes(lab) == {}
+
+
+def test_initial_rules_apply_to_a_fresh_datapath_only_and_never_stop_the_daemon(lab, tmp_path):
+    """--initial-rules, the sidecar's form (the pod's shaper.io/rules annotation)."""
+    initial = tmp_path / "rules"
+    initial.write_text(f"rules:\n  - {{name: a, dst: [{V4['a']}], rate: 5mbit}}\n")
+    d = lab.daemon("--initial-rules", str(initial), "--keep-on-exit")
+    assert [r["name"] for r in d.request("GET", "/rules")[1]["rules"]] == ["a"]
+    assert d.request("PUT", "/rules/b", {"dst": [V4["b"]], "rate": "1mbit"})[0] == 200
+    assert d.stop() == 0
+    # Restarted (a container restart with the pins kept): adopted, the API's change stays.
+    d = lab.daemon("--initial-rules", str(initial))
+    assert [r["name"] for r in d.request("GET", "/rules")[1]["rules"]] == ["a", "b"]
+    assert d.stop() == 0
+    # Absent file: no rules. Bad rules: one warning line, ready with none.
+    initial.unlink()
+    d = lab.daemon("--initial-rules", str(initial))
+    assert d.request("GET", "/rules")[1] == {"rules": []}
+    assert d.stop() == 0
+    initial.write_text("rules:\n  - {name: a, dst: [10.77.0.2], rate: 5 parsecs}\n")
+    d = lab.daemon("--initial-rules", str(initial))
+    assert d.request("GET", "/rules")[1] == {"rules": []}
+    [line] = [x for x in d.logs() if x["event"] == "rules.invalid"]
+    assert "rules[0].rate" in line["error"] and line["level"] == "warning"
+    assert d.stop() == 0
+    if netem_available():
+        return
+    # Valid rules the kernel refuses (no sch_netem here): ready with none, and why.
+    initial.write_text(f"rules:\n  - {{name: a, dst: [{V4['a']}], delay: 10ms}}\n")
+    d = lab.daemon("--initial-rules", str(initial))
+    assert d.request("GET", "/rules")[1] == {"rules": []}
+    [line] = [x for x in d.logs() if x["event"] == "rules.refused"]
+    assert "sch_netem" in line["error"]
+    assert d.request("GET", "/readyz")[0] == 200
+    assert d.stop() == 0
+    assert "htb" not in lab.tc_state()
