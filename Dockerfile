@@ -20,6 +20,8 @@ RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && python3 -m venv --system-site-packages /opt/shaper \
  && /opt/shaper/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile /src
+# Lets scripts/image.sh remove this stage's image once the build is done.
+LABEL io.shaper.stage=build
 
 # -- run ------------------------------------------------------------------------
 FROM debian:bookworm-slim

@@ -34,6 +34,14 @@ secret=()
 if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     secret=(--secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt)
 fi
+old=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 podman build --quiet --pull=never --network host "${secret[@]}" -t "$IMAGE" . >/dev/null
+# Leave no 500 MB image behind per rebuild: the previous one (unless a container
+# uses it) and the build stage's (its cached layers below stay).
+new=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$old" ] && [ "$old" != "$new" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || true
+fi
+podman image prune --force --filter label=io.shaper.stage=build >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "image: $IMAGE $((size / 1000000)) MB"
