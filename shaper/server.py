@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -168,33 +170,41 @@ class _Server(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
 
-    def get_request(self):
-        sock, addr = super().get_request()
-        if self.tls is not None:
-            # The handshake happens on the handler's first read, in its own thread,
-            # so a slow client cannot stall accept().
-            sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
         if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(_BUSY)
-            except OSError:
-                pass
+            if self.tls is None:  # a TLS client would need a handshake first: just close
+                try:
+                    request.sendall(_BUSY)
+                except OSError:
+                    pass
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
         try:
+            if self.tls is not None:
+                # The handshake runs here, in the connection's own thread and under its
+                # timeout, so a client that never speaks holds one slot, not accept().
+                request.settimeout(_Handler.timeout)
+                try:
+                    request = self.tls.context().wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    log.debug("tls handshake failed", extra={"fields": {"client": client_address[0],
+                                                                         "error": str(exc)}})
+                    self.shutdown_request(request)
+                    return
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
-        # A client that went away or failed the TLS handshake: not worth a traceback.
-        log.debug("connection error", extra={"fields": {"client": client_address[0]}}, exc_info=True)
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
+            # A client that went away or broke TLS mid-request: not worth a traceback.
+            log.debug("connection error", extra={"fields": {"client": client_address[0], "error": str(exc)}})
+            return
+        log.error("request failed", extra={"fields": {"client": client_address[0]}}, exc_info=True)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:

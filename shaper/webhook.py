@@ -1,15 +1,17 @@
 """`shaper webhook`: a mutating admission webhook that adds the shaper sidecar to pods.
 
 The Kubernetes API server POSTs an AdmissionReview (v1) for each pod being
-created to /inject; the answer allows the pod and, when it should get a
-sidecar, carries a JSONPatch adding it.  Which pods reach the webhook is
-decided by the MutatingWebhookConfiguration in deploy/ (namespaces labelled
-shaper-injection=enabled, and pods annotated shaper.io/inject: "true"
-elsewhere); the webhook then decides per pod:
+created; the answer allows the pod and, when it should get a sidecar,
+carries a JSONPatch adding it.  The MutatingWebhookConfiguration in deploy/
+sends pods of namespaces labelled shaper-injection=enabled to /inject, and
+pods of other namespaces annotated shaper.io/inject: "true" to
+/inject/opt-in (its matchConditions only spare the webhook the calls: the
+webhook checks the annotation itself).  The webhook then decides per pod:
 
 - never in its own namespace or kube-system, only on CREATE of a Pod;
 - never twice (the shaper.io/status annotation records an injection);
-- shaper.io/inject: "false" opts a pod out.
+- shaper.io/inject: "false" opts a pod out; on /inject/opt-in only "true"
+  opts it in.
 
 Initial rules may be declared on the pod in the shaper.io/rules annotation
 (the rules-file format).  The sidecar reads them through the downward API at
@@ -46,6 +48,9 @@ CONTAINER = "shaper"
 METRICS_PORT_NAME = "shaper-metrics"  # what the PodMonitor in deploy/ selects
 PODINFO_DIR = "/etc/shaper/pod"
 EXCLUDED_NAMESPACES = ("kube-system",)
+INJECT_PATH = "/inject"  # pods of namespaces labelled shaper-injection=enabled
+OPT_IN_PATH = "/inject/opt-in"  # pods elsewhere: only those annotated shaper.io/inject: "true"
+INJECT_PATHS = (INJECT_PATH, OPT_IN_PATH)
 MAX_WARNING = 120  # the API server's advice for warning length
 MAX_REVIEW_BYTES = 8 * 1024 * 1024
 
@@ -67,8 +72,12 @@ class SidecarConfig:
 
 
 # -- decisions ----------------------------------------------------------------------------------------------
-def skip_reason(request: Mapping[str, Any], cfg: SidecarConfig) -> str | None:
-    """Why this admission request gets no sidecar, or None if it gets one."""
+def skip_reason(request: Mapping[str, Any], cfg: SidecarConfig, *, opt_in: bool = False) -> str | None:
+    """Why this admission request gets no sidecar, or None if it gets one.
+
+    opt_in: the pod is not in a namespace labelled for injection (the request came
+    to /inject/opt-in) and gets a sidecar only if annotated shaper.io/inject: "true".
+    The annotation values are compared exactly, as the configuration's CEL does."""
     if request.get("operation") != "CREATE":
         return f"operation {request.get('operation')}"
     kind = request.get("kind") or {}
@@ -84,8 +93,11 @@ def skip_reason(request: Mapping[str, Any], cfg: SidecarConfig) -> str | None:
     annotations = meta.get("annotations") or {}
     if annotations.get(STATUS_ANNOTATION):
         return "already injected"
-    if str(annotations.get(INJECT_ANNOTATION, "")).lower() == "false":
-        return f"{INJECT_ANNOTATION}: false"
+    if annotations.get(INJECT_ANNOTATION) == "false":
+        return f'{INJECT_ANNOTATION}: "false"'
+    if opt_in and annotations.get(INJECT_ANNOTATION) != "true":
+        return f'not in a labelled namespace and not annotated {INJECT_ANNOTATION}: "true"'
+
     spec = pod.get("spec") or {}
     if spec.get("hostNetwork"):
         return "hostNetwork pod: its interface is the node's"
@@ -173,8 +185,10 @@ def sidecar_container(cfg: SidecarConfig, interface: str) -> dict[str, Any]:
 
 def sidecar_volumes() -> list[dict[str, Any]]:
     return [
-        {"name": "shaper-modules", "hostPath": {"path": "/lib/modules", "type": "Directory"}},
-        {"name": "shaper-src", "hostPath": {"path": "/usr/src", "type": "Directory"}},
+        # No hostPath type for the headers: a node without them should start the
+        # sidecar, which then says what is missing, rather than fail the mount.
+        {"name": "shaper-modules", "hostPath": {"path": "/lib/modules"}},
+        {"name": "shaper-src", "hostPath": {"path": "/usr/src"}},
         {"name": "shaper-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
         {"name": "shaper-podinfo", "downwardAPI": {"items": [
             {"path": "rules", "fieldRef": {"fieldPath": f"metadata.annotations['{RULES_ANNOTATION}']"}},
@@ -217,7 +231,7 @@ def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> list[dict[str
     return ops
 
 
-def review(body: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any]:
+def review(body: Mapping[str, Any], cfg: SidecarConfig, *, opt_in: bool = False) -> dict[str, Any]:
     """Answer one AdmissionReview: always allowed, with a patch when the pod gets a sidecar."""
     if body.get("apiVersion") != "admission.k8s.io/v1" or body.get("kind") != "AdmissionReview":
         raise InvalidInput("apiVersion/kind", "not an AdmissionReview", "admission.k8s.io/v1 AdmissionReview")
@@ -227,7 +241,9 @@ def review(body: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
     pod = request.get("object")
     where = f"{request.get('namespace') or '-'}/{_pod_name(pod)}"
-    reason = skip_reason(request, cfg) if isinstance(pod, Mapping) else "no object"
+    if isinstance(pod, Mapping):
+        _check_pod_shape(pod)
+    reason = skip_reason(request, cfg, opt_in=opt_in) if isinstance(pod, Mapping) else "no object"
     if reason is None:
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         warnings = rules_warnings(annotations)
@@ -242,6 +258,23 @@ def review(body: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any]:
     else:
         log.debug("inject.skip", extra={"fields": {"pod": where, "reason": reason}})
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+def _check_pod_shape(pod: Mapping[str, Any]) -> None:
+    """The parts the patch is built from have the types a Pod has (the API server sends
+    them so; anything else is not a pod the patch would apply to)."""
+    meta, spec = pod.get("metadata", {}), pod.get("spec")
+    checks = [("object.metadata", meta, Mapping), ("object.spec", spec, Mapping)]
+    if isinstance(meta, Mapping):
+        checks += [(f"object.metadata.{k}", meta[k], Mapping) for k in ("annotations", "labels") if meta.get(k) is not None]
+    if isinstance(spec, Mapping):
+        checks += [(f"object.spec.{k}", spec[k], list) for k in ("containers", "initContainers", "volumes")
+                   if spec.get(k) is not None]
+        if not spec.get("containers"):
+            raise InvalidInput("object.spec.containers", "missing", "a Pod with containers")
+    for where, value, kind in checks:
+        if not isinstance(value, kind):
+            raise InvalidInput(where, f"is a {type(value).__name__}", "the type a Pod has there")
 
 
 def _pod_name(pod: Any) -> str:
@@ -262,10 +295,10 @@ class WebhookApp:
         if path in ("/healthz", "/readyz"):
             return json_response(200, {"status": "ok"}) if method in ("GET", "HEAD") else \
                 error(405, f"{method} not allowed", headers={"Allow": "GET, HEAD"})
-        if path != "/inject":
-            return error(404, f"no such path {path[:100]!r}: the webhook serves POST /inject")
+        if path not in INJECT_PATHS:
+            return error(404, f"no such path {path[:100]!r}: the webhook serves POST {' and '.join(INJECT_PATHS)}")
         if method != "POST":
-            return error(405, f"{method} not allowed on /inject", headers={"Allow": "POST"})
+            return error(405, f"{method} not allowed on {path}", headers={"Allow": "POST"})
         if len(body) > MAX_REVIEW_BYTES:
             return error(413, "AdmissionReview too large")
         try:
@@ -275,7 +308,7 @@ class WebhookApp:
         if not isinstance(data, Mapping):
             return error(400, "body is not a JSON object")
         try:
-            return json_response(200, review(data, self.cfg))
+            return json_response(200, review(data, self.cfg, opt_in=path == OPT_IN_PATH))
         except InvalidInput as exc:
             return error(400, str(exc))
         except (AttributeError, TypeError, ValueError) as exc:  # a field of the wrong JSON type
@@ -306,11 +339,7 @@ class CertificateFiles:
                 if self._context is None:
                     raise InvalidInput("--tls-cert", f"cannot read {exc.filename}: {exc.strerror}",
                                        "PEM certificate and key files") from None
-                if self._problem != str(exc):  # once per problem, not once per connection
-                    self._problem = str(exc)
-                    log.warning("tls.reload_failed", extra={"fields": {"error": str(exc),
-                                                                       "action": "serving the previous certificate"}})
-                return self._context  # mid-rotation, or unreadable: keep serving with what we have
+                return self._keep(exc)  # mid-rotation, or unreadable: keep serving with what we have
             if stamp != self._stamp:
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -320,15 +349,20 @@ class CertificateFiles:
                     if self._context is None:
                         raise InvalidInput("--tls-cert", f"cannot load {self.cert} / {self.key}: {exc}",
                                            "a PEM certificate and its private key") from None
-                    if self._problem != str(exc):
-                        self._problem = str(exc)
-                        log.warning("tls.reload_failed", extra={"fields": {
-                            "error": str(exc), "action": "serving the previous certificate"}})
-                    return self._context
+                    return self._keep(exc)
                 if self._context is not None:
                     log.info("tls.reloaded", extra={"fields": {"cert": self.cert}})
                 self._context, self._stamp, self._problem = ctx, stamp, None
             return self._context
+
+    def _keep(self, exc: Exception) -> ssl.SSLContext:
+        """Serve the certificate loaded before; say why once per problem, not once per connection."""
+        if self._problem != str(exc):
+            self._problem = str(exc)
+            log.warning("tls.reload_failed", extra={"fields": {"error": str(exc),
+                                                               "action": "serving the previous certificate"}})
+        assert self._context is not None
+        return self._context
 
 
 def serve(cfg: SidecarConfig, listen: str, cert: str, key: str) -> None:

@@ -77,9 +77,9 @@ def test_webhook_configuration_matches_the_webhook():
     service = objects()[("Service", "shaper-webhook")]
     namespace = service["metadata"]["namespace"]
     assert len(conf["webhooks"]) == 2
-    for hook in conf["webhooks"]:
+    for hook, path in zip(conf["webhooks"], (W.INJECT_PATH, W.OPT_IN_PATH)):
         ref = hook["clientConfig"]["service"]
-        assert ref == {"name": "shaper-webhook", "namespace": namespace, "path": "/inject", "port": 443}
+        assert ref == {"name": "shaper-webhook", "namespace": namespace, "path": path, "port": 443}
         assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
         assert hook["admissionReviewVersions"] == ["v1"]
         assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],

@@ -17,10 +17,10 @@ from shaper.model import parse_ruleset_text  # noqa: E402
 CFG = W.SidecarConfig(image="registry.example/shaper:0.1.0")
 
 
-def admit(pod: dict, cfg: W.SidecarConfig = CFG, **kw) -> tuple[dict, dict]:
+def admit(pod: dict, cfg: W.SidecarConfig = CFG, opt_in: bool = False, **kw) -> tuple[dict, dict]:
     """(response, pod after the patch) for one CREATE request."""
     req = K.review(pod, **kw)
-    out = W.review(req, cfg)
+    out = W.review(req, cfg, opt_in=opt_in)
     assert out["apiVersion"] == "admission.k8s.io/v1" and out["kind"] == "AdmissionReview"
     resp = out["response"]
     assert resp["uid"] == req["request"]["uid"] and resp["allowed"] is True
@@ -107,7 +107,10 @@ def test_ordinary_container_mode_and_options():
 
 @pytest.mark.parametrize("pod, kw, why", [
     (K.deployment_pod(annotations={"shaper.io/inject": "false"}), {}, "opted out"),
-    (K.deployment_pod(annotations={"shaper.io/inject": "False"}), {}, "opted out, any case"),
+    (K.deployment_pod("other"), {"opt_in": True}, "elsewhere, not annotated"),
+    (K.deployment_pod("other", annotations={"shaper.io/inject": "True"}), {"opt_in": True},
+     "elsewhere, annotated with another value than exactly \"true\" (as the configuration's CEL compares)"),
+    (K.deployment_pod("other", annotations={"shaper.io/inject": "false"}), {"opt_in": True}, "elsewhere, opted out"),
     (K.deployment_pod("kube-system"), {}, "kube-system"),
     (K.deployment_pod("shaper-system"), {}, "the webhook's own namespace"),
     (K.deployment_pod(), {"operation": "UPDATE"}, "not a CREATE"),
@@ -136,7 +139,8 @@ def test_host_network_pods_are_left_alone():
 
 def test_opt_in_annotation_and_rules_annotation():
     rules = "rules:\n  - name: db\n    dst: [10.244.1.0/24]\n    delay: 50ms\n"
-    resp, patched = admit(K.deployment_pod(annotations={"shaper.io/inject": "true", "shaper.io/rules": rules}))
+    resp, patched = admit(K.deployment_pod("other", annotations={"shaper.io/inject": "true", "shaper.io/rules": rules}),
+                          opt_in=True)
     assert "warnings" not in resp
     K.validate_pod(patched)
     # The annotation reaches the sidecar unchanged (downward API), in the rules-file format.
@@ -181,7 +185,16 @@ def test_http_routes():
     del no_uid["request"]["uid"]
     assert app.handle("POST", "/inject", {}, json.dumps(no_uid).encode()).status == 400
     assert app.handle("POST", "/inject", {}, b" " * (W.MAX_REVIEW_BYTES + 1)).status == 413
-    for bad in ({"metadata": []}, {"metadata": {"annotations": "x"}}, {"spec": {"containers": 5}}, "pod"):
+    for bad in ({"metadata": []}, {"metadata": {"annotations": "x"}}, {"spec": {"containers": 5}}):
         req = K.review(K.deployment_pod())
         req["request"]["object"] = bad
-        assert app.handle("POST", "/inject", {}, json.dumps(req).encode()).status in (200, 400), bad
+        assert app.handle("POST", "/inject", {}, json.dumps(req).encode()).status == 400, bad
+    req = K.review(K.deployment_pod())
+    req["request"]["object"] = "pod"  # not an object at all: allowed, untouched
+    resp = app.handle("POST", "/inject", {}, json.dumps(req).encode())
+    assert resp.status == 200 and "patch" not in resp.json()["response"]
+    # The opt-in path injects only annotated pods.
+    plain = json.dumps(K.review(K.deployment_pod("other"))).encode()
+    assert "patch" not in app.handle("POST", W.OPT_IN_PATH, {}, plain).json()["response"]
+    annotated = json.dumps(K.review(K.deployment_pod("other", annotations={"shaper.io/inject": "true"}))).encode()
+    assert "patch" in app.handle("POST", W.OPT_IN_PATH, {}, annotated).json()["response"]
