@@ -139,10 +139,13 @@ class KernelDatapath:
         if self._pins_complete():
             self.open_maps()
             own = self.read_record(0)
-            if own and own.get("ifindex") == self.tc.ifindex:
+            if own and own.get("ifindex") == self.tc.ifindex and self._pinned_program_attached():
                 adopted = True
             else:
-                # Pins of an interface that no longer exists (its tc objects went with it).
+                # Pins of an interface that no longer exists (its tc objects went with
+                # it), or of an earlier namespace whose inode number this one reuses (a
+                # pod killed without cleanup): the same name and ifindex, but not our
+                # program on the interface. Start afresh rather than adopt its rules.
                 self.close_maps()
                 self.remove_pins()
         if not adopted:
@@ -169,6 +172,13 @@ class KernelDatapath:
         finally:
             os.close(fd)
         return "adopted" if adopted else "attached"
+
+    def _pinned_program_attached(self) -> bool:
+        fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
+        try:
+            return self.tc.filter_prog_id() == prog_id(fd)
+        finally:
+            os.close(fd)
 
     def close_maps(self) -> None:
         for m in (self.lpm, self.stats, self.meta):

@@ -133,3 +133,19 @@ def test_reset_after_kill_9_removes_every_trace_and_nothing_else(lab):
     assert out.strip() == f"{POD_IF}: removed filter, htb root, pins"  # clsact stays: it was not ours
     assert lab.tc_state() + sh("tc", "-n", lab.pod, "qdisc", "show", "dev", "other0").stdout == before
     assert not pins_of(lab)
+
+
+def test_pins_without_our_program_on_the_interface_are_not_adopted(lab):
+    """Pins whose name and ifindex match but whose program is not on the interface: what a pod
+    sees when its netns reuses the inode number of a pod killed without cleanup (same eth0,
+    same ifindex). Simulated by removing the clsact (and with it the filter) under the pins."""
+    lab.shaper("apply", rules=f"rules:\n  - {{name: old, dst: [{V4['a']}], rate: 1mbit}}\n")
+    before = pins_of(lab)
+    assert before
+    sh("tc", "-n", lab.pod, "qdisc", "del", "dev", POD_IF, "clsact")
+    d = lab.daemon()
+    assert d.request("GET", "/rules")[1] == {"rules": []}  # the old pod's rule is not inherited
+    assert [x for x in d.logs() if x["event"] == "daemon.ready"][0]["datapath"] == "attached"
+    assert d.request("PUT", "/rules/new", {"dst": [V4["b"]], "rate": "2mbit"})[0] == 200
+    assert d.stop() == 0
+    assert not pins_of(lab)
