@@ -27,14 +27,14 @@ LABEL io.shaper.stage=build
 FROM debian:bookworm-slim
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-bpfcc python3-yaml python3-click iproute2 \
+ && apt-get install -y --no-install-recommends python3 python3-bpfcc iproute2 \
  && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
  # bcc's compiler never needs these in a container: the headers are the node's.
  && rm -rf /usr/share/bcc/tools /usr/share/bcc/examples /usr/sbin/*-bpfcc
 COPY --from=build /opt/shaper /opt/shaper
 ENV PATH=/opt/shaper/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # Non-root by default (the webhook needs nothing more); the sidecar the webhook
-# injects runs as root with CAP_NET_ADMIN and CAP_BPF only.
+# injects runs as root with CAP_NET_ADMIN, CAP_BPF and CAP_PERFMON only.
 USER 65532:65532
 # The daemon handles SIGTERM: it stops serving and removes what it created.
 STOPSIGNAL SIGTERM

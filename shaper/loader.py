@@ -39,6 +39,21 @@ def headers_problem(release: str | None = None) -> str | None:
     )
 
 
+CAP_SYS_ADMIN, CAP_PERFMON = 21, 38
+
+
+def _has_capability(cap: int) -> bool:
+    """Whether this process has `cap` in its effective set (from /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return True  # unknown: do not blame a capability
+
+
 def _child(pin_dir: str) -> int:
     problem = headers_problem()
     if problem:
@@ -62,7 +77,7 @@ def _child(pin_dir: str) -> int:
             print(f"loading the classifier was refused ({text}): run as root or with CAP_BPF, CAP_NET_ADMIN "
                   f"and CAP_PERFMON (CAP_SYS_ADMIN on kernels before 5.8)", file=sys.stderr)
             return EXIT_EPERM
-        if "Permission denied" in text:
+        if "Permission denied" in text and not _has_capability(CAP_PERFMON) and not _has_capability(CAP_SYS_ADMIN):
             # EACCES from the verifier: with CAP_BPF but not CAP_PERFMON it treats the
             # program as unprivileged and refuses its packet-pointer arithmetic.
             print(f"the kernel's verifier refused the classifier as unprivileged ({text}): it needs CAP_BPF, "

@@ -12,7 +12,7 @@ import jsonpatch
 import kubernetes_validate
 
 # The oldest Kubernetes with native sidecars on by default (1.29) and the newest schema known.
-K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 
 
 def _container(name: str, image: str, **extra) -> dict:
