@@ -98,6 +98,16 @@ def library_apply(nrules: int, per: int, repeats: int) -> tuple[list[float], int
     return times, entries
 
 
+def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> None:
+    """One PUT /rules of `body`: its time seen by the client and inside the daemon; then clear."""
+    t0 = time.perf_counter()
+    status, out = d.request("PUT", "/rules", body)
+    bulk.append(time.perf_counter() - t0)
+    assert status == 200, out
+    inside.append(d.logs()[-1]["seconds"])
+    assert d.request("DELETE", "/rules")[0] == 200
+
+
 def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_repeats: dict | None = None,
         log=print) -> dict:
     ensure_tcconfig(log)
@@ -110,12 +120,7 @@ def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_r
             bulk, single, inside = [], [], []
             body = {"rules": rules_body(n)}
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                status, out = d.request("PUT", "/rules", body)
-                bulk.append(time.perf_counter() - t0)
-                assert status == 200, out
-                inside.append(d.logs()[-1]["seconds"])
-                assert d.request("DELETE", "/rules")[0] == 200
+                _timed_bulk_put(d, body, bulk, inside)
                 # A new connection per request, as curl or the CLI does (see section 3 on keep-alive).
                 t0 = time.perf_counter()
                 for rule in body["rules"]:
@@ -135,12 +140,7 @@ def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_r
             body = {"rules": rules_body(nrules, per)}
             bulk, inside = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                status, out = d.request("PUT", "/rules", body)
-                bulk.append(time.perf_counter() - t0)
-                assert status == 200, out
-                inside.append(d.logs()[-1]["seconds"])
-                assert d.request("DELETE", "/rules")[0] == 200
+                _timed_bulk_put(d, body, bulk, inside)
             res["rows"].append({"n": big, "method": f"shaper PUT /rules (bulk, {nrules} rules x {per} prefixes)",
                                 "seconds": summary(bulk), "inside_daemon_s": summary(inside)})
             log(f"  apply {big} prefixes via the API: median {summary(bulk)['median']:.2f}s "
