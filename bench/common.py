@@ -14,7 +14,7 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
-from shaper.lab import sh
+from shaper.lab import make_netns, sh
 
 BENCH = Path(__file__).resolve().parent
 SENDER_SRC = BENCH / "sender.c"
@@ -72,9 +72,7 @@ class Pair:
     def __enter__(self) -> "Pair":
         try:
             for ns in (self.ns, self.peer):
-                sh("ip", "netns", "add", ns)
-                self.created.append(ns)
-                sh("ip", "-n", ns, "link", "set", "lo", "up")
+                self.created.append(make_netns(ns))
                 # IPv4 only: no IPv6 router or neighbour solicitation crosses the measured qdisc.
                 sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                    "net.ipv6.conf.default.disable_ipv6=1")

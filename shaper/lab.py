@@ -83,6 +83,17 @@ def run_in_vm(command: str, rwdir: str, *, capture: bool = False,
                           stdin=subprocess.DEVNULL)
 
 
+def make_netns(name: str) -> str:
+    """A new network namespace with its loopback up (removed again if that fails)."""
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+    except BaseException:
+        sh("ip", "netns", "del", name, check=False)
+        raise
+    return name
+
+
 class Lab:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
@@ -94,9 +105,7 @@ class Lab:
     def __enter__(self) -> "Lab":
         try:
             for ns in (self.pod, self.dst):
-                sh("ip", "netns", "add", ns)
-                self.created.append(ns)
-                sh("ip", "-n", ns, "link", "set", "lo", "up")
+                self.created.append(make_netns(ns))
             self.make_link()
         except BaseException:
             self.__exit__(None, None, None)
@@ -125,9 +134,7 @@ class Lab:
         """A "client" namespace (another pod of the cluster), reaching the pod through the dst
         namespace, which routes; returns its name. Traffic from the pod to it leaves by shp0."""
         ns = self.pod.replace("-pod", "-cli")
-        sh("ip", "netns", "add", ns)
-        self.created.append(ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.created.append(make_netns(ns))
         sh("ip", "-n", ns, "link", "add", "name", "cli0", "type", "veth", "peer", "name", "shc1", "netns", self.dst)
         sh("ip", "-n", ns, "addr", "add", f"{CLIENT['client']}/24", "dev", "cli0")
         sh("ip", "-n", ns, "link", "set", "cli0", "up")
