@@ -156,8 +156,10 @@ class Service:
             counters = self.datapath.counters(sorted(names))
             classes = self.datapath.class_stats()
             entries = self.datapath.map_entries()
-            # The configurations from the state this process keeps (it is the only writer).
-            configs = {o.slot: o.rule for o in self.observe().rules.values()}
+            # The configurations from the state this process keeps (it is the only writer);
+            # a scrape never triggers observe()'s periodic re-read of the whole trie.
+            observed = self._observed if self._observed is not None else self.observe()
+            configs = {o.slot: o.rule for o in observed.rules.values()}
         return Snapshot([RuleSample(names[slot], layout.classid_text(slot), counters[slot], classes.get(slot),
                                     configs.get(slot))
                          for slot in sorted(names, key=names.__getitem__)], entries)
