@@ -58,6 +58,7 @@ def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
         elif dp.is_attached():
             dp.open_maps()
         else:
+            dp.check_accounted()  # "not attached" only when nothing at shaper's pref says otherwise
             yield None
             return
         yield dp

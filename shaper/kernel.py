@@ -27,21 +27,107 @@ from .bpfmap import Map, obj_get, prog_id
 from .errors import Conflict, NotSupported, PermissionDenied
 from .model import Prefix, rule_from_record
 from .stats import ClassStats, RuleCounters
-from .tc import Tc, in_netns
+from .tc import FILTER_PREF, Tc, in_netns
 
 BPFFS_MAGIC_TYPE = "bpf"
+_CLONE_NEWNS = 0x00020000
 RECORD_VERSION = 1
 _SLOT = struct.Struct("=I")
 
 
-def ensure_bpffs(base: str) -> None:
-    """Mount a bpffs at `base` unless one is there (iproute2 does the same for tc pins)."""
-    with open("/proc/self/mountinfo") as f:
+def _mounts(pid: str = "self") -> Iterator[tuple[str, str, str]]:
+    """(mount point, fs type, source) of each mount in a process's mount namespace."""
+    with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             parts = line.split()
             sep = parts.index("-")
-            if parts[4] == base and parts[sep + 1] == BPFFS_MAGIC_TYPE:
-                return
+            yield parts[4], parts[sep + 1], parts[sep + 2]
+
+
+def _is_bpffs(base: str, pid: str = "self") -> bool:
+    return any(point == base and fstype == BPFFS_MAGIC_TYPE for point, fstype, _ in _mounts(pid))
+
+
+def _mnt_ns(pid: int | str) -> int:
+    return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _ancestor_outside(mnt_ns: int) -> int | None:
+    """The nearest ancestor process whose mount namespace is not `mnt_ns`, if one can be seen."""
+    pid = os.getpid()
+    try:
+        while (pid := _parent(pid)) > 0:
+            if _mnt_ns(pid) != mnt_ns:
+                return pid
+    except OSError:  # an ancestor gone meanwhile, or not ours to see
+        pass
+    return None
+
+
+def under_ip_netns_exec() -> str | None:
+    """The namespace name if this process runs in the mount namespace `ip netns exec` made, else None.
+
+    `ip netns exec NS` unshares the mount namespace and mounts a fresh sysfs
+    on /sys whose source is NS (so /sys/class/net shows NS's devices).  That
+    hides the host's bpffs at /sys/fs/bpf: whatever is pinned there lands in a
+    private bpffs that dies with the command."""
+    for point, fstype, source in _mounts():
+        if point == "/sys" and fstype == "sysfs" and source != "sysfs" and "/" not in source \
+                and os.path.exists(f"/run/netns/{source}"):
+            return source
+    return None
+
+
+def join_host_mounts(base: str) -> None:
+    """Under `ip netns exec`, rejoin the mount namespace it was started from.
+
+    shaper's state lives in pins on the host's bpffs, so `ip netns exec NS
+    shaper ...` must see the same bpffs as `nsenter --net=/run/netns/NS shaper
+    ...` does.  The network namespace is kept; only the mounts change, to those
+    of the nearest ancestor process outside this private mount namespace (the
+    shell that ran `ip netns exec`), as nsenter --net would have left them.
+    setns(CLONE_NEWNS) needs a single-threaded process: call this before any
+    thread starts.  Does nothing elsewhere (a container's own mounts, a host)."""
+    netns = under_ip_netns_exec()
+    if netns is None or _is_bpffs(base):
+        return
+    pid = _ancestor_outside(_mnt_ns("self"))
+    hint = (f"run it as `nsenter --net=/run/netns/{netns} shaper ...` or `shaper ... --netns {netns}`, "
+            f"or mount the host's bpffs at {base} inside the command")
+    if not pid:
+        raise NotSupported(f"under `ip netns exec {netns}` the host's bpffs at {base} is hidden and no process "
+                           f"outside that private mount namespace was found to reach it: {hint}")
+    cwd = os.getcwd()
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
+    except OSError as exc:
+        raise NotSupported(f"under `ip netns exec {netns}` the host's bpffs at {base} is hidden, and the mount "
+                           f"namespace of process {pid} cannot be opened ({exc.strerror}): {hint}") from None
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise NotSupported(f"under `ip netns exec {netns}` the host's bpffs at {base} is hidden, and joining "
+                               f"the mount namespace of process {pid} failed ({os.strerror(err)}): {hint}")
+    finally:
+        os.close(fd)
+    try:  # setns reset the working directory to the namespace's root: relative paths must still work
+        os.chdir(cwd)
+    except OSError:
+        pass
+
+
+def ensure_bpffs(base: str) -> None:
+    """Mount a bpffs at `base` unless one is there (iproute2 does the same for tc pins)."""
+    if _is_bpffs(base):
+        return
     os.makedirs(base, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", base.encode(), b"bpf", 0, None) != 0:
@@ -98,6 +184,7 @@ def netns_id(netns: str | None) -> int:
 class KernelDatapath:
     def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None):
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
+        join_host_mounts(self.bpffs)
         self.tc = Tc(ifname, netns)
         self.ifname = ifname
         self.netns = netns
@@ -130,25 +217,52 @@ class KernelDatapath:
         self.meta.update(_SLOT.pack(slot), layout.pack_meta(payload))
 
     def is_attached(self) -> bool:
-        return self._pins_complete() and self.tc.our_filter() is not None
+        """Whether the program pinned here is the one attached to the interface."""
+        return self._pins_complete() and self.tc.filter_prog_id() == self._pinned_prog_id()
+
+    def unaccounted_filter(self) -> int | None:
+        """The program id of a classifier at shaper's pref that is not the one pinned here, if any.
+
+        Another shaper put it there with its pins out of sight (a private
+        bpffs, another container's) or another tool uses the pref: either way
+        shaper cannot account for it, and never replaces it silently."""
+        attached = self.tc.filter_prog_id()
+        if attached is None or (self._pins_complete() and attached == self._pinned_prog_id()):
+            return None
+        return attached
+
+    def check_accounted(self) -> None:
+        """Raise Conflict if a classifier at shaper's pref is not the one pinned here."""
+        attached = self.unaccounted_filter()
+        if attached is not None:
+            raise Conflict(
+                f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} (BPF program id {attached}) that "
+                f"is not the one pinned in {self.pin_dir}: another shaper attached it with its pins out of sight "
+                f"(a private bpffs, another container's) or another tool uses that pref. shaper will not replace "
+                f"it; stop whatever controls it, or remove it with `shaper reset --iface {self.ifname}`"
+            )
 
     def attach(self) -> str:
-        """Load, pin and attach what is missing; returns 'adopted' or 'attached'."""
+        """Load, pin and attach what is missing; returns 'adopted' or 'attached'.
+
+        Refuses (Conflict) to replace a classifier at shaper's pref that is not
+        the program pinned here."""
         ensure_bpffs(self.bpffs)
+        attached = self.tc.filter_prog_id()
         adopted = False
         if self._pins_complete():
             self.open_maps()
             own = self.read_record(0)
-            if own and own.get("ifindex") == self.tc.ifindex and self._pinned_program_attached():
-                adopted = True
-            else:
-                # Pins of an interface that no longer exists (its tc objects went with
-                # it), or of an earlier namespace whose inode number this one reuses (a
-                # pod killed without cleanup): the same name and ifindex, but not our
-                # program on the interface. Start afresh rather than adopt its rules.
+            adopted = bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
+                           and attached == self._pinned_prog_id())
+            if not adopted:
                 self.close_maps()
-                self.remove_pins()
         if not adopted:
+            self.check_accounted()
+            # Pins of an interface that no longer exists (its tc objects went with
+            # it), or of an earlier namespace whose inode number this one reuses (a
+            # pod killed without cleanup): the same name and ifindex, but no program
+            # on the interface. Start afresh rather than adopt its rules.
             self.remove_pins()
             os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
             try:
@@ -163,20 +277,21 @@ class KernelDatapath:
         self.tc.ensure_root()
         if not self.tc.has_clsact():
             # Record first: a crash between the two leaves reset knowing what to remove.
-            self._write_record(0, {**own, "created_clsact": True})
+            own = {**own, "created_clsact": True}
+            self._write_record(0, own)
             self.tc.ensure_clsact()
         fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
         try:
-            if self.tc.filter_prog_id() != prog_id(fd):
-                self.tc.attach_filter(fd)
+            if attached != prog_id(fd):
+                self.tc.attach_filter(fd, created_clsact=bool(own.get("created_clsact")))
         finally:
             os.close(fd)
         return "adopted" if adopted else "attached"
 
-    def _pinned_program_attached(self) -> bool:
+    def _pinned_prog_id(self) -> int:
         fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
         try:
-            return self.tc.filter_prog_id() == prog_id(fd)
+            return prog_id(fd)
         finally:
             os.close(fd)
 
@@ -288,9 +403,13 @@ class KernelDatapath:
                 own = self.read_record(0)
             except Exception:  # unreadable pins still get removed below
                 own = None
+        # Either record says shaper added the clsact qdisc: the pinned one, or the
+        # filter's name when the pins are out of sight.
+        created_clsact = bool(own and own.get("created_clsact")) or self.tc.filter_created_clsact()
+        unaccounted = self.unaccounted_filter()
         if self.tc.detach_filter():
-            removed.append("filter")
-        if own and own.get("created_clsact") and self.tc.has_clsact() and not self.tc.clsact_filters():
+            removed.append("filter" if unaccounted is None else f"filter (program {unaccounted}, no pins here)")
+        if created_clsact and self.tc.has_clsact() and not self.tc.clsact_filters():
             self.tc.del_clsact()
             removed.append("clsact")
         if self.tc.del_root():

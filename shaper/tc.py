@@ -36,6 +36,10 @@ INGRESS_PARENT = 0xFFFFFFF2
 FILTER_PREF = 0x5348  # our own pref ("SH") and handle on clsact egress
 FILTER_HANDLE = 1
 FILTER_NAME = "shaper_classifier"
+# The filter's name also records, in the kernel, that shaper added the clsact
+# qdisc: reset then removes it even when the pins that record it too are gone
+# (a private bpffs, a bpffs unmounted, pins removed by hand).
+FILTER_NAME_OWN_CLSACT = "shaper_classifier+clsact"
 ETH_P_ALL = 0x0003
 HTB_QUANTUM = 60_000  # classes never borrow (no parent class), so any legal quantum will do
 
@@ -250,15 +254,22 @@ class Tc:
                 return f
         return None
 
-    def filter_prog_id(self) -> int | None:
+    def _our_filter_option(self, name: str):
         f = self.our_filter()
-        if f is None:
-            return None
-        opts = f.get_attr("TCA_OPTIONS")
-        return opts.get_attr("TCA_BPF_ID") if opts else None
+        opts = f.get_attr("TCA_OPTIONS") if f is not None else None
+        return opts.get_attr(name) if opts else None
 
-    def attach_filter(self, prog_fd: int) -> None:
-        """Attach (or atomically replace) the classifier on clsact egress."""
+    def filter_prog_id(self) -> int | None:
+        """The id of the program attached at shaper's pref and handle, if any."""
+        return self._our_filter_option("TCA_BPF_ID")
+
+    def filter_created_clsact(self) -> bool:
+        """Whether the attached filter says shaper added the clsact qdisc (see FILTER_NAME_OWN_CLSACT)."""
+        return self._our_filter_option("TCA_BPF_NAME") == FILTER_NAME_OWN_CLSACT
+
+    def attach_filter(self, prog_fd: int, created_clsact: bool = False) -> None:
+        """Attach (or atomically replace) the classifier on clsact egress; its name records
+        whether shaper created the clsact qdisc."""
         try:
             self.ipr.tc(
                 "replace-filter",
@@ -269,7 +280,7 @@ class Tc:
                 prio=FILTER_PREF,
                 protocol=ETH_P_ALL,
                 fd=prog_fd,
-                name=FILTER_NAME,
+                name=FILTER_NAME_OWN_CLSACT if created_clsact else FILTER_NAME,
                 direct_action=True,
             )
         except NetlinkError as exc:
