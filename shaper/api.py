@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, openapi, plan as P
+from . import __version__, changes, openapi, plan as P
 from .errors import Conflict, InvalidInput, NotSupported, ShaperError
-from .model import NAME_FORM, NAME_RE, parse_rule, parse_ruleset
+from .model import FIELD_NAMES, NAME_FORM, NAME_RE, parse_rule, parse_ruleset, unknown_field
 from .service import NotFound, NotReady, Service
 
 log = logging.getLogger("shaper")
@@ -77,6 +77,7 @@ class Api:
             ("DELETE", "/rules", self.delete_rules, True),
             ("GET", "/rules/{name}", self.get_rule, False),
             ("PUT", "/rules/{name}", self.put_rule, True),
+            ("PATCH", "/rules/{name}", self.patch_rule, True),
             ("DELETE", "/rules/{name}", self.delete_rule, True),
             ("GET", "/stats", self.stats, False),
             # A GET that changes state: kept only for compatibility, so it needs the token.
@@ -167,6 +168,31 @@ class Api:
         rule = parse_rule(_json(body), name=_name(name))
         return json_response(200, self.service.put(rule, who).to_dict())
 
+    def patch_rule(self, name: str, body: bytes, who: str, **_: Any) -> Response:
+        """A JSON merge patch (RFC 7396) of one rule: fields given replace, null removes, the rest stay."""
+        name = _name(name)
+        patch = _json(body)
+        if not isinstance(patch, dict):
+            raise InvalidInput("body", f"expected an object, got {type(patch).__name__}",
+                               "an object of the rule fields to change")
+        if not patch:
+            raise InvalidInput("body", "nothing to change", "at least one rule field, e.g. {\"delay\": \"20ms\"}")
+        for key, value in patch.items():
+            if key not in FIELD_NAMES:
+                raise unknown_field(key, key, FIELD_NAMES)
+            if value is None and key in ("name", "dst"):
+                raise InvalidInput(key, "cannot be removed", "a value (every rule has a name and destinations)")
+        # Under the service's lock, so that two patches of one rule never lose one another's change.
+        with self.service.lock:
+            merged = self.service.rule(name).to_dict()
+            for key, value in patch.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            rule = parse_rule(merged, name=name)
+            return json_response(200, self.service.put(rule, who, event="rule.patch").to_dict())
+
     def delete_rule(self, name: str, who: str, **_: Any) -> Response:
         self.service.delete(_name(name), who)
         return json_response(200, {"deleted": [name]})
@@ -174,9 +200,11 @@ class Api:
     def replace_rules(self, body: bytes, query: dict, who: str, **_: Any) -> Response:
         rules = parse_ruleset(_json(body))
         if _flag(query, "dry_run"):
-            ops = self.service.plan(rules)
+            with self.service.lock:  # the operations and the rule changes from the same state
+                ops = self.service.plan(rules)
+                changed = changes.changes_from(self.service.observe(), rules, self.service.clock())
             return json_response(200, {"rules": [r.to_dict() for r in rules], "dry_run": True,
-                                       "changes": [P.describe(op) for op in ops]})
+                                       "changes": [P.describe(op) for op in ops], "rule_changes": changed})
         stored = self.service.replace(rules, who)
         return json_response(200, {"rules": [r.to_dict() for r in stored]})
 

@@ -11,9 +11,12 @@ Commands parse input into the model and turn errors into exit codes: 0 ok,
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -22,11 +25,13 @@ from typing import Callable, Iterator
 import click
 import yaml
 
-from . import plan as P
+from .changes import changes_from, describe as describe_change, natural_key, rule_changes
 from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
-from .errors import InvalidInput, ShaperError
-from .model import FIELD_NAMES, parse_ruleset_text
+from .errors import InvalidInput, KernelError, PermissionDenied, ShaperError
+from .model import FIELD_NAMES, parse_rule, parse_ruleset_text, unknown_field
 from .openapi import RULE_FIELDS
+from .stats import format_remaining
+from .units import format_bits_per_s, format_bytes, format_count, parse_duration_us
 
 OUTPUT_FORMATS = click.Choice(["table", "json", "yaml"])
 
@@ -36,12 +41,33 @@ def _fail(exc: ShaperError) -> None:
     sys.exit(exc.exit_code)
 
 
+_PRIVILEGE_ERRNOS = (errno.EPERM, errno.EACCES)
+
+
+def _root_hint(text: str) -> str:
+    """A refusal's text, telling a non-root user what to do (as root, the refusal has another cause)."""
+    if os.geteuid() == 0 or "root" in text:
+        return text
+    return f"{text}; run as root (sudo shaper ...) or with CAP_NET_ADMIN and CAP_BPF"
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
         yield
+    except (PermissionDenied, KernelError) as exc:
+        if isinstance(exc, PermissionDenied) or exc.errno in _PRIVILEGE_ERRNOS:
+            exc.args = (_root_hint(str(exc).splitlines()[0]),)
+        _fail(exc)
     except ShaperError as exc:
         _fail(exc)
+    except PermissionError as exc:  # a file, bpffs or /proc path the kernel refused to this user
+        _fail(ShaperError(_root_hint(f"{exc.filename or 'the kernel'}: {exc.strerror}")))
+    except Exception as exc:
+        # pyroute2's NetlinkError (imported only by local commands) carries the errno as .code.
+        if type(exc).__name__ != "NetlinkError" or getattr(exc, "code", None) not in _PRIVILEGE_ERRNOS:
+            raise
+        _fail(ShaperError(_root_hint(f"netlink: {os.strerror(exc.code)}")))
 
 
 @contextmanager
@@ -84,6 +110,9 @@ local_iface_option = click.option(
     help="Drive this interface's kernel state directly, without a daemon. Leave it out to ask the daemon.")
 output_option = click.option("-o", "--output", type=OUTPUT_FORMATS, default="table", show_default=True,
                              help="Output format.")
+rule_filter_option = click.option(
+    "--rule", "rule_patterns", multiple=True, metavar="GLOB",
+    help="Only rules whose name matches this shell pattern (e.g. 'db*'); repeat for more.")
 
 
 def client_options(fn):
@@ -208,6 +237,20 @@ def _parse_loss_ge(text: str) -> dict[str, str]:
     return out
 
 
+def _field_values(fields: dict) -> dict:
+    """The rule fields given as options, in the API's form."""
+    return {key: _parse_loss_ge(value) if key == "loss_ge" else value
+            for key, value in fields.items() if value is not None}
+
+
+def _stored_table(stored: dict) -> str:
+    """A rule just PUT: its TTL has restarted, so all of it is left."""
+    row = dict(stored)
+    if "ttl" in stored:
+        row["expires_in"] = format_remaining(parse_duration_us(stored["ttl"], "ttl", max_us=2**62))
+    return _rules_table([row], _terminal_width())
+
+
 @rule.command("set")
 @click.argument("name", shell_complete=_complete_rule_name)
 @click.option("--dst", multiple=True, required=True, metavar="CIDR",
@@ -219,16 +262,90 @@ def rule_set(name: str, dst: tuple[str, ...], output: str, server: str, token_fi
     """Create or replace rule NAME (PUT /rules/NAME).
 
     The rule becomes exactly what the options say: an option left out is not
-    set, even if an older version of the rule had it. Setting a rule again
+    set, even if an older version of the rule had it (to change some fields
+    and keep the others, use `shaper rule patch`). Setting a rule again
     restarts its --ttl.
+
+    \b
+    Example:
+      shaper rule set db --dst 10.0.0.5 --dst fd00::5 --delay 50ms --jitter 5ms --ttl 10m
     """
     with _errors():
-        data: dict = {"dst": list(dst)}
-        for key, value in fields.items():
-            if value is not None:
-                data[key] = _parse_loss_ge(value) if key == "loss_ge" else value
+        data: dict = {"dst": list(dst), **_field_values(fields)}
+        parse_rule(data, name=name)  # bad input is exit 2 before anything is sent, and warns here
         stored = _client(server, token_file).put(name, data)
-        _emit({"rules": [stored]}, output, lambda: _rules_table([stored]))
+        _emit({"rules": [stored]}, output, lambda: _stored_table(stored))
+
+
+_CLEARABLE = tuple(k for k in FIELD_NAMES if k not in ("name", "dst"))
+
+
+@rule.command("patch")
+@click.argument("name", shell_complete=_complete_rule_name)
+@click.option("--dst", multiple=True, metavar="CIDR",
+              help="Replace the destinations with these; repeat for more.")
+@click.option("--add-dst", multiple=True, metavar="CIDR", help="Add a destination; repeat for more.")
+@click.option("--remove-dst", multiple=True, metavar="CIDR", help="Remove a destination; repeat for more.")
+@_field_options
+@click.option("--clear", "clear", multiple=True, metavar="FIELD",
+              help=f"Remove FIELD from the rule (e.g. --clear loss); repeat for more. One of: {', '.join(_CLEARABLE)}.")
+@output_option
+@client_options
+def rule_patch(name: str, dst: tuple[str, ...], add_dst: tuple[str, ...], remove_dst: tuple[str, ...],
+               clear: tuple[str, ...], output: str, server: str, token_file: str | None, **fields) -> None:
+    """Change some fields of rule NAME and keep the others (PATCH /rules/NAME).
+
+    Only what the options say changes; --clear FIELD removes a field. The
+    daemon merges and applies the change in one step, and the rule's TTL
+    restarts as with `rule set`. --add-dst and --remove-dst read the rule's
+    destinations first (a change between the read and the patch is lost).
+
+    \b
+    Examples:
+      shaper rule patch db --delay 20ms
+      shaper rule patch cache --rate 5mbit --clear loss
+      shaper rule patch db --add-dst 10.0.0.6
+    """
+    with _errors():
+        patch = _field_values(fields)
+        for key in clear:
+            key = key.replace("-", "_")
+            if key not in _CLEARABLE:
+                raise unknown_field("--clear", key, _CLEARABLE)
+            if key in patch:
+                raise InvalidInput("--clear", f"{key} is both set and cleared", "a field set or cleared, not both")
+            patch[key] = None
+        if dst and (add_dst or remove_dst):
+            raise InvalidInput("--dst", "replaces the destinations; it cannot be combined with --add-dst or "
+                               "--remove-dst", "--dst alone, or --add-dst/--remove-dst")
+        if dst:
+            patch["dst"] = list(dst)
+        client = _client(server, token_file)
+        if add_dst or remove_dst:
+            patch["dst"] = _edit_dst(client.rule(name)["dst"], add_dst, remove_dst)
+        if not patch:
+            raise InvalidInput("rule patch", "nothing to change",
+                               "at least one field option (e.g. --delay 20ms), --dst, --add-dst, --remove-dst "
+                               "or --clear FIELD")
+        stored = client.patch(name, patch)
+        _emit({"rules": [stored]}, output, lambda: _stored_table(stored))
+
+
+def _edit_dst(current: list[str], add: tuple[str, ...], remove: tuple[str, ...]) -> list[str]:
+    from .model import Prefix
+
+    have = {Prefix.parse(d, "dst"): d for d in current}
+    for i, d in enumerate(remove):
+        prefix = Prefix.parse(d, f"--remove-dst[{i}]")
+        if have.pop(prefix, None) is None:
+            raise InvalidInput("--remove-dst", f"{prefix} is not a destination of this rule", "one of " +
+                               ", ".join(current[:10]) + (", ..." if len(current) > 10 else ""))
+    for i, d in enumerate(add):
+        have.setdefault(Prefix.parse(d, f"--add-dst[{i}]"), d)
+    if not have:
+        raise InvalidInput("--remove-dst", "would leave the rule without destinations",
+                           "at least one destination (delete the rule with `shaper rule del`)")
+    return [str(p) for p in sorted(have)]
 
 
 @rule.command("get")
@@ -236,10 +353,15 @@ def rule_set(name: str, dst: tuple[str, ...], output: str, server: str, token_fi
 @output_option
 @client_options
 def rule_get(name: str, output: str, server: str, token_file: str | None) -> None:
-    """Show rule NAME as the daemon holds it."""
+    """Show rule NAME as the daemon holds it (TTL: the time it has left)."""
     with _errors():
-        found = _client(server, token_file).rule(name)
-        _emit(found, output, lambda: _rules_table([found]))
+        client = _client(server, token_file)
+        found = client.rule(name)
+        if output == "table":
+            row = next((r for r in client.stats()["rules"] if r["name"] == name), found)
+            click.echo(_rules_table([row], _terminal_width()))
+            return
+        _emit(found, output, str)
 
 
 @rule.command("del")
@@ -253,41 +375,95 @@ def rule_del(name: str, server: str, token_file: str | None) -> None:
 
 
 @rule.command("list")
+@rule_filter_option
 @output_option
 @client_options
-def rule_list(output: str, server: str, token_file: str | None) -> None:
-    """List the daemon's rules."""
+def rule_list(rule_patterns: tuple[str, ...], output: str, server: str, token_file: str | None) -> None:
+    """List the daemon's rules, by name (rule-2 before rule-10).
+
+    TTL is the time each rule has left, as in `shaper status`. With -o json
+    or yaml the rules are in the form `shaper apply -f` takes back.
+    """
     with _errors():
-        rules = _client(server, token_file).rules()
-        _emit({"rules": rules}, output, lambda: _rules_table(rules) if rules else "no rules")
+        client = _client(server, token_file)
+        if output == "table":  # the time left is in GET /stats, not in the rules themselves
+            rows = _select(client.stats()["rules"], rule_patterns)
+            click.echo(_rules_table(rows, _terminal_width()) if rows else _none(rule_patterns))
+            return
+        _emit({"rules": _select(client.rules(), rule_patterns)}, output, str)
 
 
 @main.command()
-@click.option("-w", "--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option("-w", "--watch", is_flag=True,
+              help="Refresh until interrupted, with per-second throughput (SENT/S) and drops (DROPS/S) "
+                   "between refreshes. On a terminal the table is redrawn in place; piped, each refresh is a "
+                   "block of its own.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=0), default=0,
               help="With --watch, stop after this many refreshes (0: until Ctrl-C).")
+@rule_filter_option
 @output_option
 @client_options
-def status(watch: bool, interval: float, count: int, output: str, server: str, token_file: str | None) -> None:
-    """Per-rule statistics from the daemon: matches, class bytes, drops, backlog."""
+def status(watch: bool, interval: float, count: int, rule_patterns: tuple[str, ...], output: str, server: str,
+           token_file: str | None) -> None:
+    """Per-rule statistics from the daemon (GET /stats).
+
+    For each rule: its destinations, impairment, the time its TTL has left,
+    packets and bytes the classifier matched (MATCHED), sent through its
+    class (SENT), dropped (netem loss included) and queued now (BACKLOG).
+    Rules are listed by name, rule-2 before rule-10; the table fits the
+    terminal, long destination lists shortened to "+N".
+    """
     with _errors():
         client = _client(server, token_file)
+        rates = _Rates()
+        tty = watch and output == "table" and _is_tty()
         shown = 0
         try:
             while True:
                 data = client.stats()
+                rows = _select(data["rules"], rule_patterns)
+                per_second = rates.update(rows, time.monotonic()) if watch else None
                 if watch and output == "table":
-                    click.clear()
-                    click.echo(f"{server}  {data['interface']}  {time.strftime('%H:%M:%S')}  every {interval:g}s")
-                _emit(data, output, lambda: _stats_table(data["rules"]) if data["rules"] else "no rules")
+                    _watch_frame(data, rows, per_second, server, interval, redraw=tty, first=shown == 0)
+                else:
+                    table = lambda: _stats_table(rows, _terminal_width()) if rows else _none(rule_patterns)
+                    _emit({**data, "rules": rows}, output, table)
                 shown += 1
                 if not watch or (count and shown >= count):
                     return
                 time.sleep(interval)
         except KeyboardInterrupt:
             return
+
+
+def _none(patterns: tuple[str, ...]) -> str:
+    return f"no rule matches {' '.join(patterns)}" if patterns else "no rules"
+
+
+def _watch_frame(data: dict, rows: list[dict], rates: dict, server: str, interval: float, *, redraw: bool,
+                 first: bool) -> None:
+    """One refresh of `status --watch`: a header line, then the table.
+
+    On a terminal the frame overwrites the previous one from the top-left
+    corner (clearing the screen each time flickers) and keeps to the
+    terminal's size; piped, frames follow each other, a blank line apart."""
+    shown = f"{len(rows)} of {len(data['rules'])} rules" if len(rows) != len(data["rules"]) else f"{len(rows)} rules"
+    lines = [f"{server}  {data['interface']}  {time.strftime('%H:%M:%S')}  every {interval:g}s  {shown}"
+             + ("  (rates from the next refresh)" if first and rows else "")]
+    width = _terminal_width()
+    lines += (_stats_table(rows, width, rates) if rows else _none(())).split("\n")
+    if not redraw:
+        click.echo(("" if first else "\n") + "\n".join(lines))
+        return
+    height = shutil.get_terminal_size().lines
+    if len(lines) > height - 1:
+        hidden = len(lines) - (height - 2)
+        lines = lines[:height - 2] + [f"... {hidden} more rule(s): narrow them with --rule GLOB"]
+    # Home, each line then clear to its end, then clear below: no flicker, no scrolling.
+    out = ("\x1b[H\x1b[2J" if first else "\x1b[H") + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J"
+    click.echo(out, nl=False, color=True)  # click strips escape sequences it does not know to be wanted
 
 
 # -- commands that work with a daemon or on the kernel directly ------------------------------------------------
@@ -313,18 +489,17 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
             _no_netns_without_iface(netns)
             result = _client(server, token_file).replace({"rules": [r.to_dict() for r in rules]}, dry_run)
             if dry_run:
-                for change in result["changes"]:
-                    click.echo(f"Would {change}")
+                _print_dry_run(server, result.get("rule_changes"), len(rules), result["changes"])
             else:
                 click.echo(f"{server}: {len(result['rules'])} rule(s) applied")
             return
         with _datapath(iface, netns, attach=not dry_run) as dp:
             if dry_run:
                 if dp is None:
-                    click.echo(f"Would attach to {iface} and create {len(rules)} rule(s)")
+                    click.echo(f"dry run: shaper would attach to {iface}")
+                    _print_dry_run(iface, rule_changes([], rules), len(rules))
                     return
-                for op in Controller(dp).plan(rules):
-                    click.echo(f"Would {P.describe(op)}")
+                _print_dry_run(iface, changes_from(dp.observe(), rules, time.monotonic_ns()), len(rules))
                 return
             ops = Controller(dp).apply(rules)
         click.echo(f"{iface}: {len(rules)} rule(s), {len(ops)} change(s)")
@@ -355,7 +530,30 @@ def reset(iface: str | None, netns: str | None, server: str, token_file: str | N
                 removed = dp.reset()
         finally:
             dp.close()
-        click.echo(f"{iface}: removed {', '.join(removed)}" if removed else f"{iface}: nothing of shaper's to remove")
+        click.echo(f"{iface}: removed {', '.join(removed)}" if removed
+                   else f"{iface}: nothing of shaper's to remove" + _unseen_hint())
+
+
+def _print_dry_run(target: str, changes: list[dict] | None, total: int, ops: list[str] = ()) -> None:
+    """A dry run in the rules' own words: '+ db (created)', '~ cache: rate 2mbit -> 5mbit', '- old (deleted)'."""
+    if changes is None:  # a daemon from before rule_changes: its kernel operations are all there is
+        for op in ops:
+            click.echo(f"Would {op}")
+        return
+    unchanged = total - sum(1 for c in changes if c["change"] != "deleted")
+    if not changes:
+        click.echo(f"dry run: nothing would change on {target} ({unchanged} rule(s) unchanged)")
+        return
+    click.echo(f"dry run: {target} would change {len(changes)} rule(s), nothing was changed:")
+    for change in changes:
+        click.echo(describe_change(change))
+    if unchanged:
+        click.echo(f"({unchanged} rule(s) unchanged)")
+
+
+def _unseen_hint() -> str:
+    """What a non-root user is told when shaper finds nothing: its pins may be out of this user's sight."""
+    return "" if os.geteuid() == 0 else " (as seen by a non-root user, who cannot read shaper's pins: run as root)"
 
 
 def _no_netns_without_iface(netns: str | None) -> None:
@@ -366,15 +564,20 @@ def _no_netns_without_iface(netns: str | None) -> None:
 @main.command()
 @iface_option
 @netns_option
+@rule_filter_option
 @output_option
-def show(iface: str, netns: str | None, output: str) -> None:
-    """Show IFACE's rules with their counters, read from the kernel (no daemon needed)."""
+def show(iface: str, netns: str | None, rule_patterns: tuple[str, ...], output: str) -> None:
+    """Show IFACE's rules with their counters, read from the kernel (no daemon needed).
+
+    The same table as `shaper status` (TTL: the time each rule has left).
+    Needs root, as every local command does.
+    """
     with _errors(), _datapath(iface, netns, attach=False) as dp:
-        rows = [] if dp is None else _status_rows(dp)
+        rows = [] if dp is None else _select(_status_rows(dp), rule_patterns)
         if dp is None and output == "table":
-            click.echo(f"shaper is not attached to {iface}")
+            click.echo(f"shaper is not attached to {iface}" + _unseen_hint())
         else:
-            _emit({"rules": rows}, output, lambda: _stats_table(rows))
+            _emit({"rules": rows}, output, lambda: _stats_table(rows, _terminal_width()) if rows else _none(rule_patterns))
 
 
 # -- the admission webhook -------------------------------------------------------------------------------------
@@ -439,6 +642,13 @@ def _emit(data: object, output: str, table: Callable[[], str]) -> None:
         click.echo(table())
 
 
+def _select(rows: list[dict], patterns: tuple[str, ...] = ()) -> list[dict]:
+    """Rows whose name matches any of the glob patterns (all without patterns), rule-2 before rule-10."""
+    if patterns:
+        rows = [r for r in rows if any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)]
+    return sorted(rows, key=lambda r: natural_key(r["name"]))
+
+
 _IMPAIRMENTS = ("delay", "jitter", "distribution", "loss", "duplicate", "corrupt", "reorder", "rate")
 
 
@@ -449,28 +659,134 @@ def _impairment(r: dict) -> str:
     return text.strip() or "-"
 
 
-def _dst(r: dict) -> str:
-    return ",".join(r["dst"][:3]) + (f",+{len(r['dst']) - 3}" if len(r["dst"]) > 3 else "")
+def _dst(dst: list[str], width: int | None = None) -> str:
+    """The destinations in at most `width` characters: as many as fit, then how many more."""
+    if width is None:
+        return ",".join(dst[:3]) + (f",+{len(dst) - 3}" if len(dst) > 3 else "")
+    text = ""
+    for i, d in enumerate(dst):
+        more = f",+{len(dst) - i - 1}" if i < len(dst) - 1 else ""
+        candidate = (text + "," if text else "") + d
+        if len(candidate + more) > width and text:
+            return text + f",+{len(dst) - i}"
+        text = candidate
+    return _cut(text, width)
 
 
-def _format(header: tuple[str, ...], lines: list[tuple]) -> str:
-    lines = [header, *lines]
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(1, width - 2)] + ".."
 
 
-def _rules_table(rules: list[dict]) -> str:
+def _ttl_left(row: dict) -> str:
+    """The TTL column of every table: the time the rule has left, as GET /stats counts it."""
+    left = row.get("expires_in")
+    if left is None:
+        return "-"
+    return left if left == "expired" else f"{left} left"
+
+
+def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = None) -> str:
+    """Columns; with a width, the DST and IMPAIRMENT columns give way so that lines fit it."""
+    dst_col = header.index("DST") if "DST" in header else None
+    imp_col = header.index("IMPAIRMENT") if "IMPAIRMENT" in header else None
+
+    def cells(dst_width: int | None, imp_width: int | None) -> list[tuple]:
+        out = []
+        for line in lines:
+            row = list(line)
+            if dst_col is not None:
+                row[dst_col] = _dst(row[dst_col], dst_width)
+            if imp_col is not None and imp_width is not None:
+                row[imp_col] = _cut(row[imp_col], imp_width)
+            out.append(tuple(str(c) for c in row))
+        return out
+
+    rows = cells(None, None)
+    widths = _widths(header, rows)
+    if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        flexible = {c for c in (dst_col, imp_col) if c is not None}
+        room = width - sum(w for i, w in enumerate(widths) if i not in flexible) - 2 * (len(widths) - 1)
+        if dst_col is not None and imp_col is not None:
+            imp_width = max(10, min(widths[imp_col], room // 2))
+            rows = cells(max(12, room - imp_width), imp_width)
+        elif flexible:
+            rows = cells(max(12, room), None) if dst_col is not None else cells(None, max(10, room))
+        widths = _widths(header, rows)
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows])
+    if width is not None:  # whatever still does not fit is cut, never wrapped (a redraw in place would scroll)
+        text = "\n".join(_cut(line, width) for line in text.split("\n"))
+    return text
+
+
+def _widths(header: tuple[str, ...], rows: list[tuple]) -> list[int]:
+    return [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+
+def _terminal_width() -> int | None:
+    """Columns to fit: the terminal's, or $COLUMNS; None when piped (nothing is cut)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    return shutil.get_terminal_size().columns if _is_tty() else None
+
+
+def _is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _rules_table(rules: list[dict], width: int | None = None) -> str:
     return _format(("NAME", "DST", "IMPAIRMENT", "TTL"),
-                   [(r["name"], _dst(r), _impairment(r), r.get("ttl", "-")) for r in rules])
+                   [(r["name"], r["dst"], _impairment(r), _ttl_left(r)) for r in rules], width)
 
 
-def _stats_table(rows: list[dict]) -> str:
-    return _format(
-        ("NAME", "CLASSID", "DST", "IMPAIRMENT", "TTL", "MATCHED", "DROPS", "BACKLOG"),
-        [(r["name"], r["classid"], _dst(r), _impairment(r), r.get("expires_in", "-"),
-          f"{r['matched_packets']}p/{r['matched_bytes']}B", str(r.get("drops", "-")),
-          f"{r.get('backlog_packets', 0)}p") for r in rows],
-    )
+def _pkts_bytes(packets: int | None, nbytes: int | None) -> str:
+    if packets is None:
+        return "-"
+    return f"{format_count(packets)}p/{format_bytes(nbytes or 0)}"
+
+
+def _stats_table(rows: list[dict], width: int | None = None, rates: dict | None = None) -> str:
+    """GET /stats rows; with `rates` (from a watch), per-second throughput and drops first."""
+    header = ("NAME", "DST", "IMPAIRMENT", "TTL")
+    if rates is not None:
+        header += ("SENT/S", "DROPS/S")
+    header += ("MATCHED", "SENT", "DROPS", "BACKLOG", "CLASSID")
+    lines = []
+    for r in rows:
+        line: tuple = (r["name"], r["dst"], _impairment(r), _ttl_left(r))
+        if rates is not None:
+            rate = rates.get(r["name"])
+            line += ("-", "-") if rate is None else (format_bits_per_s(rate[0]), format_count(rate[1]))
+        line += (_pkts_bytes(r["matched_packets"], r["matched_bytes"]),
+                 _pkts_bytes(r.get("class_packets"), r.get("class_bytes")),
+                 format_count(r["drops"]) if "drops" in r else "-",
+                 _pkts_bytes(r.get("backlog_packets"), r.get("backlog_bytes")), r["classid"])
+        lines.append(line)
+    return _format(header, lines, width)
+
+
+class _Rates:
+    """Per-second rates between successive GET /stats samples, per rule.
+
+    A rule whose class changed (deleted and created again) or whose counters
+    went backwards has no rate until its next sample."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[str, float, int, int]] = {}
+
+    def update(self, rows: list[dict], now: float) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        current = {}
+        for r in rows:
+            sent = r.get("class_bytes", r["matched_bytes"])
+            drops = r.get("drops", 0)
+            current[r["name"]] = (r["classid"], now, sent, drops)
+            prev = self.last.get(r["name"])
+            if prev is None or prev[0] != r["classid"] or now <= prev[1] or sent < prev[2] or drops < prev[3]:
+                continue
+            dt = now - prev[1]
+            out[r["name"]] = ((sent - prev[2]) * 8 / dt, (drops - prev[3]) / dt)
+        self.last = current
+        return out
 
 
 if __name__ == "__main__":

@@ -116,3 +116,7 @@ class Client:
 
     def stats(self) -> dict:
         return self.request("GET", "/stats")
+
+    def patch(self, name: str, changes: dict) -> dict:
+        """Change some fields of a rule (a JSON merge patch: null removes a field); returns the stored rule."""
+        return self.request("PATCH", f"/rules/{quote(name, safe='')}", changes)

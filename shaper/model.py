@@ -9,6 +9,7 @@ destination in two rules, capacity).  No I/O here.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -207,9 +208,9 @@ def _parse_loss_ge(value: object, fld: str) -> LossGE:
     form = "a mapping with p and optionally r, loss_bad, loss_good, each a percentage"
     if not isinstance(value, Mapping):
         raise InvalidInput(fld, f"expected a mapping, got {type(value).__name__}", form)
-    unknown = set(value) - {"p", "r", "loss_bad", "loss_good"}
+    unknown = sorted(map(str, set(value) - {"p", "r", "loss_bad", "loss_good"}))
     if unknown:
-        raise InvalidInput(fld, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}", form)
+        raise unknown_field(f"{fld}.{unknown[0]}", unknown[0], ("p", "r", "loss_bad", "loss_good"), form)
     if "p" not in value:
         raise InvalidInput(fld + ".p", "is required", form)
     p = parse_percent(value["p"], fld + ".p")
@@ -283,7 +284,7 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
                            "a mapping of rule fields")
     unknown = [str(k) for k in data if k not in FIELD_NAMES]
     if unknown:
-        raise InvalidInput(prefix + unknown[0], "unknown field", "one of " + ", ".join(FIELD_NAMES))
+        raise unknown_field(prefix + unknown[0], unknown[0], FIELD_NAMES)
     body_name = data.get("name", name)
     if name is not None and body_name != name:
         raise InvalidInput(prefix + "name", f"{body_name!r} differs from {name!r} in the path", "the same name")
@@ -329,7 +330,7 @@ def parse_ruleset(data: object) -> tuple[Rule, ...]:
         raise InvalidInput("rules file", f"expected a mapping, got {type(data).__name__}", "a mapping with 'rules'")
     unknown = [str(k) for k in data if k != "rules"]
     if unknown:
-        raise InvalidInput(unknown[0], "unknown top-level field", "only 'rules'")
+        raise unknown_field(unknown[0], unknown[0], ("rules",), "only 'rules'", what="unknown top-level field")
     if "rules" not in data:
         # An empty mapping is more likely a mistake than a request to remove every rule.
         raise InvalidInput("rules", "is missing", "a mapping with 'rules' (an empty list removes every rule)")
@@ -346,9 +347,82 @@ def parse_ruleset_text(text: str | bytes, field: str, source: str) -> tuple[Rule
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InvalidInput(field, f"{source} is not valid YAML: {str(exc).splitlines()[0]}",
+        raise InvalidInput(field, f"{source} is not valid YAML: {_yaml_problem(exc)}",
                            "a YAML rules document") from None
-    return parse_ruleset(data)
+    try:
+        return parse_ruleset(data)
+    except InvalidInput as exc:
+        raise with_line(exc, text, source) from None
+
+
+def unknown_field(fld: str, key: str, known: Iterable[str], accepted: str | None = None, *,
+                  what: str = "unknown field") -> InvalidInput:
+    """The error for a field name shaper does not know, with the closest known one (a typo, "dely")."""
+    known = tuple(known)
+    norm = key.strip().lower().replace("-", "_")
+    close = [norm] if norm in known else difflib.get_close_matches(norm, known, n=1, cutoff=0.6)
+    problem = f"{what}; did you mean {close[0]!r}?" if close else what
+    return InvalidInput(fld, problem, accepted or "one of " + ", ".join(known))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+_PATH_STEP = re.compile(r"([^.\[\]]+)|\[([^\]]*)\]")
+
+
+def locate(text: str | bytes, fld: str) -> int | None:
+    """The line (1-based) of a rules document where field path `fld` ("rules[2].dely",
+    "rules[db].dst[1]") is, or of the closest enclosing part found; None if nothing is.
+
+    Only called once a document has failed validation: composing the YAML again
+    with positions costs about as much as loading it, which the loads that succeed
+    should not pay."""
+    try:
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    line = None
+    for m in _PATH_STEP.finditer(fld):
+        key, index = m.group(1), m.group(2)
+        if node is None:
+            break
+        if key is not None and isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            if pair is None:
+                break
+            line = pair[0].start_mark.line + 1
+            node = pair[1]
+        elif index is not None and isinstance(node, yaml.SequenceNode):
+            node = _item(node, index)
+            if node is not None:
+                line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _item(seq: yaml.SequenceNode, index: str) -> yaml.Node | None:
+    if index.isdigit():
+        return seq.value[int(index)] if int(index) < len(seq.value) else None
+    # validate_ruleset names a rule by its name ("rules[db].dst").
+    for item in seq.value:
+        if isinstance(item, yaml.MappingNode) and any(getattr(k, "value", None) == "name" and
+                                                      getattr(v, "value", None) == index for k, v in item.value):
+            return item
+    return None
+
+
+def with_line(exc: InvalidInput, text: str | bytes, source: str) -> InvalidInput:
+    """`exc`, its message starting "SOURCE:LINE: " where the field is found in the document."""
+    line = locate(text, exc.field)
+    if line is not None:
+        exc.line = line  # type: ignore[attr-defined]
+        exc.args = (f"{source}:{line}: {exc}",)
+    return exc
 
 
 def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:

@@ -100,6 +100,13 @@ PATHS: dict[str, dict[str, dict]] = {
         "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE,
                    errors=(400, 422, 500, 501, 503),
                    body=_RULE, params=[_NAME], auth=True),
+        "patch": _op("Change some fields of one rule, keep the others (restarts its TTL)", ok=_RULE,
+                     errors=(400, 404, 422, 500, 501, 503), params=[_NAME], auth=True,
+                     body={"application/merge-patch+json": {"schema": {"$ref": "#/components/schemas/RulePatch"}},
+                           "application/json": {"schema": {"$ref": "#/components/schemas/RulePatch"}}},
+                     description="A JSON merge patch (RFC 7396): each field given replaces the rule's, a field "
+                                 "given as null is removed (name and dst cannot be), fields left out stay. "
+                                 "An empty patch or an unknown field is a 422. Merged and applied in one step."),
         "delete": _op("Remove one rule", ok=_DELETED, errors=(404, 422, 500, 503), params=[_NAME], auth=True),
     },
     "/stats": {"get": _op("Per-rule statistics: classifier matches and HTB class counters", errors=(503,),
@@ -130,11 +137,38 @@ def document(version: str) -> dict[str, Any]:
             "schemas": {
                 "Rule": {"type": "object", "additionalProperties": False, "required": ["dst"],
                          "properties": RULE_FIELDS},
+                "RulePatch": {"type": "object", "additionalProperties": False, "minProperties": 1,
+                              "properties": {k: ({**v, "nullable": True} if k not in ("name", "dst") else v)
+                                             for k, v in RULE_FIELDS.items()}},
                 "RuleSet": {"type": "object", "additionalProperties": False, "required": ["rules"],
                             "properties": {"rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}}},
                 "Replaced": {"type": "object", "additionalProperties": False, "required": ["rules"], "properties": {
                     "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
-                    "dry_run": {"type": "boolean"}, "changes": {"type": "array", "items": {"type": "string"}}}},
+                    "dry_run": {"type": "boolean"},
+                    "changes": {"type": "array", "items": {"type": "string"},
+                                "description": "With dry_run: the kernel operations, one line each (slots, classes)."},
+                    "rule_changes": {"type": "array", "items": {"$ref": "#/components/schemas/RuleChange"},
+                                     "description": "With dry_run: what changes, per rule, in the rule's own "
+                                                    "fields; unchanged rules are left out."}}},
+                "RuleChange": {
+                    "type": "object", "additionalProperties": False, "required": ["name", "change"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "change": {"type": "string", "enum": ["created", "updated", "deleted"]},
+                        "expired": {"type": "boolean",
+                                    "description": "Created again: the rule was there but its TTL had passed."},
+                        "fields": {"type": "object", "description": "created: the rule's fields (as in Rule, "
+                                   "without name and dst); updated: each changed field as {old, new}, null "
+                                   "where the field is unset.",
+                                   "additionalProperties": True},
+                        "restarts_ttl": {"type": "boolean",
+                                         "description": "updated: the rule runs for its TTL from now."},
+                        "dst_added": {"type": "array", "items": {"type": "string"},
+                                      "description": "Destinations added (the first ten)."},
+                        "dst_added_count": {"type": "integer"},
+                        "dst_removed": {"type": "array", "items": {"type": "string"},
+                                        "description": "Destinations removed (the first ten)."},
+                        "dst_removed_count": {"type": "integer"}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {
                     "error": {"type": "string"}, "field": {"type": "string"}, "expected": {"type": "string"}}},
             },

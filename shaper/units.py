@@ -8,10 +8,13 @@ base unit or raises InvalidInput naming the field and the accepted form.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
 from .errors import InvalidInput
+
+log = logging.getLogger("shaper")
 
 _NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
 
@@ -37,6 +40,10 @@ for _si, _iec, _mult in (("", "", 0), ("k", "ki", 1), ("m", "mi", 2), ("g", "gi"
     if _iec:
         _RATE_BITS[_iec + "bit"] = 1024**_mult
         _RATE_BITS[_iec + "bps"] = 8 * 1024**_mult
+_BYTE_RATE_UNITS = frozenset(u for u in _RATE_BITS if u.endswith("bps"))
+_PREFIX_NAMES = {"": "", "k": "kilo", "m": "mega", "g": "giga", "t": "tera",
+                 "ki": "kibi", "mi": "mebi", "gi": "gibi", "ti": "tebi"}
+_warned_byte_rate = False  # once per process: a rules file may use the unit a thousand times
 RATE_FORM = "a number with a tc unit: bit, kbit, mbit, gbit, tbit (bits/s) or bps, kbps, mbps, gbps (bytes/s)"
 
 # tc(8) sizes are powers of 1024: "kb" is KiB.
@@ -89,6 +96,8 @@ def parse_rate_bits(value: object, field: str, *, min_bits: int, max_bits: int) 
     if unit not in _RATE_BITS:
         raise InvalidInput(field, f"unknown or missing unit in {value!r}", RATE_FORM)
     bits = round(num * _RATE_BITS[unit])
+    if unit in _BYTE_RATE_UNITS:
+        _warn_byte_rate(value, bits)
     if not min_bits <= bits <= max_bits:
         raise InvalidInput(
             field,
@@ -96,6 +105,20 @@ def parse_rate_bits(value: object, field: str, *, min_bits: int, max_bits: int) 
             RATE_FORM,
         )
     return bits
+
+
+def _warn_byte_rate(value: str, bits: int) -> None:
+    """tcconfig and most people read "10Mbps" as megabits; tc (and shaper) as megabytes."""
+    global _warned_byte_rate
+    if _warned_byte_rate:
+        return
+    _warned_byte_rate = True
+    num, unit = _split(value, "rate", RATE_FORM)
+    prefix = _PREFIX_NAMES[unit[:-3]]
+    log.warning("rate %r is %s %sbytes per second in tc's units (%s), not %sbits as tcconfig reads it; "
+                "for %s %sbits per second write %s%sbit (this warning is shown once)",
+                value.strip(), _trim(num), prefix, format_bits_per_s(bits), prefix,
+                _trim(num), prefix, _trim(num), unit[:-3])
 
 
 def parse_size_bytes(value: object, field: str, *, min_bytes: int, max_bytes: int) -> int:
@@ -156,3 +179,33 @@ def format_size_bytes(size: int) -> str:
         if size >= mult and size % mult == 0:
             return f"{size // mult}{unit}"
     return f"{size}b"
+
+
+def format_bits_per_s(bits: float) -> str:
+    """A measured rate for people: '0 bit/s', '950 bit/s', '1.2 kbit/s', '85.3 Mbit/s' (SI, as link speeds)."""
+    for unit, mult in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= mult:
+            return _human(bits / mult) + " " + unit
+    return f"{bits:.0f} bit/s"
+
+
+def format_bytes(size: float) -> str:
+    """A byte count for people: '200 B', '1.5 KiB', '3.2 GiB' (powers of 1024, as sizes)."""
+    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= mult:
+            return _human(size / mult) + " " + unit
+    return f"{size:.0f} B"
+
+
+def format_count(count: float) -> str:
+    """A packet count for people: '950', '12.3k', '4.1M'."""
+    for unit, mult in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= mult:
+            return _human(count / mult) + unit
+    return f"{count:.0f}" if count == int(count) or count >= 10 else f"{count:.1f}"
+
+
+def _human(num: float) -> str:
+    """Three significant digits at most, no trailing zeros: 1.5, 12.3, 850."""
+    text = f"{num:.1f}" if num < 100 else f"{num:.0f}"
+    return text[:-2] if text.endswith(".0") else text

@@ -260,7 +260,7 @@ def test_routes_methods_and_readiness(env):
     assert call(api, "GET", "/nope")[0] == 404
     resp = api.handle("POST", "/rules", {}, b"")
     assert resp.status == 405 and resp.headers["Allow"] == "DELETE, GET, PUT"
-    assert call(api, "PATCH", "/rules/a")[0] == 405
+    assert call(api, "POST", "/rules/a")[0] == 405  # PATCH /rules/{name} exists: another method
 
 
 def test_openapi_document_matches_the_routes_and_the_model(api):

@@ -16,10 +16,16 @@ TOKEN = "tok-123"
 
 
 @pytest.fixture
-def daemon(monkeypatch):
+def clock():
+    """The daemon's CLOCK_MONOTONIC in ns; a test moves it forward by changing clock[0]."""
+    return [10**12]
+
+
+@pytest.fixture
+def daemon(monkeypatch, clock):
     """Route the CLI's HTTP requests to an Api over a FakeDatapath; record what reached it."""
     fake = FakeDatapath()
-    service = Service(fake, "eth0", clock=lambda: 10**12)
+    service = Service(fake, "eth0", clock=lambda: clock[0])
     service.start()
     api = Api(service, token=TOKEN)
     seen = []
@@ -48,7 +54,7 @@ def test_rule_set_get_list_del(daemon):
                        "--gap", "2", "--reorder", "1%", "--ttl", "1h")
     assert code == 0, out
     assert out.split("\n")[0].split() == ["NAME", "DST", "IMPAIRMENT", "TTL"]
-    assert "db" in out and "delay=50ms" in out and "1h" in out
+    assert "db" in out and "delay=50ms" in out and "1h0m0s left" in out
     assert seen[-1] == ("http://127.0.0.1:2332", "PUT", "/rules/db", f"Bearer {TOKEN}")
     rule = fake.observe().rules["db"].rule
     assert rule.delay_us == 50_000 and rule.loss_ge.p_pct == 1 and rule.gap == 2 and rule.rate_bits == 2_000_000
@@ -86,7 +92,7 @@ def test_token_file_and_server_from_the_environment(daemon, tmp_path):
     code, out, err = run("rule", "list", env={"SHAPER_TOKEN": None, "SHAPER_TOKEN_FILE": str(token_file),
                                               "SHAPER_SERVER": "http://10.1.2.3:9999"})
     assert code == 0, err
-    assert seen[-1] == ("http://10.1.2.3:9999", "GET", "/rules", f"Bearer {TOKEN}")
+    assert seen[-1] == ("http://10.1.2.3:9999", "GET", "/stats", f"Bearer {TOKEN}")
     code, _, err = run("rule", "list", "--token-file", str(tmp_path / "absent"))
     assert code == 2 and "--token-file" in err
     code, _, err = run("rule", "list", "--server", "ftp://x")
@@ -99,7 +105,8 @@ def test_apply_and_reset_through_the_daemon(daemon, tmp_path):
     rules.write_text("rules:\n  - {name: a, dst: [10.0.0.1], delay: 5ms}\n  - {name: b, dst: [10.0.0.2], "
                      "rate: 1mbit}\n")
     code, out, err = run("apply", "-f", str(rules), "--dry-run")
-    assert code == 0 and "Would create class slot 1 (a)" in out and not fake.executed
+    assert code == 0 and "+ a (created): dst 10.0.0.1/32, delay 5ms" in out and "slot" not in out
+    assert not fake.executed
     code, out, err = run("apply", "-f", str(rules))
     assert code == 0 and out == "http://127.0.0.1:2332: 2 rule(s) applied\n"
     assert seen[-1][1:3] == ("PUT", "/rules") and sorted(fake.observe().rules) == ["a", "b"]
@@ -124,7 +131,8 @@ def test_status_and_watch(daemon, monkeypatch):
     code, out, _ = run("status")
     assert code == 0
     header, row = out.strip().split("\n")
-    assert header.split()[:3] == ["NAME", "CLASSID", "DST"] and "4p/200B" in row
+    assert header.split() == ["NAME", "DST", "IMPAIRMENT", "TTL", "MATCHED", "SENT", "DROPS", "BACKLOG", "CLASSID"]
+    assert "4p/200 B" in row
     code, out, _ = run("status", "-o", "json")
     assert json.loads(out)["rules"][0]["matched_bytes"] == 200
     monkeypatch.setattr("time.sleep", lambda s: None)
@@ -168,3 +176,235 @@ def test_rule_names_complete_from_the_daemon(daemon):
 
     ctx = main.make_context("shaper", ["rule", "get", "x"], resilient_parsing=True)
     assert _complete_rule_name(ctx, None, "d") == ["db", "dns"]
+
+
+def names(out):
+    return [line.split()[0] for line in out.strip().split("\n")[1:]]
+
+
+def test_rules_are_listed_in_natural_order_and_filtered_by_glob(daemon):
+    for i, name in enumerate(("rule-10", "rule-2", "db", "Rule-1", "rule-1")):
+        assert run("rule", "set", name, "--dst", f"10.0.0.{i}", "--delay", "5ms")[0] == 0
+    code, out, _ = run("rule", "list")
+    assert code == 0 and names(out) == ["db", "Rule-1", "rule-1", "rule-2", "rule-10"]
+    code, out, _ = run("status")
+    assert code == 0 and names(out) == ["db", "Rule-1", "rule-1", "rule-2", "rule-10"]
+    code, out, _ = run("rule", "list", "--rule", "rule-*", "-o", "yaml")
+    assert [r["name"] for r in yaml.safe_load(out)["rules"]] == ["rule-1", "rule-2", "rule-10"]
+    code, out, _ = run("status", "--rule", "db", "--rule", "*-10", "-o", "json")
+    assert [r["name"] for r in json.loads(out)["rules"]] == ["db", "rule-10"]
+    assert run("status", "--rule", "nothing*") == (0, "no rule matches nothing*\n", "")
+
+
+def test_the_ttl_column_is_the_time_left_everywhere(daemon, clock):
+    code, out, _ = run("rule", "set", "a", "--dst", "10.0.0.1", "--delay", "5ms", "--ttl", "10m")
+    assert code == 0 and out.split("\n")[1].split()[-2:] == ["10m0s", "left"]
+    run("rule", "set", "b", "--dst", "10.0.0.2", "--delay", "5ms")
+    clock[0] += 2 * 10**9
+    for args in (("rule", "list"), ("status",), ("rule", "get", "a")):
+        code, out, _ = run(*args)
+        header, *rows = out.strip().split("\n")
+        col = header.index("TTL")
+        assert rows[0][col:].startswith("9m58s left"), (args, out)
+        if len(rows) > 1:
+            assert rows[1][col:].split()[0] == "-"
+    code, out, _ = run("rule", "get", "a", "-o", "json")
+    assert json.loads(out)["ttl"] == "10m"  # the machine-readable form stays the rule's own field
+
+
+def test_status_fits_the_terminal_width(daemon):
+    run("rule", "set", "wide", *[a for i in range(40) for a in ("--dst", f"10.1.0.{i}")], "--delay", "50ms",
+        "--jitter", "5ms", "--loss", "1%", "--rate", "10mbit")
+    code, out, _ = run("status", env={"COLUMNS": "200"})
+    row = out.split("\n")[1]
+    assert "10.1.0.0/32,10.1.0.1/32" in row and ",+" in row and max(map(len, out.split("\n"))) <= 200
+    code, out, _ = run("status", env={"COLUMNS": "90"})
+    assert code == 0 and max(map(len, out.split("\n"))) <= 90
+    assert "10.1.0.0/32,+39" in out and "wide" in out and "5348:1" in out
+    code, out, _ = run("rule", "list", env={"COLUMNS": "60"})
+    assert max(map(len, out.split("\n"))) <= 60 and "10.1.0.0/32" in out
+
+
+def _traffic(monkeypatch, fake, clock_s, per_tick):
+    """Each sleep of the watch loop moves time on and sends per_tick (bytes, drops) through class 1."""
+    from shaper.stats import ClassStats
+
+    sent = {"bytes": 0, "drops": 0}
+
+    def sleep(seconds):
+        clock_s[0] += seconds
+        sent["bytes"] += per_tick[0]
+        sent["drops"] += per_tick[1]
+
+    monkeypatch.setattr("time.sleep", sleep)
+    monkeypatch.setattr("time.monotonic", lambda: clock_s[0])
+    monkeypatch.setattr(fake, "class_stats", lambda: {
+        1: ClassStats(0x53480001, bytes=sent["bytes"], packets=sent["bytes"] // 1000, drops=sent["drops"],
+                      leaf="netem")})
+
+
+def test_status_watch_piped_repeats_blocks_with_per_second_rates(daemon, monkeypatch):
+    fake, _ = daemon
+    run("rule", "set", "a", "--dst", "10.0.0.0/24", "--delay", "5ms")
+    _traffic(monkeypatch, fake, [100.0], (2_500_000, 30))
+    code, out, _ = run("status", "--watch", "--count", "3", "--interval", "2")
+    assert code == 0 and "\x1b" not in out  # piped: no cursor movement
+    blocks = out.split("\n\n")
+    assert len(blocks) == 3 and all(b.split("\n")[0].count("every 2s  1 rules") == 1 for b in blocks)
+    header = blocks[0].split("\n")[1].split()
+    assert header[:6] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
+    first, second = (b.split("\n")[2] for b in blocks[:2])
+    assert first.split()[4:6] == ["-", "-"]  # no rate before a second sample
+    # 2.5 MB every 2 s is 10 Mbit/s; 30 drops every 2 s is 15/s.
+    assert "10 Mbit/s" in second and second.split()[6] == "15"
+
+
+def test_status_watch_on_a_terminal_redraws_in_place_and_keeps_to_its_size(daemon, monkeypatch):
+    fake, _ = daemon
+    for i in range(1, 13):
+        run("rule", "set", f"r{i}", "--dst", f"10.0.0.{i}", "--delay", "5ms")
+    _traffic(monkeypatch, fake, [0.0], (1000, 0))
+    monkeypatch.setattr("shaper.cli._is_tty", lambda: True)
+    code, out, _ = run("status", "--watch", "--count", "2", "--interval", "1", "--rule", "r1*",
+                       env={"COLUMNS": "100", "LINES": "6"})
+    assert code == 0
+    frames = out.split("\x1b[H")[1:]
+    assert len(frames) == 2 and frames[0].startswith("\x1b[2J") and not frames[1].startswith("\x1b[2J")
+    lines = frames[1].rstrip("\x1b[J").split("\x1b[K\n")[:-1]
+    assert "4 of 12 rules" in lines[0] and lines[1].startswith("NAME")  # the header stays on top
+    assert len(lines) == 5 and "2 more rule(s)" in lines[-1]  # LINES=6: one line left for the cursor
+    assert [line.split()[0] for line in lines[2:4]] == ["r1", "r10"]
+    assert "8 kbit/s" in lines[2] and all(len(line) <= 100 for line in lines)
+
+
+def test_dry_run_speaks_of_rules_and_values(daemon, clock, tmp_path):
+    fake, _ = daemon
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n"
+                     "  - {name: cache, dst: [10.0.0.6], rate: 2mbit, loss: 1%}\n"
+                     "  - {name: old, dst: [10.0.0.9], delay: 5ms}\n"
+                     "  - {name: same, dst: [10.0.0.7], delay: 5ms}\n")
+    assert run("apply", "-f", str(rules))[0] == 0
+    rules.write_text("rules:\n"
+                     "  - {name: cache, dst: [10.0.0.6, 10.0.0.60], rate: 5mbit}\n"
+                     "  - {name: db, dst: [10.0.0.5], delay: 50ms}\n"
+                     "  - {name: same, dst: [10.0.0.7], delay: 5ms}\n")
+    before = fake.observe()
+    code, out, _ = run("apply", "-f", str(rules), "--dry-run")
+    assert code == 0 and fake.observe() == before
+    assert out == ("dry run: http://127.0.0.1:2332 would change 3 rule(s), nothing was changed:\n"
+                   "~ cache: loss 1% -> (unset), rate 2mbit -> 5mbit, dst +10.0.0.60/32\n"
+                   "+ db (created): dst 10.0.0.5/32, delay 50ms\n"
+                   "- old (deleted)\n"
+                   "(1 rule(s) unchanged)\n")
+    run("apply", "-f", str(rules))
+    assert run("apply", "-f", str(rules), "--dry-run")[1] == (
+        "dry run: nothing would change on http://127.0.0.1:2332 (3 rule(s) unchanged)\n")
+
+
+def test_rule_patch_changes_one_field_and_keeps_the_others(daemon):
+    fake, seen = daemon
+    run("rule", "set", "db", "--dst", "10.0.0.5", "--delay", "50ms", "--jitter", "5ms", "--loss", "1%")
+    code, out, _ = run("rule", "patch", "db", "--delay", "20ms", "--clear", "loss")
+    assert code == 0, out
+    assert seen[-1][1:3] == ("PATCH", "/rules/db")
+    rule = fake.observe().rules["db"].rule
+    assert (rule.delay_us, rule.jitter_us, rule.loss_pct, rule.dst[0].prefixlen) == (20_000, 5_000, 0, 128)
+    code, out, _ = run("rule", "patch", "db", "--add-dst", "10.0.0.6", "--add-dst", "fd00::6", "-o", "json")
+    assert code == 0 and json.loads(out)["rules"][0]["dst"] == ["10.0.0.5/32", "10.0.0.6/32", "fd00::6/128"]
+    code, out, _ = run("rule", "patch", "db", "--remove-dst", "10.0.0.5", "-o", "json")
+    assert code == 0 and json.loads(out)["rules"][0]["dst"] == ["10.0.0.6/32", "fd00::6/128"]
+    assert json.loads(out)["rules"][0]["delay"] == "20ms"
+
+
+@pytest.mark.parametrize("args,code,words", [
+    ((), 2, "nothing to change"),
+    (("--clear", "dely"), 2, "did you mean 'delay'?"),
+    (("--delay", "5ms", "--clear", "delay"), 2, "both set and cleared"),
+    (("--dst", "10.0.0.1", "--add-dst", "10.0.0.2"), 2, "cannot be combined"),
+    (("--remove-dst", "10.9.9.9"), 2, "not a destination"),
+    (("--remove-dst", "10.0.0.5"), 2, "without destinations"),
+    (("--clear", "delay"), 2, "jitter: needs delay"),
+])
+def test_rule_patch_refusals(daemon, args, code, words):
+    fake, _ = daemon
+    run("rule", "set", "db", "--dst", "10.0.0.5", "--delay", "50ms", "--jitter", "5ms")
+    before = fake.observe()
+    got, _, err = run("rule", "patch", "db", *args)
+    assert got == code and words in err and err.count("\n") == 1, err
+    assert fake.observe() == before
+    assert run("rule", "patch", "absent", "--delay", "5ms")[0] == 1
+
+
+def test_a_bytes_per_second_rate_warns_once(daemon, monkeypatch, caplog, tmp_path):
+    from shaper import units
+
+    monkeypatch.setattr(units, "_warned_byte_rate", False)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: a, dst: [10.0.0.1], rate: 10Mbps}\n  - {name: b, dst: [10.0.0.2], "
+                     "rate: 2mbps}\n")
+    assert run("apply", "-f", str(rules))[0] == 0
+    assert run("rule", "set", "c", "--dst", "10.0.0.3", "--rate", "1kbps")[0] == 0
+    warned = [r.getMessage() for r in caplog.records if "tc's units" in r.getMessage()]
+    assert warned == ["rate '10Mbps' is 10 megabytes per second in tc's units (80 Mbit/s), not megabits as "
+                      "tcconfig reads it; for 10 megabits per second write 10mbit (this warning is shown once)"]
+    assert run("rule", "get", "a", "-o", "json")[1].count('"rate": "80mbit"') == 1
+    monkeypatch.setattr(units, "_warned_byte_rate", False)
+    caplog.clear()
+    run("rule", "set", "d", "--dst", "10.0.0.4", "--rate", "10mbit")
+    assert not [r for r in caplog.records if "tc's units" in r.getMessage()]
+
+
+def test_rules_file_errors_name_the_line_and_the_closest_field(daemon, tmp_path):
+    fake, seen = daemon
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: db\n    dst: [10.0.0.5]\n    dely: 50ms\n")
+    code, _, err = run("apply", "-f", str(rules))
+    assert code == 2 and err.startswith(f"shaper: {rules}:4: rules[0].dely: unknown field; did you mean 'delay'?")
+    rules.write_text("rules:\n  - name: db\n    dst: [10.0.0.5]\n  - name: cache\n    dst:\n      - 10.0.0.6\n"
+                     "      - 10.0.0.5\n")
+    code, _, err = run("apply", "-f", str(rules))
+    assert code == 2 and err.startswith(f"shaper: {rules}:5: rules[cache].dst: 10.0.0.5/32 is already")
+    rules.write_text("rules:\n  - name: db\n    dst: [10.0.0.5, 10.0.0.300]\n")
+    code, _, err = run("apply", "-f", str(rules))
+    assert code == 2 and err.startswith(f"shaper: {rules}:3: rules[0].dst[1]: ")
+    rules.write_text("rules:\n  - name: db\n    dst: [10.0.0.5\n")
+    code, _, err = run("apply", "-f", str(rules))
+    assert code == 2 and "line 4, column 1" in err and not fake.executed
+
+
+def _refuse(monkeypatch, make):
+    import shaper.kernel
+
+    class Refusing:
+        def __init__(self, *args, **kwargs):
+            raise make()
+
+    monkeypatch.setattr(shaper.kernel, "KernelDatapath", Refusing)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PermissionError(13, "Permission denied", "/sys/fs/bpf/shaper"),
+    lambda: __import__("shaper.errors").errors.KernelError("create", "qdisc clsact", 1),
+    lambda: __import__("pyroute2").NetlinkError(1, "Operation not permitted"),
+])
+@pytest.mark.parametrize("args", [("show", "--iface", "eth9"), ("reset", "--iface", "eth9")])
+def test_local_commands_refused_by_the_kernel_say_run_as_root(monkeypatch, make, args):
+    _refuse(monkeypatch, make)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    code, _, err = run(*args)
+    assert code == 1 and err.count("\n") == 1 and "run as root" in err, err
+    monkeypatch.setattr("os.geteuid", lambda: 0)  # root refused: the cause is elsewhere, no such advice
+    code, _, err = run(*args)
+    assert code == 1 and "run as root" not in err, err
+
+
+def test_help_says_what_each_command_does_with_an_example_where_it_helps():
+    for path in (("rule", "patch"), ("rule", "set"), ("status",), ("rule", "list"), ("show",)):
+        code, out, _ = run(*path, "--help")
+        assert code == 0, path
+        assert "--rule GLOB" in out or path[-1] in ("patch", "set")
+    code, out, _ = run("rule", "patch", "--help")
+    assert "--clear FIELD" in out and "shaper rule patch db --delay 20ms" in out
+    code, out, _ = run("status", "--help")
+    assert "SENT/S" in out and "rule-2 before rule-10" in out
