@@ -1,7 +1,7 @@
 # make demo: the per-destination lab; make test: every test tier; make bench: docs/benchmarks.md. All set up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-container test-vm image bench clean
+.PHONY: setup demo test test-unit test-kernel test-container test-vm test-fresh image bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ image: setup
 
 test-vm: setup
 	$(PY) -m pytest tests/vm -q -ra -s
+
+# Does setup install every program the code runs, on a fresh Debian 12 (debootstrap, cached)?
+test-fresh: setup
+	$(PY) -m pytest tests/fresh -q -ra -s
 
 bench: setup
 	$(PY) -m bench

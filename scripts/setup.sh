@@ -5,6 +5,9 @@
 #    server scrapes the daemon in the kernel tier); iptables, ipset and iperf3
 #    for the peers' mechanisms in bench/; podman, buildah, runc and debootstrap
 #    to build and run the sidecar image (no Docker engine, no registry).
+#    Also: procps (sysctl in the labs), bpftool (bench.classifier_cost), make (a
+#    minbase Debian has none), busybox-static (virtme-ng copies it into the VM's
+#    initramfs). tests/fresh/ checks this list against what the code runs.
 #  - Headers for the running kernel: where none are installed (a cloud kernel
 #    without modules), point /lib/modules/$(uname -r)/build at Debian's headers
 #    so bcc can compile (see ../shared/ENVIRONMENT.md).
@@ -20,8 +23,8 @@ fi
 
 PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
       qemu-system-x86 iputils-ping kmod prometheus util-linux
-      iptables ipset iperf3 curl openssl
-      podman buildah runc uidmap slirp4netns fuse-overlayfs debootstrap)
+      iptables ipset iperf3 curl openssl procps bpftool make
+      podman buildah runc uidmap slirp4netns fuse-overlayfs debootstrap busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
