@@ -103,10 +103,12 @@ def load_rules_file(path: str):
     return parse_ruleset_text(text, "-f", path)
 
 
-iface_option = click.option("--iface", "-i", required=True, help="Interface to shape (egress), e.g. eth0.")
-netns_option = click.option("--netns", default=None, help="Network namespace of the interface (a name from `ip netns list`).")
+iface_option = click.option("--iface", "-i", required=True, metavar="IFACE",
+                            help="Interface whose egress shaper shapes, e.g. eth0.")
+netns_option = click.option("--netns", default=None, metavar="NS",
+                            help="Network namespace of the interface (a name from `ip netns list`).")
 local_iface_option = click.option(
-    "--iface", "-i", default=None,
+    "--iface", "-i", default=None, metavar="IFACE",
     help="Drive this interface's kernel state directly, without a daemon. Leave it out to ask the daemon.")
 output_option = click.option("-o", "--output", type=OUTPUT_FORMATS, default="table", show_default=True,
                              help="Output format.")
@@ -121,7 +123,7 @@ def client_options(fn):
                       type=click.Path(dir_okay=False),
                       help="File holding the daemon's bearer token (or set SHAPER_TOKEN).")(fn)
     return click.option("--server", envvar="SHAPER_SERVER", show_envvar=True, default=DEFAULT_SERVER,
-                        show_default=True, help="URL of the shaper daemon.")(fn)
+                        show_default=True, metavar="URL", help="URL of the shaper daemon.")(fn)
 
 
 def _client(server: str, token_file: str | None) -> Client:
@@ -135,7 +137,7 @@ def _complete_rule_name(ctx: click.Context, param: click.Parameter, incomplete: 
         names = [r["name"] for r in Client(server, read_token(ctx.params.get("token_file")), timeout=2).rules()]
     except (ShaperError, KeyError, TypeError):
         return []
-    return [n for n in names if n.startswith(incomplete)]
+    return sorted((n for n in names if n.startswith(incomplete)), key=natural_key)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SHAPER", "help_option_names": ["-h", "--help"]})
@@ -148,7 +150,9 @@ def main() -> None:
     leaves the interface untouched.
 
     Run the daemon with `shaper run --iface IF`, then drive it with
-    `shaper rule ...`, `shaper apply -f`, `shaper status`. Shell completion:
+    `shaper rule ...`, `shaper apply -f`, `shaper status`. Without a daemon,
+    `shaper apply/show/reset --iface IF` drive the kernel directly (as
+    root). Every command has --help. Shell completion:
     eval "$(_SHAPER_COMPLETE=bash_source shaper)" (zsh_source, fish_source).
     """
     logging.basicConfig(format="shaper: %(message)s", level=logging.WARNING)
@@ -199,7 +203,11 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
 # -- rules on a daemon ---------------------------------------------------------------------------------------
 @main.group()
 def rule() -> None:
-    """Create, show and delete single rules on a running daemon."""
+    """Create, show, change and delete single rules on a running daemon.
+
+    The daemon is at --server (or $SHAPER_SERVER); changes need its token
+    when it has one (--token-file, or $SHAPER_TOKEN).
+    """
 
 
 def _field_options(fn):
@@ -220,6 +228,8 @@ def _field_options(fn):
             metavar = {"rate": "RATE", "burst": "SIZE", "loss_ge": "P=PCT,..."}.get(key, "DURATION")
         if key == "loss_ge":
             help_text += " Written p=1%,r=20%[,loss_bad=100%,loss_good=0%]."
+        elif key == "rate":
+            help_text += " As in tc, 10mbps is 10 megaBYTES/s (80 Mbit/s): write 10mbit for megabits."
         elif key.endswith("_corr") and "needs" not in help_text:
             help_text = f"Correlation of successive {key[:-5]} decisions (needs {key[:-5]})."
         fn = click.option("--" + key.replace("_", "-"), key, type=kind, metavar=metavar, default=None,
@@ -472,14 +482,22 @@ def _watch_frame(data: dict, rows: list[dict], rates: dict, server: str, interva
 @netns_option
 @click.option("-f", "--file", "rules_file", required=True, type=click.Path(dir_okay=False, allow_dash=False),
               help="YAML rules file: {rules: [{name, dst, delay, ...}]}.")
-@click.option("--dry-run", is_flag=True, help="Print what would change, change nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would change, rule by rule (+ created, ~ changed with old -> new values, "
+                   "- deleted), and change nothing.")
 @client_options
 def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, server: str,
           token_file: str | None) -> None:
     """Make the shaping equal the rules in a file: all or nothing, only differences change.
 
     Without --iface the daemon does it (PUT /rules); with --iface shaper
-    changes that interface's kernel state itself.
+    changes that interface's kernel state itself (as root). Rules not in the
+    file are deleted; an empty `rules: []` deletes them all.
+
+    \b
+    Examples:
+      shaper apply -f rules.yaml --dry-run
+      shaper apply --iface eth0 -f rules.yaml
     """
     from .controller import Controller
 
@@ -510,7 +528,7 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
 @netns_option
 @client_options
 def reset(iface: str | None, netns: str | None, server: str, token_file: str | None) -> None:
-    """Remove shaping.
+    """Remove shaping: every rule on the daemon, or all of shaper on an interface.
 
     Without --iface: delete every rule on the daemon (DELETE /rules); the
     daemon stays attached. With --iface: remove everything shaper created on
@@ -594,18 +612,18 @@ def show(iface: str, netns: str | None, rule_patterns: tuple[str, ...], output: 
                    "container: an ordinary container, for older clusters.")
 @click.option("--token-secret", default="shaper-token", show_default=True,
               help="Secret (in the pod's namespace) whose key --token-key holds the API token.")
-@click.option("--token-key", default="token", show_default=True)
+@click.option("--token-key", default="token", show_default=True, help="Key of --token-secret holding the token.")
 @click.option("--interface", default="eth0", show_default=True,
               help="Pod interface to shape (a pod's shaper.io/interface annotation overrides it).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port of the sidecar's API and /metrics (named shaper-metrics).")
 @click.option("--pull-policy", type=click.Choice(["IfNotPresent", "Always", "Never"]), default="IfNotPresent",
-              show_default=True)
+              show_default=True, help="The sidecar's imagePullPolicy.")
 @click.option("--sys-admin", is_flag=True,
               help="Also give the sidecar CAP_SYS_ADMIN: for kernels before 5.8 (no CAP_BPF) or nodes whose "
                    "/sys/fs/bpf is not a bpffs mount.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="Lowest level logged (JSON lines on stderr).")
 def webhook(listen: str, tls_cert: str, tls_key: str, image: str, namespace: str, sidecar: str, token_secret: str,
             token_key: str, interface: str, port: int, pull_policy: str, sys_admin: bool, log_level: str) -> None:
     """Serve the mutating admission webhook that adds the shaper sidecar to pods (POST /inject).

@@ -2,6 +2,7 @@
 
 import json
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -408,3 +409,80 @@ def test_help_says_what_each_command_does_with_an_example_where_it_helps():
     assert "--clear FIELD" in out and "shaper rule patch db --delay 20ms" in out
     code, out, _ = run("status", "--help")
     assert "SENT/S" in out and "rule-2 before rule-10" in out
+
+
+@pytest.fixture
+def local(monkeypatch):
+    """Local commands (--iface) over one FakeDatapath standing in for the interface's kernel state."""
+    import shaper.kernel
+
+    fake = FakeDatapath()
+    fake.attached = False
+
+    class Local:
+        def __init__(self, iface, netns):
+            self.iface = iface
+
+        def __getattr__(self, name):
+            return getattr(fake, name)
+
+        def is_attached(self):
+            return fake.attached
+
+        def attach(self):
+            fake.attached = True
+
+        def open_maps(self):
+            pass
+
+        def check_accounted(self):
+            pass
+
+        def close(self):
+            pass
+
+    class Claim:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(shaper.kernel, "KernelDatapath", Local)
+    monkeypatch.setattr(shaper.kernel, "claim_interface", lambda iface, netns: Claim())
+    return fake
+
+
+def test_local_dry_run_and_show_speak_of_rules(local, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: rule-10, dst: [10.0.0.10], delay: 5ms}\n"
+                     "  - {name: rule-2, dst: [10.0.0.2], rate: 2mbit, ttl: 10m}\n")
+    code, out, _ = run("apply", "--iface", "veth9", "-f", str(rules), "--dry-run")
+    assert code == 0 and not local.executed
+    assert out == ("dry run: shaper would attach to veth9\n"
+                   "dry run: veth9 would change 2 rule(s), nothing was changed:\n"
+                   "+ rule-2 (created): dst 10.0.0.2/32, rate 2mbit, ttl 10m\n"
+                   "+ rule-10 (created): dst 10.0.0.10/32, delay 5ms\n")
+    assert run("apply", "--iface", "veth9", "-f", str(rules))[0] == 0 and local.attached
+    rules.write_text("rules:\n  - {name: rule-10, dst: [10.0.0.10], delay: 5ms}\n"
+                     "  - {name: rule-2, dst: [10.0.0.2], rate: 5mbit, ttl: 10m}\n")
+    executed = len(local.executed)
+    code, out, _ = run("apply", "--iface", "veth9", "-f", str(rules), "--dry-run")
+    assert code == 0 and len(local.executed) == executed
+    assert out == ("dry run: veth9 would change 1 rule(s), nothing was changed:\n"
+                   "~ rule-2: rate 2mbit -> 5mbit (its TTL restarts)\n"
+                   "(1 rule(s) unchanged)\n")
+    code, out, _ = run("show", "--iface", "veth9")
+    assert code == 0 and names(out) == ["rule-2", "rule-10"] and " left " in out
+    code, out, _ = run("show", "--iface", "veth9", "--rule", "*-10", "-o", "json")
+    assert [r["name"] for r in json.loads(out)["rules"]] == ["rule-10"]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, path + [name])
+
+    for path, cmd in walk(main, []):
+        assert cmd.help and len(cmd.help.split("\n")[0]) > 15, path
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help, (path, param.name)

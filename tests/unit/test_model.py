@@ -152,3 +152,48 @@ def test_an_empty_or_mistyped_set_is_not_a_request_to_delete_everything():
         with pytest.raises(InvalidInput) as exc:
             parse_ruleset(bad)
         assert exc.value.field == "rules"
+
+
+@pytest.mark.parametrize("key,close", [("dely", "delay"), ("Delay", "delay"), ("loss-corr", "loss_corr"),
+                                       ("ttls", "ttl"), ("dest", "dst"), ("jiter", "jitter"), ("zzz", None)])
+def test_an_unknown_field_names_the_closest_one(key, close):
+    with pytest.raises(InvalidInput) as err:
+        parse_rule({"name": "a", "dst": ["10.0.0.1"], key: "5ms"})
+    assert err.value.field == key
+    assert (f"did you mean {close!r}?" in str(err.value)) == (close is not None), str(err.value)
+    with pytest.raises(InvalidInput, match="loss_ge.R: unknown field; did you mean 'r'"):
+        parse_rule({"name": "a", "dst": ["10.0.0.1"], "loss_ge": {"p": "1%", "R": "2%"}})
+
+
+LOCATED = """\
+rules:
+  - name: db
+    dst: [10.0.0.5]
+    delay: 50ms
+  - name: cache
+    dst:
+      - 10.0.0.6
+      - 10.0.0.7
+    rate: 2mbit
+"""
+
+
+@pytest.mark.parametrize("path,line", [("rules", 1), ("rules[0]", 2), ("rules[0].delay", 4), ("rules[1].rate", 9),
+                                       ("rules[1].dst[1]", 8), ("rules[cache].dst", 6), ("rules[1].absent", 5),
+                                       ("rules[7].delay", 1), ("other", None)])
+def test_locate_finds_the_line_of_a_field_path(path, line):
+    from shaper.model import locate
+
+    assert locate(LOCATED, path) == line
+    assert locate("rules: [", "rules") is None  # not YAML: no line to give
+
+
+def test_rules_text_errors_carry_the_line():
+    from shaper.model import parse_ruleset_text
+
+    with pytest.raises(InvalidInput) as err:
+        parse_ruleset_text(LOCATED.replace("rate: 2mbit", "rate: fast"), "-f", "r.yaml")
+    assert str(err.value).startswith("r.yaml:9: rules[1].rate: ") and err.value.line == 9
+    assert err.value.field == "rules[1].rate"  # the field itself is unchanged (the API reports it)
+    with pytest.raises(InvalidInput, match=r"r.yaml is not valid YAML: line 2, column 1"):
+        parse_ruleset_text("rules: [\n", "-f", "r.yaml")

@@ -76,3 +76,39 @@ def test_size():
 def test_bare_bit_units():
     assert U.parse_rate_bits("8000bit", "rate", min_bits=1, max_bits=10**13) == 8000
     assert U.parse_rate_bits("1000bps", "rate", min_bits=1, max_bits=10**13) == 8000
+
+
+@pytest.mark.parametrize("bits,text", [(0, "0 bit/s"), (999, "999 bit/s"), (1500, "1.5 kbit/s"),
+                                       (10_000_000, "10 Mbit/s"), (85_300_000, "85.3 Mbit/s"),
+                                       (123_456_789, "123 Mbit/s"), (2.5e9, "2.5 Gbit/s")])
+def test_format_bits_per_s(bits, text):
+    assert U.format_bits_per_s(bits) == text
+
+
+@pytest.mark.parametrize("size,text", [(0, "0 B"), (200, "200 B"), (1536, "1.5 KiB"), (5 * 2**30, "5 GiB"),
+                                       (1023, "1023 B"), (3 * 2**40, "3 TiB")])
+def test_format_bytes(size, text):
+    assert U.format_bytes(size) == text
+
+
+@pytest.mark.parametrize("count,text", [(0, "0"), (3, "3"), (0.5, "0.5"), (12.25, "12"), (12_345, "12.3k"),
+                                        (4_100_000, "4.1M")])
+def test_format_count(count, text):
+    assert U.format_count(count) == text
+
+
+def test_a_bytes_per_second_unit_warns_once_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(U, "_warned_byte_rate", False)
+    assert U.parse_rate_bits("10mbit", "rate", min_bits=1, max_bits=10**13) == 10**7
+    assert not caplog.records  # bits: nothing to say
+    assert U.parse_rate_bits("10Mbps", "rate", min_bits=1, max_bits=10**13) == 8 * 10**7
+    assert U.parse_rate_bits("1kbps", "rate", min_bits=1, max_bits=10**13) == 8000
+    assert [r.getMessage() for r in caplog.records] == [
+        "rate '10Mbps' is 10 megabytes per second in tc's units (80 Mbit/s), not megabits as tcconfig reads it; "
+        "for 10 megabits per second write 10mbit (this warning is shown once)"]
+    for unit, said in (("bps", "100 bytes per second"), ("gibps", "100 gibibytes per second")):
+        monkeypatch.setattr(U, "_warned_byte_rate", False)
+        caplog.clear()
+        U.parse_rate_bits(f"100{unit}", "rate", min_bits=1, max_bits=10**15)
+        assert said in caplog.records[0].getMessage(), caplog.records[0].getMessage()
+        assert f"write 100{unit[:-3]}bit" in caplog.records[0].getMessage()
