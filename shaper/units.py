@@ -115,10 +115,14 @@ def _warn_byte_rate(value: str, bits: int) -> None:
     _warned_byte_rate = True
     num, unit = _split(value, "rate", RATE_FORM)
     prefix = _PREFIX_NAMES[unit[:-3]]
+    bit_form = f"{_trim(num)}{unit[:-3]}bit"
+    # The CLI prints the sentence; the daemon's JSON log lines take "event" from the fields
+    # (they are applied after the message), so there it is an event name like the others.
     log.warning("rate %r is %s %sbytes per second in tc's units (%s), not %sbits as tcconfig reads it; "
-                "for %s %sbits per second write %s%sbit (this warning is shown once)",
-                value.strip(), _trim(num), prefix, format_bits_per_s(bits), prefix,
-                _trim(num), prefix, _trim(num), unit[:-3])
+                "for %s %sbits per second write %s (this warning is shown once)",
+                value.strip(), _trim(num), prefix, format_bits_per_s(bits), prefix, _trim(num), prefix, bit_form,
+                extra={"fields": {"event": "rate.bytes_unit", "rate": value.strip(),
+                                  "means": format_bits_per_s(bits), "bits_would_be": bit_form}})
 
 
 def parse_size_bytes(value: object, field: str, *, min_bytes: int, max_bytes: int) -> int:

@@ -112,3 +112,25 @@ def test_a_bytes_per_second_unit_warns_once_per_process(monkeypatch, caplog):
         U.parse_rate_bits(f"100{unit}", "rate", min_bits=1, max_bits=10**15)
         assert said in caplog.records[0].getMessage(), caplog.records[0].getMessage()
         assert f"write 100{unit[:-3]}bit" in caplog.records[0].getMessage()
+
+
+def test_the_bytes_rate_warning_is_an_event_in_the_daemons_json_log(monkeypatch):
+    import io
+    import json
+    import logging
+
+    from shaper.server import JsonFormatter
+
+    monkeypatch.setattr(U, "_warned_byte_rate", False)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("shaper")
+    logger.addHandler(handler)
+    try:
+        U.parse_rate_bits("10mbps", "rate", min_bits=1, max_bits=10**13)
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["event"] == "rate.bytes_unit" and line["level"] == "warning"
+    assert (line["rate"], line["means"], line["bits_would_be"]) == ("10mbps", "80 Mbit/s", "10mbit")
