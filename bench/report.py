@@ -39,64 +39,125 @@ def _mmm(s: dict, scale: float = 1, digits: int = 0) -> str:
     return f"{_f(s['median'] * scale, digits)} ({_f(s['min'] * scale, digits)}-{_f(s['max'] * scale, digits)})"
 
 
+# shaper is drawn last, thick, in a colour no peer uses, so no peer's line can hide it; the peers are
+# thinner and each has its own marker, so overlapping lines stay tellable apart in grey print too.
+SHAPER_STYLE = {"color": "#d62728", "lw": 2.4, "ms": 6, "zorder": 10, "marker": "D"}
+PEER_STYLES = {"baseline": {"color": "#7f7f7f", "ls": "--", "marker": "o"},
+               "u32": {"color": "#1f77b4", "marker": "s"}, "ipset": {"color": "#2ca02c", "marker": "^"},
+               "iptables": {"color": "#9467bd", "marker": "v"}}
+OTHER_MARKERS = ("s", "^", "v", "P", "X", "<", ">")
+OTHER_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#17becf")
+SHAPER_SHADES = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22")
+GOAL_STYLE = {"color": "black", "lw": 1.0, "ls": ":", "zorder": 5}
+
+
+def _style(key: str, i: int = 0) -> dict:
+    if key == "shaper":
+        return dict(SHAPER_STYLE)
+    # Open markers a size larger than shaper's: a peer that measures the same as shaper still shows
+    # its outline around shaper's marker instead of vanishing under it.
+    style = {"lw": 1.3, "ms": 10, "mfc": "none", "mew": 1.4, "alpha": 0.9, "zorder": 3, **PEER_STYLES.get(key, {})}
+    style.setdefault("marker", OTHER_MARKERS[i % len(OTHER_MARKERS)])
+    style.setdefault("color", OTHER_COLORS[i % len(OTHER_COLORS)])  # never the default cycle's red
+    return style
+
+
+def _shaper_last(keys) -> list:
+    return sorted(keys, key=lambda k: k == "shaper" or str(k).startswith("shaper"))
+
+
+def _series(ax, xs, meds, lo, hi, label: str, style: dict) -> None:
+    """One series as error bars; one point is a marker alone (a line needs two points of the same shape)."""
+    style = {**style}
+    if len(xs) < 2:
+        style["ls"] = "none"
+    ax.errorbar(xs, meds, yerr=[lo, hi], capsize=3, label=label, **style)
+
+
 def plot_classify(res: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, kind in zip(axes, ("match", "miss")):
-        for mech in res["mechanisms"]:
+        for i, mech in enumerate(_shaper_last(res["mechanisms"])):
             rows = _rows(res, mech, kind)
             ns = sorted(rows)
             med = [rows[n]["pps"]["median"] for n in ns]
             lo = [rows[n]["pps"]["median"] - rows[n]["pps"]["min"] for n in ns]
             hi = [rows[n]["pps"]["max"] - rows[n]["pps"]["median"] for n in ns]
-            ax.errorbar(ns, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[mech])
+            _series(ax, ns, med, lo, hi, LABELS[mech], _style(mech, i))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("destination rules")
         ax.set_title("traffic to destinations in the rules" if kind == "match" else "traffic to no rule's destination")
         ax.grid(True, which="both", alpha=0.3)
+    match = {m: _rows(res, m, "match") for m in ("shaper", "u32")}
+    counts = res.get("counts", [])
+    if 1 in counts and 100_000 in counts and 1 in match["shaper"]:
+        goal = 0.95 * match["shaper"][1]["pps"]["median"]
+        axes[0].hlines(goal, 1, 100_000, label="goal: shaper >= 95% of its 1-rule rate", **GOAL_STYLE)
+    if 10_000 in counts and 10_000 in match["u32"]:
+        axes[0].plot([10_000], [5 * match["u32"][10_000]["pps"]["median"]], ls="none", marker="_", ms=22, mew=2,
+                     color="black", zorder=5, label="goal: shaper >= 5x the u32 list at 10k rules")
     axes[0].set_ylabel("packets/s through the egress path (one sender)")
-    axes[1].legend(fontsize=8, loc="lower left")
+    for ax in axes:
+        ax.legend(fontsize=7.5, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_apply(res: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    # One series per method as measured: a method name that states its own shape ("1000 rules x 100
+    # prefixes") is its own series, so points of different rule shapes are never joined by a line.
     methods: dict[str, list] = {}
     for r in res["rows"]:
-        # The 100,000-prefix bulk PUT continues the bulk series; each library apply is its own point.
-        key = "shaper PUT /rules (bulk)" if r["method"].startswith("shaper PUT /rules (bulk") else r["method"]
-        methods.setdefault(key, []).append(r)
-    for key, rows in methods.items():
-        rows = sorted(rows, key=lambda r: r["n"])
-        ax.errorbar([r["n"] for r in rows], [r["seconds"]["median"] for r in rows],
-                    yerr=[[r["seconds"]["median"] - r["seconds"]["min"] for r in rows],
-                          [r["seconds"]["max"] - r["seconds"]["median"] for r in rows]],
-                    marker="o", capsize=3, label=key)
+        methods.setdefault(r["method"], []).append(r)
+    shaper = [m for m in methods if m.startswith("shaper")]
+    for i, key in enumerate(_shaper_last(methods)):
+        rows = sorted(methods[key], key=lambda r: r["n"])
+        if key in shaper:
+            j = shaper.index(key)
+            style = {**SHAPER_STYLE, "color": SHAPER_SHADES[j % len(SHAPER_SHADES)],
+                     "marker": ("D", "o", "s", "^", "v")[j % 5]}
+        else:
+            style = _style(key, i)
+        _series(ax, [r["n"] for r in rows], [r["seconds"]["median"] for r in rows],
+                [r["seconds"]["median"] - r["seconds"]["min"] for r in rows],
+                [r["seconds"]["max"] - r["seconds"]["median"] for r in rows], key, style)
+    if res.get("big"):
+        ax.hlines(1.0, res["big"] / 3, res["big"] * 3, **{**GOAL_STYLE, "lw": 2},
+                  label=f"goal: {res['big']:,} prefixes in <= 1 s")
+    tcc = {r["n"]: r for r in res["rows"] if r["method"].startswith("tcconfig")}
+    if 1000 in tcc:
+        ax.plot([1000], [tcc[1000]["seconds"]["median"] / 100], ls="none", marker="_", ms=22, mew=2, color="black",
+                zorder=5, label="goal: 100x faster than tcconfig at 1,000")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("per-destination rules (prefixes)")
     ax.set_ylabel("seconds to apply")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_latency(res: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for row in res["rows"]:
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, row in enumerate(res["rows"]):
         xs = sorted(row["samples_ms"])
-        ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{row['rules']} rules in place")
-    ax.axvline(5, color="grey", ls="--", lw=0.8)
-    ax.axvline(20, color="grey", ls=":", lw=0.8)
+        ax.plot(xs, [(k + 1) / len(xs) for k in range(len(xs))], lw=2.2, zorder=10,
+                color=SHAPER_SHADES[i % len(SHAPER_SHADES)], label=f"shaper, {row['rules']:,} rules in place")
+    # A goal on a percentile is a point on the CDF: at or left of the goal latency at that fraction.
+    ax.axvline(5, color="black", ls="--", lw=0.9, zorder=5, label="goal: p50 <= 5 ms")
+    ax.axvline(20, color="black", ls=":", lw=0.9, zorder=5, label="goal: p99 <= 20 ms")
+    ax.axhline(0.5, color="grey", ls="--", lw=0.6, zorder=4)
+    ax.axhline(0.99, color="grey", ls=":", lw=0.6, zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("PUT /rules/{name} to the trie steering the new destination (ms)")
     ax.set_ylabel("fraction of changes")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
