@@ -47,7 +47,7 @@ PEER_STYLES = {"baseline": {"color": "#7f7f7f", "ls": "--", "marker": "o"},
                "iptables": {"color": "#9467bd", "marker": "v"}}
 OTHER_MARKERS = ("s", "^", "v", "P", "X", "<", ">")
 OTHER_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#17becf")
-SHAPER_SHADES = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22")
+SHAPER_SHADES = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#a50f15")
 GOAL_STYLE = {"color": "black", "lw": 1.0, "ls": ":", "zorder": 5}
 
 
@@ -112,7 +112,8 @@ def plot_apply(res: dict, path: Path) -> None:
     methods: dict[str, list] = {}
     for r in res["rows"]:
         methods.setdefault(r["method"], []).append(r)
-    shaper = [m for m in methods if m.startswith("shaper")]
+    # The strongest shades go to shaper's lines (several sizes), then to its lone points.
+    shaper = sorted((m for m in methods if m.startswith("shaper")), key=lambda m: (-len(methods[m]), m))
     for i, key in enumerate(_shaper_last(methods)):
         rows = sorted(methods[key], key=lambda r: r["n"])
         if key in shaper:
