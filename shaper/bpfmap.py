@@ -172,34 +172,39 @@ class Map:
             if value is not None:
                 yield key, value
 
-    def update_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Write many entries: batch ops in chunks where the kernel has them."""
-        for start in range(0, len(items), BATCH_CHUNK):
-            chunk = items[start: start + BATCH_CHUNK]
-            if self._batch_ok and self._batch(chunk, update=True):
+    def update_packed(self, keys: bytes, values: bytes) -> None:
+        """Write the entries of two packed arrays (every key, then every value, back to back):
+        batch ops in chunks where the kernel has them, else one by one."""
+        ks, vs = self.key_size, self.value_size
+        count = len(keys) // ks
+        if len(keys) != count * ks or len(values) != count * vs:
+            raise ValueError(f"{self.path}: {len(keys)} key bytes and {len(values)} value bytes are not "
+                             f"whole {ks}- and {vs}-byte entries of one count")
+        for start in range(0, count, BATCH_CHUNK):
+            end = min(count, start + BATCH_CHUNK)
+            chunk_keys, chunk_values = keys[start * ks: end * ks], values[start * vs: end * vs]
+            if self._batch_ok and self._batch_packed(chunk_keys, chunk_values, end - start, update=True):
                 continue
-            for key, value in chunk:
-                self.update(key, value)
+            for i in range(end - start):
+                self.update(chunk_keys[i * ks: (i + 1) * ks], chunk_values[i * vs: (i + 1) * vs])
 
     def delete_many(self, keys: list[bytes]) -> None:
         for start in range(0, len(keys), BATCH_CHUNK):
             chunk = keys[start: start + BATCH_CHUNK]
             # Batch delete stops at the first missing key: fall back per element.
-            if self._batch_ok and self._batch([(k, b"") for k in chunk], update=False):
+            if self._batch_ok and self._batch_packed(b"".join(chunk), b"", len(chunk), update=False):
                 continue
             for key in chunk:
                 self.delete(key)
 
-    def _batch(self, chunk: list[tuple[bytes, bytes]], *, update: bool) -> bool:
-        keys = b"".join(k for k, _ in chunk)
-        count = ctypes.c_uint32(len(chunk))
+    def _batch_packed(self, keys: bytes, values: bytes, n: int, *, update: bool) -> bool:
+        count = ctypes.c_uint32(n)
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
         if update:
-            values = b"".join(v for _, v in chunk)
             ret = libbpf().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), ctypes.byref(opts))
         else:
             ret = libbpf().bpf_map_delete_batch(self.fd, keys, ctypes.byref(count), ctypes.byref(opts))
-        if ret == 0 and count.value == len(chunk):
+        if ret == 0 and count.value == n:
             return True
         err = -ret
         if ret < 0 and err in (_errno.EINVAL, _errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP, no batch ops here

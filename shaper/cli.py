@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -28,7 +29,7 @@ import yaml
 from .changes import changes_from, describe as describe_change, natural_key, rule_changes
 from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from .errors import InvalidInput, KernelError, PermissionDenied, ShaperError
-from .model import FIELD_NAMES, parse_rule, parse_ruleset_text, unknown_field
+from .model import FIELD_NAMES, gc_paused, parse_rule, parse_ruleset_text, unknown_field
 from .openapi import RULE_FIELDS
 from .stats import format_remaining
 from .units import format_bits_per_s, format_bytes, format_count, parse_duration_us
@@ -94,13 +95,98 @@ def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
             claim.close()
 
 
-def load_rules_file(path: str):
+def load_rules_file(path: str, progress: "Progress | None" = None):
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as exc:
         raise InvalidInput("-f", f"cannot read {path}: {exc.strerror}", "a readable YAML rules file") from None
+    if progress is not None:
+        progress.step(f"parsing {path} ({len(text) / 1e6:.1f} MB)" if len(text) >= 100_000 else f"parsing {path}")
     return parse_ruleset_text(text, "-f", path)
+
+
+class Progress:
+    """What a long command is doing, on one stderr line that changes as it goes.
+
+    Only on a terminal (piped or redirected, stderr gets nothing extra) and only once the
+    work has taken `after_s`: a quick command prints just its result.  A timer thread
+    puts the line up, because the step that crosses the second is often one long call
+    (libyaml parsing a big file)."""
+
+    AFTER_S = 1.0
+
+    def __init__(self, stream=None, after_s: float | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.enabled = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.enabled = False
+        self.started = time.monotonic()
+        self.text = ""
+        self.shown = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        after_s = self.AFTER_S if after_s is None else after_s
+        if self.enabled and after_s <= 0:
+            self.shown = True
+        elif self.enabled:
+            self._timer = threading.Timer(after_s, self._show)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def step(self, text: str) -> None:
+        with self._lock:
+            self.text = text
+            if self.shown:
+                self._write(f"{text} ...")
+
+    def finish(self, summary: str) -> None:
+        """The summary, with the time taken, in place of the progress line (if it was shown)."""
+        self._stop()
+        with self._lock:
+            if self.shown:
+                self._write(f"{summary} in {time.monotonic() - self.started:.1f}s\n")
+                self.shown = False
+
+    def close(self) -> None:
+        """Clear the progress line, so what follows (an error) starts on a clean line."""
+        self._stop()
+        with self._lock:
+            if self.shown:
+                self._write("")
+                self.shown = False
+
+    def _show(self) -> None:
+        with self._lock:
+            self.shown = True
+            if self.text:
+                self._write(f"{self.text} ...")
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+        except (OSError, ValueError):  # the terminal went away: the work goes on
+            pass
+
+
+@contextmanager
+def _progress() -> Iterator[Progress]:
+    progress = Progress()
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _counted(rules) -> str:
+    prefixes = sum(len(r.dst) for r in rules)
+    return f"{len(rules)} rule{'' if len(rules) == 1 else 's'}, {prefixes} prefix{'' if prefixes == 1 else 'es'}"
 
 
 iface_option = click.option("--iface", "-i", required=True, metavar="IFACE",
@@ -501,25 +587,33 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
     """
     from .controller import Controller
 
-    with _errors():
-        rules = load_rules_file(rules_file)
+    with _errors(), _progress() as progress:
+        rules = load_rules_file(rules_file, progress)
+        counted = _counted(rules)
         if iface is None:
             _no_netns_without_iface(netns)
+            progress.step(f"{'planning' if dry_run else 'applying'} {counted} through {server}")
             result = _client(server, token_file).replace({"rules": [r.to_dict() for r in rules]}, dry_run)
+            progress.finish(counted + (" planned" if dry_run else " applied"))
             if dry_run:
                 _print_dry_run(server, result.get("rule_changes"), len(rules), result["changes"])
             else:
                 click.echo(f"{server}: {len(result['rules'])} rule(s) applied")
             return
+        progress.step(f"{'reading' if dry_run else 'attaching to'} {iface}")
         with _datapath(iface, netns, attach=not dry_run) as dp:
+            progress.step(f"{'planning' if dry_run else 'applying'} {counted} on {iface}")
             if dry_run:
+                changed = rule_changes([], rules) if dp is None else changes_from(dp.observe(), rules,
+                                                                                   time.monotonic_ns())
+                progress.finish(f"{counted} planned")  # before the output, not across it
                 if dp is None:
                     click.echo(f"dry run: shaper would attach to {iface}")
-                    _print_dry_run(iface, rule_changes([], rules), len(rules))
-                    return
-                _print_dry_run(iface, changes_from(dp.observe(), rules, time.monotonic_ns()), len(rules))
+                _print_dry_run(iface, changed, len(rules))
                 return
-            ops = Controller(dp).apply(rules)
+            with gc_paused():  # see model.gc_paused
+                ops = Controller(dp).apply(rules)
+        progress.finish(f"{counted} applied")
         click.echo(f"{iface}: {len(rules)} rule(s), {len(ops)} change(s)")
 
 

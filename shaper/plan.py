@@ -19,6 +19,7 @@ and allocated lowest-free for new ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from operator import itemgetter
 from typing import Iterable, Mapping, Union
 
 from . import layout
@@ -115,6 +116,7 @@ def allocate_slots(names: Iterable[str], used: Iterable[int]) -> dict[str, int]:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(Rule) if f.name != "dst")
+_PREFIXLEN = itemgetter(1)  # Prefix.prefixlen, without an attribute lookup per destination
 
 
 def _record_fields(rule: Rule) -> tuple:
@@ -187,9 +189,16 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
     wanted_entries: dict[Prefix, layout.LpmVal] = {}
     for name, rule in want.items():
         slot = slot_of[name]
-        for prefix in rule.dst:
-            wanted_entries[prefix] = layout.LpmVal(layout.classid(slot), slot, expiry_of[name], prefix.prefixlen)
-    upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
+        # A rule's entries differ only by prefix length: one value per length, shared, and
+        # the dict filled by C-level iteration (a Python loop per destination was most of
+        # the plan's time for 100,000 of them).
+        lengths = list(map(_PREFIXLEN, rule.dst))
+        values = {n: layout.LpmVal(layout.classid(slot), slot, expiry_of[name], n) for n in set(lengths)}
+        wanted_entries.update(zip(rule.dst, map(values.__getitem__, lengths)))
+    if observed.entries:
+        upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
+    else:
+        upserts = wanted_entries
     if upserts:
         ops.append(UpsertEntries(dict(sorted(upserts.items()))))
     stale = tuple(sorted(p for p in observed.entries if p not in wanted_entries))

@@ -22,7 +22,7 @@ from . import layout, plan as P
 from .controller import Controller
 from .errors import InvalidInput, ShaperError
 from .metrics import Instruments, KernelCollector, RuleSample, Snapshot
-from .model import Rule, parse_rule
+from .model import Rule, gc_paused, parse_rule
 from .stats import RuleStats
 
 log = logging.getLogger("shaper")
@@ -242,7 +242,7 @@ class Service:
         if require_ready:
             self._require_ready()
         detail = detail or {}
-        with self.lock:
+        with self.lock, gc_paused():  # a bulk change makes many small objects: see model.gc_paused
             started = time.perf_counter()
             try:
                 if observed is None:
