@@ -1,5 +1,9 @@
 """Section 2: time to apply N per-destination rules.
 
+- shaper from the command line, as a user does it: `shaper apply -f FILE` of a
+  YAML rules file of 100,000 prefixes (1 rule x 100,000 and 1,000 rules x 100),
+  locally (`--iface`, attaching to an empty interface) and through a running
+  daemon (`--server`), timed from the process start to its exit;
 - shaper bulk: one `PUT /rules` of N rules to a running daemon (HTTP, JSON,
   validation, plan and kernel writes), and the same through the library
   (`Controller.apply`, no HTTP) for 100,000 prefixes;
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from shaper.controller import Controller
 from shaper.kernel import KernelDatapath
-from shaper.lab import ROOT, Lab
+from shaper.lab import POD_IF, ROOT, Lab
 from shaper.model import parse_rule
 
 from .common import Pair, rule_addr, summary
@@ -98,6 +102,66 @@ def library_apply(nrules: int, per: int, repeats: int) -> tuple[list[float], int
     return times, entries
 
 
+def write_rules_file(path: Path, nrules: int, per: int) -> None:
+    """The rules of rules_body(nrules, per) as a person writes a rules file (block style)."""
+    with open(path, "w") as f:
+        f.write("rules:\n")
+        for rule in rules_body(nrules, per):
+            f.write(f"  - name: {rule['name']}\n    rate: {rule['rate']}\n    dst:\n")
+            f.write("".join(f"      - {d}\n" for d in rule["dst"]))
+
+
+def _entries(lab: Lab) -> int:
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        dp.open_maps()
+        return dp.map_entries()
+    finally:
+        dp.close()
+
+
+def cli_apply(big: int, repeats: int, log=print) -> list[dict]:
+    """`shaper apply -f` of `big` prefixes (1 x big, big/100 x 100), local and through a daemon.
+
+    Each run is the whole command: interpreter start, imports, reading and parsing the
+    YAML, then attaching and writing (local) or the PUT /rules and its answer (daemon).
+    Local runs start from an interface shaper is not attached to; daemon runs from a
+    daemon with no rules."""
+    rows = []
+    shapes = [(1, big)] + ([(big // 100, 100)] if big >= 200 else [])
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="shaper-bench-cli-") as tmp:
+        for nrules, per in shapes:
+            path = Path(tmp) / f"rules-{nrules}x{per}.yaml"
+            write_rules_file(path, nrules, per)
+            local = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                lab.shaper("apply", "-f", str(path))
+                local.append(time.perf_counter() - t0)
+                assert _entries(lab) == nrules * per
+                lab.shaper("reset")
+            rows.append({"n": nrules * per, "method": f"shaper apply -f, local ({nrules} rules x {per} prefixes)",
+                         "seconds": summary(local), "cli": True})
+            log(f"  shaper apply -f {nrules} x {per}, local: median {summary(local)['median']:.2f}s")
+        d = lab.daemon()
+        for nrules, per in shapes:
+            path = Path(tmp) / f"rules-{nrules}x{per}.yaml"
+            remote, inside = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                lab.cli("apply", "-f", str(path), "--server", f"http://127.0.0.1:{d.port}")
+                remote.append(time.perf_counter() - t0)
+                inside.append(d.logs()[-1]["seconds"])
+                assert _entries(lab) == nrules * per
+                assert d.request("DELETE", "/rules")[0] == 200
+            rows.append({"n": nrules * per, "method": f"shaper apply -f, daemon ({nrules} rules x {per} prefixes)",
+                         "seconds": summary(remote), "inside_daemon_s": summary(inside), "cli": True})
+            log(f"  shaper apply -f {nrules} x {per}, through the daemon: median {summary(remote)['median']:.2f}s "
+                f"(inside the daemon {summary(inside)['median']:.2f}s)")
+        assert d.stop() == 0
+    return rows
+
+
 def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> None:
     """One PUT /rules of `body`: its time seen by the client and inside the daemon; then clear."""
     t0 = time.perf_counter()
@@ -147,6 +211,7 @@ def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_r
                 f"(inside the daemon {summary(inside)['median']:.2f}s)")
         assert d.stop() == 0
     if big:
+        res["rows"] += cli_apply(big, repeats, log)
         for nrules, per in ((1, big), (max(1, big // 100), 100) if big >= 100 else (1, big)):
             times, entries = library_apply(nrules, per, repeats)
             assert entries == nrules * per, entries

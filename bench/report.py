@@ -287,10 +287,17 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         for n in sorted(tcc):
             w(f"| {n:,} | {tcc[n]['median'] / bulk[n]['median']:,.0f}x | {tcc[n]['median'] / single[n]['median']:,.1f}x |")
         w("")
+        cli = {r["method"] for r in a["rows"] if r.get("cli")}
+        if cli:
+            w(f"`shaper apply -f` rows time what a user waits for: the whole command, from the interpreter's "
+              f"start to its exit, on a rules file of {a['big']:,} prefixes (YAML as people write it). Goal "
+              "(issue 11): **< 2 s** each, locally and through the daemon.\n")
         big = [(m, s) for (m, n), s in by.items() if n == a["big"] and n not in tcc]
         for m, s in big:
-            verdicts.append(f"| {a['big']:,} prefixes applied in <= 1 s: {m} | {s['median']:.2f} s "
-                            f"({s['min']:.2f}-{s['max']:.2f}) | {_ok(s['median'] <= 1.0)} |")
+            goal = 2.0 if m in cli else 1.0
+            verdicts.append(f"| {a['big']:,} prefixes applied in {'< 2' if m in cli else '<= 1'} s: {m} | "
+                            f"{s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}) | "
+                            f"{_ok(s['median'] < goal if m in cli else s['median'] <= goal)} |")
         if 1000 in tcc:
             verdicts.append(f"| >= 100x faster than tcconfig at 1,000 (bulk PUT /rules) | "
                             f"{tcc[1000]['median'] / bulk[1000]['median']:,.0f}x | "

@@ -55,12 +55,11 @@ MAX_NETEM_LIMIT = 1_000_000
 
 
 # The destinations people write by the hundred thousand, parsed without building
-# ipaddress objects (about ten times faster).  Only what these patterns accept takes
-# this path, and ipaddress takes the same text to the same result (checked in
-# tests/unit/test_bulk.py); everything else, errors included, goes through ipaddress.
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_V4_FAST = re.compile(rf"({_OCTET})\.({_OCTET})\.({_OCTET})\.({_OCTET})(?:/(3[0-2]|[12]?[0-9]))?")
-_V6_FAST = re.compile(r"([0-9A-Fa-f:]{2,39})(?:/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?")
+# ipaddress objects (ten times faster): libc's inet_pton takes exactly the dotted quads
+# ipaddress takes (four decimal octets, no leading zeros) and, over hex digits and
+# colons only, the same IPv6 text.  tests/unit/test_bulk.py checks both against
+# ipaddress; anything else, errors included, goes through ipaddress.
+_V6_TEXT = re.compile(r"[0-9A-Fa-f:]{2,39}")
 _V4_MAPPED_HEAD = (0xFFFF).to_bytes(12, "big")  # ::ffff:0:0/96
 _PLEN = [bytes((n,)) for n in range(129)]
 
@@ -68,25 +67,23 @@ _PLEN = [bytes((n,)) for n in range(129)]
 def _parse_fast(text: str) -> bytes | None:
     """The key of a plain IPv4 or IPv6 CIDR with its host bits zero (its 16-byte address, then
     its prefix length as one byte: `Prefix`'s order as a bytes order), else None."""
-    m = _V4_FAST.fullmatch(text)
-    if m is not None:
-        a, b, c, d, plen = m.groups()
-        value = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
-        bits = 32 if plen is None else int(plen)
-        if value & ((1 << (32 - bits)) - 1):
-            return None  # host bits set: ipaddress says so
-        return _V4_MAPPED_HEAD + value.to_bytes(4, "big") + _PLEN[96 + bits]
-    m = _V6_FAST.fullmatch(text)
-    if m is None:
+    addr, slash, length = text.partition("/")
+    if slash and not (length.isascii() and length.isdigit() and len(length) <= 3):
         return None
     try:
-        addr = socket.inet_pton(socket.AF_INET6, m.group(1))
+        if "." in addr:
+            packed = socket.inet_pton(socket.AF_INET, addr)
+            bits, space, head = (int(length) if slash else 32), 32, _V4_MAPPED_HEAD
+        elif _V6_TEXT.fullmatch(addr):
+            packed = socket.inet_pton(socket.AF_INET6, addr)
+            bits, space, head = (int(length) if slash else 128), 128, b""
+        else:
+            return None
     except OSError:
         return None
-    bits = 128 if m.group(2) is None else int(m.group(2))
-    if bits < 128 and int.from_bytes(addr, "big") & ((1 << (128 - bits)) - 1):
-        return None
-    return addr + _PLEN[bits]
+    if bits > space or (bits < space and int.from_bytes(packed, "big") & ((1 << (space - bits)) - 1)):
+        return None  # ipaddress says what is wrong
+    return head + packed + _PLEN[bits + 128 - space]
 
 
 class Prefix(NamedTuple):
@@ -371,15 +368,17 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
 
 def _parse_dst(raw_dst: list, prefix: str) -> tuple[Prefix, ...]:
     """A rule's destinations, sorted, without repeats: deduplicated and sorted as 17-byte
-    keys, so a Prefix is built once per distinct destination."""
-    keys = set()
+    keys, so a Prefix is built once per distinct destination.  Repeats go by a dict, which
+    keeps the order written: big lists are mostly written in order, and sorting a list in
+    order is one pass (a set's hash order made it 1.7 million comparisons per 100,000)."""
+    keys = []
     for i, text in enumerate(raw_dst):
         key = _parse_fast(text) if type(text) is str else None
         if key is None:
             parsed = Prefix.parse(text, f"{prefix}dst[{i}]")
             key = parsed.addr + _PLEN[parsed.prefixlen]
-        keys.add(key)
-    return tuple([Prefix(key[:16], key[16]) for key in sorted(keys)])
+        keys.append(key)
+    return tuple([Prefix(key[:16], key[16]) for key in sorted(dict.fromkeys(keys))])
 
 
 def parse_ruleset(data: object) -> tuple[Rule, ...]:

@@ -41,6 +41,10 @@ def test_bench_smoke(tmp_path):
     assert methods["tcconfig tcset --add x N"]["checks"][0]["failures"] == 0
     assert {"shaper PUT /rules (bulk)", "shaper PUT /rules/{name} x N"} <= set(methods)
     assert sum(1 for m in methods if m.startswith("shaper Controller.apply")) == 2
+    # The command a user runs, on a file (1 x 300 and 3 x 100), local and through the daemon.
+    assert {m for m in methods if m.startswith("shaper apply -f")} == {
+        f"shaper apply -f, {where} ({shape})" for where in ("local", "daemon")
+        for shape in ("1 rules x 300 prefixes", "3 rules x 100 prefixes")}
     assert all(r["seconds"]["median"] > 0 for r in a["rows"])
 
     lt = results["latency"] = daemon.change_latency(rule_counts=(5,), changes=20, keepalive_changes=3,
