@@ -328,9 +328,13 @@ class KernelDatapath:
     def observe(self) -> P.Observed:
         assert self.lpm and self.meta
         entries: dict[Prefix, layout.LpmVal] = {}
-        for key, value in self.lpm.items():
+        values: dict[bytes, layout.LpmVal] = {}  # a rule's entries share a value or two: decode each once
+        for key, raw in self.lpm.items():
             prefixlen, addr = layout.unpack_key(key)
-            entries[Prefix(addr, prefixlen)] = layout.LpmVal.unpack(value)
+            value = values.get(raw)
+            if value is None:
+                value = values[raw] = layout.LpmVal.unpack(raw)
+            entries[Prefix(addr, prefixlen)] = value
         dst_of: dict[int, list[Prefix]] = {}
         for prefix, val in entries.items():
             dst_of.setdefault(val.rule_id, []).append(prefix)
@@ -398,7 +402,7 @@ class KernelDatapath:
 
     def map_entries(self) -> int:
         assert self.lpm
-        return sum(1 for _ in self.lpm.keys())
+        return self.lpm.count()
 
     def reset(self) -> list[str]:
         """Remove exactly what shaper created here; returns what was removed."""

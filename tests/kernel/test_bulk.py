@@ -52,6 +52,16 @@ def test_apply_file_of_100k_prefixes_locally(lab, tmp_path):
     assert proc.stdout == f"{POD_IF}: 1 rule(s), 5 change(s)\n"
     assert proc.stderr == ""  # piped: no progress
     assert trie_entries(lab) == BIG
+    # Read back in batches (BATCH_CHUNK a call) as one entry at a time does.
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        dp.open_maps()
+        batched = timed("trie read in batches", lambda: list(dp.lpm.items()))
+        dp.lpm._lookup_batch_ok = False
+        one_by_one = timed("trie read one entry at a time", lambda: list(dp.lpm.items()))
+    finally:
+        dp.close()
+    assert len(batched) == BIG and sorted(batched) == sorted(one_by_one)
     # The trie classifies: traffic to the one lab address among the 100,000 is the rule's.
     lab.send_udp(V4["a"], 50)
     (row,) = lab.show().values()
