@@ -91,7 +91,7 @@ class Api:
                client: str = "-") -> Response:
         url = urlsplit(target)
         path = url.path.rstrip("/") or "/"
-        query = parse_qs(url.query)
+        query = parse_qs(url.query, keep_blank_values=True)  # "?dry_run=" is a mistake to report, not absent
         allowed = []
         for route in self.routes:
             m = route.pattern.match(path)
@@ -171,10 +171,7 @@ class Api:
     def patch_rule(self, name: str, body: bytes, who: str, **_: Any) -> Response:
         """A JSON merge patch (RFC 7396) of one rule: fields given replace, null removes, the rest stay."""
         name = _name(name)
-        patch = _json(body)
-        if not isinstance(patch, dict):
-            raise InvalidInput("body", f"expected an object, got {type(patch).__name__}",
-                               "an object of the rule fields to change")
+        patch = _object(_json(body), "an object of the rule fields to change")
         if not patch:
             raise InvalidInput("body", "nothing to change", "at least one rule field, e.g. {\"delay\": \"20ms\"}")
         for key, value in patch.items():
@@ -199,7 +196,7 @@ class Api:
 
     def replace_rules(self, body: bytes, query: dict, who: str, **_: Any) -> Response:
         with gc_paused():  # a body of 100,000 destinations: see model.gc_paused
-            rules = parse_ruleset(_json(body))
+            rules = parse_ruleset(_object(_json(body), 'an object: {"rules": [...]}'))
         if _flag(query, "dry_run"):
             with self.service.lock:  # the operations and the rule changes from the same state
                 ops = self.service.plan(rules)
@@ -249,6 +246,14 @@ def _flag(query: dict, key: str) -> bool:
     if len(values) > 1 or values[0].lower() not in ("1", "true", "0", "false"):
         raise InvalidInput(key, f"invalid value {','.join(values)!r}", "true or false, once")
     return values[0].lower() in ("1", "true")
+
+
+def _object(document: Any, form: str) -> dict:
+    """A body that must be a JSON object: parse_ruleset takes None (an empty YAML file) as no rules,
+    and a body of `null` must not delete every rule."""
+    if not isinstance(document, dict):
+        raise InvalidInput("body", f"expected an object, got {type(document).__name__}", form)
+    return document
 
 
 class BadJson(InvalidInput):

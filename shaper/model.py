@@ -79,7 +79,7 @@ def _parse_fast(text: str) -> bytes | None:
             bits, space, head = (int(length) if slash else 128), 128, b""
         else:
             return None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL, which libc cannot be given
         return None
     if bits > space or (bits < space and int.from_bytes(packed, "big") & ((1 << (space - bits)) - 1)):
         return None  # ipaddress says what is wrong

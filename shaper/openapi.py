@@ -141,7 +141,11 @@ def document(version: str) -> dict[str, Any]:
                               "properties": {k: ({**v, "nullable": True} if k not in ("name", "dst") else v)
                                              for k, v in RULE_FIELDS.items()}},
                 "RuleSet": {"type": "object", "additionalProperties": False, "required": ["rules"],
-                            "properties": {"rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}}},
+                            "properties": {"rules": {
+                                "type": "array", "items": {"$ref": "#/components/schemas/Rule"},
+                                # A rules file's "rules:" with nothing after it is YAML's null; the API
+                                # takes the same document, so null is accepted there too (no rules).
+                                "nullable": True, "description": "The rules; null is the same as []."}}},
                 "Replaced": {"type": "object", "additionalProperties": False, "required": ["rules"], "properties": {
                     "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
                     "dry_run": {"type": "boolean"},

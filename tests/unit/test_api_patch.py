@@ -126,3 +126,31 @@ def test_dry_run_lists_rule_changes_beside_the_kernel_operations(env):
     assert {"changes", "rule_changes", "dry_run"} <= set(props)
     change_props = openapi.document("x")["components"]["schemas"]["RuleChange"]["properties"]
     assert {k for c in body["rule_changes"] for k in c} <= set(change_props)
+
+
+@pytest.mark.parametrize("body", [None, [], "rules", 3])
+def test_a_rule_set_body_that_is_not_an_object_changes_nothing(env, body):
+    fake, _, api = env
+    call(api, "PUT", "/rules/db", DB)
+    before = fake.observe()
+    resp = api.handle("PUT", "/rules", {"Authorization": f"Bearer {TOKEN}"}, json.dumps(body).encode(), "x")
+    assert resp.status == 422 and "expected an object" in resp.json()["error"]
+    assert fake.observe() == before
+
+
+def test_a_null_rule_list_is_documented_as_no_rules(env):
+    _, _, api = env
+    assert openapi.document("x")["components"]["schemas"]["RuleSet"]["properties"]["rules"]["nullable"] is True
+    assert call(api, "PUT", "/rules/db", DB)[0] == 200
+    assert call(api, "PUT", "/rules", {"rules": None}) == (200, {"rules": []})
+
+
+@pytest.mark.parametrize("query", ["dry_run=", "dry_run=yes", "dry_run=1&dry_run=0"])
+def test_a_dry_run_flag_that_is_not_true_or_false_is_refused_not_ignored(env, query):
+    # Found by schemathesis: parse_qs dropped "dry_run=", and the rules were applied for real.
+    fake, _, api = env
+    call(api, "PUT", "/rules/db", DB)
+    before = fake.observe()
+    status, body = call(api, "PUT", f"/rules?{query}", {"rules": []})
+    assert status == 422 and body["field"] == "dry_run"
+    assert fake.observe() == before

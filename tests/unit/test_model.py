@@ -197,3 +197,11 @@ def test_rules_text_errors_carry_the_line():
     assert err.value.field == "rules[1].rate"  # the field itself is unchanged (the API reports it)
     with pytest.raises(InvalidInput, match=r"r.yaml is not valid YAML: line 2, column 1"):
         parse_ruleset_text("rules: [\n", "-f", "r.yaml")
+
+
+@pytest.mark.parametrize("text", [".l\x00x", "10.0.0.1\x00", "10.0\x00.0.1/32", "fd00::\x00"])
+def test_a_destination_with_a_nul_is_bad_input_not_a_crash(text):
+    # Found by schemathesis through PUT /rules: inet_pton raises ValueError on an embedded NUL.
+    with pytest.raises(InvalidInput) as err:
+        Prefix.parse(text, "dst[0]")
+    assert err.value.field == "dst[0]"
