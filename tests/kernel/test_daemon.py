@@ -201,7 +201,7 @@ def test_cli_against_the_daemon(lab, tmp_path):
     assert lab.cli("apply", "-f", str(rules)).stdout.strip() == "http://127.0.0.1:2332: 2 rule(s) applied"
     lab.send_udp(V4["b"], 5)
     status = lab.cli("status").stdout.split("\n")
-    assert status[0].split()[:2] == ["NAME", "CLASSID"] and "5p/" in status[2]
+    assert status[0].split()[:2] == ["NAME", "DST"] and status[0].split()[-1] == "CLASSID" and "5p/" in status[2]
     assert lab.cli("rule", "list").stdout.count("\n") == 3
     bad = lab.cli("rule", "set", "c", "--dst", "10.77.0.999", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("shaper: dst[0]:") and bad.stderr.count("\n") == 1
