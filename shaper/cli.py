@@ -28,7 +28,7 @@ import yaml
 
 from .changes import changes_from, describe as describe_change, natural_key, rule_changes
 from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
-from .errors import InvalidInput, KernelError, PermissionDenied, ShaperError
+from .errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
 from .model import FIELD_NAMES, gc_paused, parse_rule, parse_ruleset_text, unknown_field
 from .openapi import RULE_FIELDS
 from .stats import format_remaining
@@ -59,6 +59,10 @@ def _errors() -> Iterator[None]:
     except (PermissionDenied, KernelError) as exc:
         if isinstance(exc, PermissionDenied) or exc.errno in _PRIVILEGE_ERRNOS:
             exc.args = (_root_hint(str(exc).splitlines()[0]),)
+        _fail(exc)
+    except Conflict as exc:
+        # To a non-root user shaper's own classifier looks unaccounted for: its pins are unreadable.
+        exc.args = (str(exc).splitlines()[0] + _unseen_hint(),)
         _fail(exc)
     except ShaperError as exc:
         _fail(exc)

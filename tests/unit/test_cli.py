@@ -436,7 +436,8 @@ def local(monkeypatch):
             pass
 
         def check_accounted(self):
-            pass
+            # A test makes the interface hold a classifier shaper cannot account for by setting this.
+            getattr(fake, "unaccounted", lambda: None)()
 
         def close(self):
             pass
@@ -486,3 +487,23 @@ def test_every_option_of_every_command_says_what_it_does():
         for param in cmd.params:
             if isinstance(param, click.Option):
                 assert param.help, (path, param.name)
+
+
+def test_local_commands_tell_a_non_root_user_what_they_cannot_see(local, monkeypatch):
+    from shaper.errors import Conflict
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    code, out, _ = run("show", "--iface", "veth9")
+    assert code == 0 and out == ("shaper is not attached to veth9 (as seen by a non-root user, who cannot read "
+                                 "shaper's pins: run as root)\n")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert run("show", "--iface", "veth9")[1] == "shaper is not attached to veth9\n"
+
+    def unaccounted():
+        raise Conflict("veth9 has a classifier at shaper's pref that is not the one pinned here")
+
+    monkeypatch.setattr(local, "unaccounted", unaccounted, raising=False)
+    for euid, hinted in ((1000, True), (0, False)):
+        monkeypatch.setattr("os.geteuid", lambda: euid)
+        code, _, err = run("show", "--iface", "veth9")
+        assert code == 1 and err.count("\n") == 1 and ("run as root" in err) == hinted, err
