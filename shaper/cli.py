@@ -823,7 +823,8 @@ def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = Non
         flexible = {c for c in (dst_col, imp_col) if c is not None}
         room = width - sum(w for i, w in enumerate(widths) if i not in flexible) - 2 * (len(widths) - 1)
         if dst_col is not None and imp_col is not None:
-            imp_width = max(10, min(widths[imp_col], room // 2))
+            # What a rule does reads better whole; one destination and "+N" say enough of where.
+            imp_width = max(10, min(widths[imp_col], room - 16))
             rows = cells(max(12, room - imp_width), imp_width)
         elif flexible:
             rows = cells(max(12, room), None) if dst_col is not None else cells(None, max(10, room))
@@ -877,7 +878,25 @@ def _stats_table(rows: list[dict], width: int | None = None, rates: dict | None 
                  format_count(r["drops"]) if "drops" in r else "-",
                  _pkts_bytes(r.get("backlog_packets"), r.get("backlog_bytes")), r["classid"])
         lines.append(line)
+    # Columns that give way, in this order, before the table is cut to the terminal's width:
+    # totals and the classid matter less while watching than the rates and the rules themselves.
+    for column in ("CLASSID", "MATCHED", "BACKLOG", "SENT", "DROPS"):
+        if width is None or _narrowest(header, lines) <= width:
+            break
+        i = header.index(column)
+        header = header[:i] + header[i + 1:]
+        lines = [line[:i] + line[i + 1:] for line in lines]
     return _format(header, lines, width)
+
+
+def _narrowest(header: tuple[str, ...], lines: list[tuple]) -> int:
+    """The width of the table with its DST and IMPAIRMENT columns as narrow as _format makes them."""
+    total = 2 * (len(header) - 1)
+    for i, name in enumerate(header):
+        cells = [_dst(line[i]) if name == "DST" else str(line[i]) for line in lines]
+        natural = max(len(c) for c in [name, *cells])
+        total += min(natural, {"DST": 18, "IMPAIRMENT": 16}.get(name, natural))
+    return total
 
 
 class _Rates:

@@ -507,3 +507,19 @@ def test_local_commands_tell_a_non_root_user_what_they_cannot_see(local, monkeyp
         monkeypatch.setattr("os.geteuid", lambda: euid)
         code, _, err = run("show", "--iface", "veth9")
         assert code == 1 and err.count("\n") == 1 and ("run as root" in err) == hinted, err
+
+
+def test_a_narrow_terminal_keeps_rates_and_rules_and_drops_totals_first(daemon, monkeypatch):
+    fake, _ = daemon
+    run("rule", "set", "db", "--dst", "10.0.0.2", "--dst", "10.0.0.3", "--delay", "5ms", "--jitter", "1ms",
+        "--loss", "1%", "--ttl", "1h")
+    _traffic(monkeypatch, fake, [0.0], (1000, 0))
+    headers = {}
+    for columns in (200, 100, 80):
+        code, out, _ = run("status", "--watch", "--count", "1", env={"COLUMNS": str(columns)})
+        lines = out.strip().split("\n")
+        assert code == 0 and all(len(line) <= columns for line in lines), out
+        headers[columns] = lines[1].split()
+    assert headers[200][-1] == "CLASSID" and "MATCHED" in headers[200]
+    assert "CLASSID" not in headers[100] and "MATCHED" not in headers[100] and "DROPS" in headers[100]
+    assert headers[80] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
