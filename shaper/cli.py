@@ -553,6 +553,8 @@ def _watch_frame(data: dict, rows: list[dict], rates: dict, server: str, interva
     lines = [f"{server}  {data['interface']}  {time.strftime('%H:%M:%S')}  every {interval:g}s  {shown}"
              + ("  (rates from the next refresh)" if first and rows else "")]
     width = _terminal_width()
+    if width is not None:
+        lines[0] = _cut(lines[0], width)
     lines += (_stats_table(rows, width, rates) if rows else _none(())).split("\n")
     if not redraw:
         click.echo(("" if first else "\n") + "\n".join(lines))

@@ -515,11 +515,12 @@ def test_a_narrow_terminal_keeps_rates_and_rules_and_drops_totals_first(daemon, 
         "--loss", "1%", "--ttl", "1h")
     _traffic(monkeypatch, fake, [0.0], (1000, 0))
     headers = {}
-    for columns in (200, 100, 80):
+    for columns in (200, 100, 80, 72):
         code, out, _ = run("status", "--watch", "--count", "1", env={"COLUMNS": str(columns)})
         lines = out.strip().split("\n")
         assert code == 0 and all(len(line) <= columns for line in lines), out
         headers[columns] = lines[1].split()
     assert headers[200][-1] == "CLASSID" and "MATCHED" in headers[200]
     assert "CLASSID" not in headers[100] and "MATCHED" not in headers[100] and "DROPS" in headers[100]
-    assert headers[80] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
+    assert headers[80] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S", "DROPS"]
+    assert headers[72] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
