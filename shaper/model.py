@@ -433,6 +433,8 @@ class RulesLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
         # A string scalar constructs to its own text: a list of 100,000 destinations need not
         # take four calls each through construct_object (nor be cached for aliases: an alias
         # to one constructs the same text again).
+        if not isinstance(node, yaml.SequenceNode):  # "!!seq x": PyYAML's own error
+            return super().construct_sequence(node, deep=deep)
         return [child.value if child.tag == _STR_TAG and type(child) is yaml.ScalarNode
                 else self.construct_object(child, deep=deep) for child in node.value]
 

@@ -144,6 +144,8 @@ def test_rules_loader_loads_like_safe_load():
     ("rules:\n  - name: a\n    dst: [10.0.0.1]\n    delay: 2020-01-01\n", "delay"),
     ("rules:\n  - name: a\n    dst: [10.0.0.1, 5]\n", "expected a string, got int"),
     ("rules:\n  - name: a\n    dst: [10.0.0.1]\n    gap: yes\n", "gap"),
+    ('rules: !!seq "x"\n', "expected a sequence node, but found scalar"),
+    ("rules:\n  - name: a\n    dst: !!seq {a: 1}\n", "expected a sequence node, but found mapping"),
 ])
 def test_errors_unchanged_by_the_c_loader(text, expected, monkeypatch):
     with pytest.raises(InvalidInput) as fast:
