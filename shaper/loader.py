@@ -106,6 +106,9 @@ def load_and_pin(pin_dir: str) -> None:
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         check=False,
+        # Out of our process group: a Ctrl-C or a group-wide SIGTERM is the daemon's to
+        # handle (it removes what it attached); killed mid-load, the child made it exit 1.
+        start_new_session=True,
     )
     if proc.returncode == 0:
         return

@@ -269,12 +269,6 @@ def load_initial_rules(path: str) -> Sequence[Rule] | None:
 
 def run(opts: DaemonOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
-    from .kernel import KernelDatapath, claim_interface
-
-    host, port = parse_listen(opts.listen)
-    check_exposure(host, opts.token, opts.insecure)
-    # The *_created series double the exposition for nothing Prometheus uses.
-    disable_created_metrics()
     stop = threading.Event()
     caught: list[str] = []
 
@@ -282,8 +276,19 @@ def run(opts: DaemonOptions) -> None:
         caught.append(signal.Signals(signum).name)
         stop.set()
 
+    # Before importing bcc, which takes seconds in a slow VM: a SIGTERM then
+    # killed the process instead of stopping it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    from .kernel import KernelDatapath, claim_interface
+
+    host, port = parse_listen(opts.listen)
+    check_exposure(host, opts.token, opts.insecure)
+    # The *_created series double the exposition for nothing Prometheus uses.
+    disable_created_metrics()
+    if stop.is_set():
+        audit("daemon.stop", signal=caught[0], before="start")
+        return
 
     dp = KernelDatapath(opts.iface, opts.netns)
     try:
@@ -311,7 +316,9 @@ def run(opts: DaemonOptions) -> None:
         except ShaperError:
             service.instruments.error("attach")
             raise
-        if opts.rules is None and opts.initial_rules and how == "attached":
+        if stop.is_set():
+            pass  # stopped during the compile: remove what was attached, apply nothing
+        elif opts.rules is None and opts.initial_rules and how == "attached":
             try:
                 service.start(opts.initial_rules, who="initial-rules")
             except ShaperError as exc:
@@ -321,8 +328,9 @@ def run(opts: DaemonOptions) -> None:
                 service.start(None, who="startup")
         else:
             service.start(opts.rules, who="startup")
-        audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
-              rules=len(service.rules()))
+        if not stop.is_set():
+            audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
+                  rules=len(service.rules()))
         while not stop.wait(1.0):
             if not service.datapath.tc.link_present():
                 if not _follow_interface(service, opts, stop):
