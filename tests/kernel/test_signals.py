@@ -68,3 +68,20 @@ def test_sigterm_to_the_whole_process_group_during_the_compile(lab):
     os.killpg(d.proc.pid, signal.SIGTERM)
     assert d.proc.wait(120) == 0, d.log_text()
     assert clean(lab) == []
+
+
+def test_a_start_too_slow_is_stopped_and_the_next_one_is_not_refused(lab):
+    """One slow start must be one clear failure: the lab stops the daemon it waited for,
+    says what it waited for, for how long, with the log; the next start then works."""
+    import pytest
+
+    d = lab.daemon(wait=False)
+    with pytest.raises(RuntimeError) as err:
+        lab.wait_ready(d, timeout=0.01)
+    text = str(err.value)
+    assert f"GET /readyz on 127.0.0.1:2332 in netns {lab.pod}" in text and "within 0s" in text, text
+    assert "--- daemon log" in text
+    assert d.proc.poll() is not None  # stopped and reaped, not left holding shp0
+    assert clean(lab) == []
+    again = lab.daemon()
+    assert again.stop() == 0
