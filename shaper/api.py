@@ -6,7 +6,13 @@ its JSON into the model, calls the service and maps errors to statuses:
 405 wrong method, 409 state shaper does not own, 413 body too large,
 422 a rule that cannot be applied, 500 the kernel refused, 501 this kernel
 lacks what the rule needs (sch_netem), 503 not ready.
-server.py puts it behind http.server; the unit tests call it directly.
+
+A request is taken in two steps so that a server can refuse it before reading
+a byte of its body: `prepare` routes it and checks the token and the query
+from the headers alone (401, 404, 405, 422), `call` runs it with the body.
+`handle` does both; server.py serves them, the unit tests call them directly.
+Every route that changes state takes `?dry_run=1` (plans, applies nothing) and
+no other query parameter; an unknown one is a 422 naming it.
 """
 
 from __future__ import annotations
@@ -15,16 +21,16 @@ import hmac
 import json
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, changes, openapi, plan as P
 from .errors import Conflict, InvalidInput, NotSupported, ShaperError
-from .model import FIELD_NAMES, NAME_FORM, NAME_RE, gc_paused, parse_rule, parse_ruleset, unknown_field
-from .service import NotFound, NotReady, Service
+from .model import FIELD_NAMES, NAME_FORM, NAME_RE, Rule, gc_paused, parse_rule, parse_ruleset, unknown_field
+from .service import LATENCY_DST, LATENCY_RULE, NotFound, NotReady, Service
 
 log = logging.getLogger("shaper")
 
@@ -32,15 +38,32 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # 262,144 prefixes as JSON fit with room to s
 JSON = "application/json"
 
 
-@dataclass
 class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: dict[str, str] = field(default_factory=dict)
+    """An answer: status, body, content type and extra headers.
+
+    A body too large to hold once per concurrent reader (GET /rules of 262,144 prefixes) is
+    given as `chunks`, which the server sends as they come; reading `body` joins them (tests,
+    in-process clients)."""
+
+    def __init__(self, status: int, body: bytes = b"", content_type: str = JSON,
+                 headers: dict[str, str] | None = None, chunks: Iterator[bytes] | None = None):
+        self.status = status
+        self._body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+        self.chunks = chunks
+
+    @property
+    def body(self) -> bytes:
+        if self.chunks is not None:
+            self._body, self.chunks = b"".join(self.chunks), None
+        return self._body
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self._body[:80]!r}{', streamed' if self.chunks is not None else ''})"
 
 
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
@@ -58,7 +81,22 @@ class Route:
     path: str  # the template, e.g. /rules/{name}
     pattern: re.Pattern
     handler: Callable[..., Response]
-    mutates: bool  # needs the token when one is configured
+    mutates: bool  # needs the token when one is configured; takes ?dry_run
+    kernel: bool  # reads or changes the datapath: runs on the thread that owns the netlink sockets
+
+    @property
+    def query(self) -> tuple[str, ...]:
+        return ("dry_run",) if self.mutates else ()
+
+
+@dataclass(frozen=True)
+class Call:
+    """A request routed and authorised from its headers: what `Api.call` runs with the body."""
+
+    route: Route
+    params: dict[str, str]
+    query: dict[str, list[str]]
+    who: str
 
 
 class Api:
@@ -66,6 +104,7 @@ class Api:
         self.service = service
         self.token = token
         self.routes: list[Route] = []
+        no_kernel = {self.index, self.healthz, self.openapi}
         for method, path, handler, mutates in (
             ("GET", "/", self.index, False),
             ("GET", "/healthz", self.healthz, False),
@@ -84,14 +123,23 @@ class Api:
             ("GET", "/latency/{duration}", self.latency, True),
         ):
             regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-            self.routes.append(Route(method, path, regex, handler, mutates))
+            self.routes.append(Route(method, path, regex, handler, mutates, handler not in no_kernel))
 
     # -- dispatch ---------------------------------------------------------------
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes,
                client: str = "-") -> Response:
+        call = self.prepare(method, target, headers, client)
+        return call if isinstance(call, Response) else self.call(call, body)
+
+    def prepare(self, method: str, target: str, headers: Mapping[str, str], client: str = "-") -> Call | Response:
+        """Route, authorise and check the query from the request line and headers alone."""
         url = urlsplit(target)
         path = url.path.rstrip("/") or "/"
-        query = parse_qs(url.query, keep_blank_values=True)  # "?dry_run=" is a mistake to report, not absent
+        try:
+            # "?dry_run=" is a mistake to report, not absent; a query that is not UTF-8 is bad input.
+            query = parse_qs(url.query, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            return error(422, "the query string is not valid UTF-8", field="query", expected="key=value&...")
         allowed = []
         for route in self.routes:
             m = route.pattern.match(path)
@@ -103,30 +151,39 @@ class Api:
             if route.mutates and not self._authorised(headers):
                 return error(401, "this request changes state: it needs the header Authorization: Bearer <token>",
                              headers={"WWW-Authenticate": 'Bearer realm="shaper"'})
+            for key in query:
+                if key not in route.query:
+                    # Like an unknown body field: ?DRY_RUN=1 or ?dryrun=1 must never apply for real.
+                    exc = unknown_field(key, key, route.query, ", ".join(route.query) or "no query parameters",
+                                        what=f"unknown query parameter on {route.method} {route.path}")
+                    return error(422, str(exc), field=exc.field, expected=exc.accepted)
             params = {k: unquote(v) for k, v in m.groupdict().items()}
-            who = client + (" (token)" if self.token else "")
-            try:
-                return route.handler(body=body, query=query, who=who, **params)
-            except BadJson as exc:
-                return error(400, str(exc), field=exc.field, expected=exc.accepted)
-            except InvalidInput as exc:
-                return error(422, str(exc), field=exc.field, expected=exc.accepted)
-            except NotFound as exc:
-                return error(404, str(exc))
-            except NotReady as exc:
-                return error(503, str(exc))
-            except Conflict as exc:
-                return error(409, str(exc))
-            except NotSupported as exc:  # this kernel lacks what the request needs (sch_netem)
-                return error(501, str(exc))
-            except ShaperError as exc:
-                return error(500, str(exc))
-            except Exception as exc:  # a bug: say so, keep serving
-                log.exception("internal error on %s %s", method, path)
-                return error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return Call(route, params, query, client + (" (token)" if self.token else ""))
         if allowed:
             return error(405, f"{method} is not allowed on {_short(path)}", headers={"Allow": ", ".join(sorted(allowed))})
         return error(404, f"no such endpoint: {_short(path)} (see /openapi.json)")
+
+    def call(self, call: Call, body: bytes) -> Response:
+        """Run a prepared request; every error becomes its status and a JSON body."""
+        try:
+            return call.route.handler(body=body, query=call.query, who=call.who, **call.params)
+        except BadJson as exc:
+            return error(400, str(exc), field=exc.field, expected=exc.accepted)
+        except InvalidInput as exc:
+            return error(422, str(exc), field=exc.field, expected=exc.accepted)
+        except NotFound as exc:
+            return error(404, str(exc))
+        except NotReady as exc:
+            return error(503, str(exc))
+        except Conflict as exc:
+            return error(409, str(exc))
+        except NotSupported as exc:  # this kernel lacks what the request needs (sch_netem)
+            return error(501, str(exc))
+        except ShaperError as exc:
+            return error(500, str(exc))
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("internal error on %s %s", call.route.method, call.route.path)
+            return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def _authorised(self, headers: Mapping[str, str]) -> bool:
         if not self.token:
@@ -152,6 +209,13 @@ class Api:
             return json_response(200, {"status": "ready", "interface": self.service.interface})
         return error(503, f"not ready: the classifier is not attached to {self.service.interface}")
 
+    def readyz_unchecked(self) -> Response:
+        """/readyz while the kernel thread is busy with a long change: ready as far as known
+        (that change runs on an attached datapath); a probe must not time out behind it."""
+        if self.service.ready:
+            return json_response(200, {"status": "ready", "interface": self.service.interface})
+        return error(503, f"not ready: the classifier is not attached to {self.service.interface}")
+
     def openapi(self, **_: Any) -> Response:
         return json_response(200, openapi.document(__version__))
 
@@ -159,16 +223,19 @@ class Api:
         return Response(200, generate_latest(self.service.registry), CONTENT_TYPE_LATEST)
 
     def list_rules(self, **_: Any) -> Response:
-        return json_response(200, {"rules": [r.to_dict() for r in self.service.rules()]})
+        return Response(200, b"", JSON, chunks=_rules_json(self.service.rules()))
 
     def get_rule(self, name: str, **_: Any) -> Response:
         return json_response(200, self.service.rule(_name(name)).to_dict())
 
-    def put_rule(self, name: str, body: bytes, who: str, **_: Any) -> Response:
+    def put_rule(self, name: str, body: bytes, query: dict, who: str, **_: Any) -> Response:
         rule = parse_rule(_json(body), name=_name(name))
+        if _flag(query, "dry_run"):
+            with self.service.lock:
+                return self._preview({**self._live(), rule.name: rule}.values(), rule.to_dict())
         return json_response(200, self.service.put(rule, who).to_dict())
 
-    def patch_rule(self, name: str, body: bytes, who: str, **_: Any) -> Response:
+    def patch_rule(self, name: str, body: bytes, query: dict, who: str, **_: Any) -> Response:
         """A JSON merge patch (RFC 7396) of one rule: fields given replace, null removes, the rest stay."""
         name = _name(name)
         patch = _object(_json(body), "an object of the rule fields to change")
@@ -188,10 +255,19 @@ class Api:
                 else:
                     merged[key] = value
             rule = parse_rule(merged, name=name)
+            if _flag(query, "dry_run"):
+                return self._preview({**self._live(), name: rule}.values(), rule.to_dict())
             return json_response(200, self.service.put(rule, who, event="rule.patch").to_dict())
 
-    def delete_rule(self, name: str, who: str, **_: Any) -> Response:
-        self.service.delete(_name(name), who)
+    def delete_rule(self, name: str, query: dict, who: str, **_: Any) -> Response:
+        name = _name(name)
+        if _flag(query, "dry_run"):
+            with self.service.lock:
+                live = self._live()
+                if live.pop(name, None) is None:
+                    raise NotFound(f"no rule named {name!r}")
+                return self._preview(live.values(), {"deleted": [name]})
+        self.service.delete(name, who)
         return json_response(200, {"deleted": [name]})
 
     def replace_rules(self, body: bytes, query: dict, who: str, **_: Any) -> Response:
@@ -206,7 +282,10 @@ class Api:
         stored = self.service.replace(rules, who)
         return json_response(200, {"rules": [r.to_dict() for r in stored]})
 
-    def delete_rules(self, who: str, **_: Any) -> Response:
+    def delete_rules(self, query: dict, who: str, **_: Any) -> Response:
+        if _flag(query, "dry_run"):
+            with self.service.lock:
+                return self._preview([], {"deleted": sorted(self._live())})
         return json_response(200, {"deleted": self.service.clear(who)})
 
     def stats(self, **_: Any) -> Response:
@@ -214,11 +293,52 @@ class Api:
         return json_response(200, {"interface": self.service.interface,
                                    "rules": [s.to_dict(now) for s in self.service.stats()]})
 
-    def latency(self, duration: str, who: str, **_: Any) -> Response:
+    def latency(self, duration: str, query: dict, who: str, **_: Any) -> Response:
+        if _flag(query, "dry_run"):
+            rule = parse_rule({"dst": list(LATENCY_DST), "delay": duration}, where="path", name=LATENCY_RULE)
+            with self.service.lock:
+                live = self._live()
+                if rule.delay_us:
+                    return self._preview({**live, LATENCY_RULE: rule}.values(), rule.to_dict())
+                deleted = [LATENCY_RULE] if live.pop(LATENCY_RULE, None) is not None else []
+                return self._preview(live.values(), {"deleted": deleted})
         rule, deleted = self.service.latency(duration, who)
         if rule is None:
             return json_response(200, {"deleted": deleted})
         return json_response(200, rule.to_dict())
+
+    # -- dry runs -----------------------------------------------------------------
+    def _live(self) -> dict[str, Rule]:
+        return {r.name: r for r in self.service.rules()}
+
+    def _preview(self, desired: Any, shown: dict) -> Response:
+        """What applying `desired` would do, in operations and in the rules' words; applies nothing.
+        Called under the service's lock, so that both come from the state `desired` was made from."""
+        desired = list(desired)
+        ops = self.service.plan(desired)
+        changed = changes.changes_from(self.service.observe(), desired, self.service.clock())
+        return json_response(200, {**shown, "dry_run": True, "changes": [P.describe(op) for op in ops],
+                                   "rule_changes": changed})
+
+
+DST_CHUNK = 8192  # destinations encoded per piece of a streamed GET /rules
+
+
+def _rules_json(rules: list[Rule]) -> Iterator[bytes]:
+    """{"rules": [...]} in pieces of at most DST_CHUNK destinations: eight readers of 262,144
+    prefixes each held the whole document three times over (list, str, bytes)."""
+    yield b'{"rules": ['
+    for i, rule in enumerate(rules):
+        # The fields but dst from a copy with one destination: to_dict would format them all.
+        fields = replace(rule, dst=rule.dst[:1]).to_dict()
+        del fields["name"], fields["dst"]
+        rest = json.dumps(fields)[1:-1]
+        yield (("," if i else "") + "\n  {\"name\": " + json.dumps(rule.name) + ", \"dst\": [").encode()
+        for start in range(0, len(rule.dst), DST_CHUNK):
+            piece = json.dumps([str(p) for p in rule.dst[start:start + DST_CHUNK]])[1:-1]
+            yield ((", " if start else "") + piece).encode()
+        yield ("]" + (", " + rest if rest else "") + "}").encode()
+    yield b"\n]}\n"
 
 
 def _short(text: str, limit: int = 120) -> str:
@@ -260,11 +380,23 @@ class BadJson(InvalidInput):
     pass
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are all different: with a key twice, which one was meant is a guess."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadJson(key, f"the key {key!r} appears twice in one object", "each key once")
+            seen.add(key)
+    return out
+
+
 def _json(body: bytes) -> Any:
     if not body.strip():
         raise BadJson("body", "is empty", "a JSON object")
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadJson("body", f"not valid JSON: {exc}", "a JSON object") from None
     except RecursionError:

@@ -275,7 +275,9 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
     """Run the daemon: attach to IFACE and serve the HTTP API and /metrics.
 
     Runs until SIGTERM or SIGINT, then removes everything it created on
-    IFACE (unless --keep-on-exit). Rules whose TTL passed are removed as
+    IFACE (unless --keep-on-exit). SIGHUP applies the --rules file again
+    (without --rules it is ignored, with a log line); SIGUSR1, SIGUSR2 and
+    SIGALRM are ignored. Rules whose TTL passed are removed as
     they expire. Logs one JSON line per change. Listening beyond loopback
     needs a token (--token-file or SHAPER_TOKEN) or --insecure.
     """
@@ -287,7 +289,8 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
         server.configure_logging(log_level)
         initial = server.load_initial_rules(initial_rules_file) if initial_rules_file else None
         server.run(server.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
-                                        keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial))
+                                        keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial,
+                                        rules_file=rules_file))
 
 
 # -- rules on a daemon ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ _NUM = r"([0-9]+(\.[0-9]+)?|\.[0-9]+)"
 # (a rate's minimum) and cross-field needs (jitter needs delay) are checked by shaper.
 _PCT = {"type": "string", "pattern": r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?|\.[0-9]+) ?%$",
         "description": PERCENT_FORM}
-_DURATION = {"type": "string", "pattern": "^(0|" + _NUM + " ?(us|usec|ms|msec|s|sec|m|min|h))$",
+_DURATION = {"type": "string", "pattern": "^(0|" + _NUM + " ?(us|usec|ms|msec|s|sec|m|min|h|d))$",
              "description": DURATION_FORM}
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -56,8 +56,24 @@ _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$
 _RULE = {"application/json": {"schema": {"$ref": "#/components/schemas/Rule"}}}
 _RULES = {"application/json": {"schema": {"$ref": "#/components/schemas/RuleSet"}}}
 _REPLACED = {"application/json": {"schema": {"$ref": "#/components/schemas/Replaced"}}}
+_PREVIEW = {
+    "dry_run": {"type": "boolean"},
+    "changes": {"type": "array", "items": {"type": "string"},
+                "description": "With dry_run: the kernel operations, one line each (slots, classes)."},
+    "rule_changes": {"type": "array", "items": {"$ref": "#/components/schemas/RuleChange"},
+                     "description": "With dry_run: what changes, per rule, in the rule's own fields; unchanged "
+                                    "rules are left out."}}
 _DELETED = {"application/json": {"schema": {"type": "object", "required": ["deleted"], "additionalProperties": False,
-                                           "properties": {"deleted": {"type": "array", "items": {"type": "string"}}}}}}
+                                           "properties": {"deleted": {"type": "array", "items": {"type": "string"}},
+                                                          **_PREVIEW}}}}
+_RULE_OR_PREVIEW = {"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Rule"},
+                                                              {"$ref": "#/components/schemas/RulePreview"}]}}}
+_DRY_RUN = {"name": "dry_run", "in": "query", "schema": {"type": "boolean"}, "required": False,
+            "description": "Validate and list the changes (changes, rule_changes), change nothing."}
+# Any route: an unknown query parameter (422). Routes that take a body: malformed JSON or a key
+# twice (400), a body above 32 MiB (413), one that takes longer than 60 s (408), or more body
+# bytes in flight across all requests than the daemon holds (503, Retry-After).
+_BODY_ERRORS = (400, 408, 413, 422, 503)
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN}}
 _AUTH = [{"bearer": []}]
 
@@ -65,6 +81,9 @@ _AUTH = [{"bearer": []}]
 def _op(summary: str, ok: dict | None = None, errors: tuple[int, ...] = (), *, body: dict | None = None,
         params: list | None = None, auth: bool = False, description: str | None = None) -> dict:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK", **({"content": ok} if ok else {})}}}
+    errors = tuple(sorted({422, *errors, *(_BODY_ERRORS if body else ())}))
+    if auth:
+        params = [*(params or []), _DRY_RUN]
     for code in errors:
         op["responses"][str(code)] = _ERROR
     if auth:
@@ -90,17 +109,15 @@ PATHS: dict[str, dict[str, dict]] = {
         "get": _op("List the rules in force", ok=_RULES, errors=(503,)),
         "put": _op("Replace the whole rule set atomically (all or nothing)", ok=_REPLACED,
                    errors=(400, 422, 500, 501, 503),
-                   body=_RULES, auth=True,
-                   params=[{"name": "dry_run", "in": "query", "schema": {"type": "boolean"}, "required": False,
-                            "description": "Validate and list the changes, change nothing."}]),
+                   body=_RULES, auth=True),
         "delete": _op("Remove every rule (the classifier stays attached)", ok=_DELETED, errors=(500, 503), auth=True),
     },
     "/rules/{name}": {
         "get": _op("One rule", ok=_RULE, errors=(404, 422, 503), params=[_NAME]),
-        "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE,
+        "put": _op("Create or replace one rule (idempotent; restarts its TTL)", ok=_RULE_OR_PREVIEW,
                    errors=(400, 422, 500, 501, 503),
                    body=_RULE, params=[_NAME], auth=True),
-        "patch": _op("Change some fields of one rule, keep the others (restarts its TTL)", ok=_RULE,
+        "patch": _op("Change some fields of one rule, keep the others (restarts its TTL)", ok=_RULE_OR_PREVIEW,
                      errors=(400, 404, 422, 500, 501, 503), params=[_NAME], auth=True,
                      body={"application/merge-patch+json": {"schema": {"$ref": "#/components/schemas/RulePatch"}},
                            "application/json": {"schema": {"$ref": "#/components/schemas/RulePatch"}}},
@@ -114,6 +131,7 @@ PATHS: dict[str, dict[str, dict]] = {
     "/latency/{duration}": {"get": _op(
         "Compatibility: a delay for every destination (rule 'latency'); 0 removes it",
         ok={"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Rule"},
+                                                      {"$ref": "#/components/schemas/RulePreview"},
                                                       _DELETED["application/json"]["schema"]]}}},
         errors=(422, 500, 501, 503), auth=True,
         params=[{"name": "duration", "in": "path", "required": True, "schema": _DURATION}],
@@ -137,6 +155,8 @@ def document(version: str) -> dict[str, Any]:
             "schemas": {
                 "Rule": {"type": "object", "additionalProperties": False, "required": ["dst"],
                          "properties": RULE_FIELDS},
+                "RulePreview": {"type": "object", "additionalProperties": False, "required": ["dst", "dry_run"],
+                                "properties": {**RULE_FIELDS, **_PREVIEW}},
                 "RulePatch": {"type": "object", "additionalProperties": False, "minProperties": 1,
                               "properties": {k: ({**v, "nullable": True} if k not in ("name", "dst") else v)
                                              for k, v in RULE_FIELDS.items()}},
@@ -147,13 +167,7 @@ def document(version: str) -> dict[str, Any]:
                                 # takes the same document, so null is accepted there too (no rules).
                                 "nullable": True, "description": "The rules; null is the same as []."}}},
                 "Replaced": {"type": "object", "additionalProperties": False, "required": ["rules"], "properties": {
-                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
-                    "dry_run": {"type": "boolean"},
-                    "changes": {"type": "array", "items": {"type": "string"},
-                                "description": "With dry_run: the kernel operations, one line each (slots, classes)."},
-                    "rule_changes": {"type": "array", "items": {"$ref": "#/components/schemas/RuleChange"},
-                                     "description": "With dry_run: what changes, per rule, in the rule's own "
-                                                    "fields; unchanged rules are left out."}}},
+                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}, **_PREVIEW}},
                 "RuleChange": {
                     "type": "object", "additionalProperties": False, "required": ["name", "change"],
                     "properties": {

@@ -1,33 +1,45 @@
 """The daemon (`shaper run`): attach, serve the API and /metrics, clean up on exit.
 
-The HTTP side is the standard library's threading server in front of
-`Api.handle`; every datapath access is serialised by the service's lock, so
-threads only overlap in parsing and writing.  The main thread attaches the
-classifier, applies the initial rules, then sleeps until SIGTERM/SIGINT,
-waking once a second to remove rules whose TTL passed.  On exit it removes
-everything shaper created on the interface, unless --keep-on-exit.
+HTTP is uvicorn's httptools (llhttp) server, in its own thread with its own
+event loop, made strict by `StrictHttp` (a deadline for the whole header
+section, a bound on its size, one Host / Content-Length / Authorization,
+chunked or nothing, JSON errors) and `HttpApp`, which routes and checks the
+token from the headers before it reads a byte of a body, bounds every body
+(size, time, and the bytes in flight across all requests), and streams large
+answers.  Every datapath access runs on one thread, `kernel`, the only thread
+that ever opens a netlink socket: pyroute2 opens one per calling thread, and a
+thread per connection leaked one per connection.
+
+The main thread owns the signals.  It attaches the classifier, applies the
+initial rules, then waits for SIGTERM/SIGINT, waking once a second to remove
+rules whose TTL passed; SIGHUP re-reads --rules (ignored, with a log line,
+without it); SIGUSR1, SIGUSR2 and SIGALRM are ignored with a log line.  On
+exit the server stops accepting, lets requests in flight finish (GRACE_S), and
+then removes everything shaper created on the interface, unless --keep-on-exit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import json
 import logging
 import os
 import signal
 import socket
-import ssl
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import httptools
 from prometheus_client import disable_created_metrics
+from uvicorn import Config, Server
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import __version__
-from .api import MAX_BODY_BYTES, Api, error
+from .api import MAX_BODY_BYTES, Api, Call, Response, error
 from .client import DEFAULT_PORT
 from .errors import InvalidInput, ShaperError
 from .model import Rule
@@ -94,141 +106,384 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
                        "--insecure to allow changes from anyone")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"shaper/{__version__}"
-    sys_version = ""
-    timeout = 30  # a client that stops sending does not hold a thread forever
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without TCP_NODELAY the body waits for
-        # the client's delayed ACK, ~40 ms per request on a keep-alive connection.
+# -- limits -----------------------------------------------------------------------------------------------------
+HEADER_DEADLINE_S = 10.0  # the whole request line and header section, from its first byte (or the connect)
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers: 431 beyond
+MAX_TARGET_BYTES = 8 * 1024  # the request target alone: 414 beyond
+BODY_DEADLINE_S = 60.0  # a whole body once the headers are in: 32 MiB at 4.5 Mbit/s
+BODY_BUDGET_BYTES = 2 * MAX_BODY_BYTES  # declared body bytes being read or handled at once, every request
+KEEP_ALIVE_S = 5.0  # an idle keep-alive connection
+GRACE_S = 25.0  # on SIGTERM, requests in flight may finish for this long (Kubernetes gives 30 s)
+READY_PROBE_S = 0.5
+SEND_CHUNK_BYTES = 64 * 1024  # /readyz waits this long for the kernel thread, then answers from what it knows
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+class KernelThread:
+    """One thread for every netlink and map access, so the process holds one set of
+    sockets however many connections come and go.  `busy` tells a probe whether it
+    would wait behind a long change."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+        self._lock = threading.Lock()
+        self._queued = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._queued > 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        with self._lock:
+            self._queued += 1
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn on the kernel thread and wait for it (from a thread that is not the event loop)."""
+        return self.submit(fn, *args).result()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _refusal(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, with the API's JSON error body."""
+    body = error(status, message).body
+    return (b"HTTP/1.1 %d %s\r\nserver: shaper/%s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), __version__.encode(), len(body),
+                                               body))
+
+
+class StrictHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with what a server facing untrusted clients needs and it lacks:
+    a deadline for the whole request head (slowloris: one header line every 20 s held a
+    connection forever), a bound on its size, refusal of ambiguous framing and of a
+    repeated Authorization, and JSON for every refusal (uvicorn answers text/plain).
+
+    It overrides uvicorn's parser callbacks (on_headers_complete, on_body, data_received):
+    pyproject pins uvicorn's minor version, and tests/unit/test_server.py drives it."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._refused = False
+        self._arm()  # a client that connects and sends nothing is a slow head too
+
+    def _arm(self) -> None:
+        self._head_bytes = 0
+        self._deadline = self.loop.call_later(HEADER_DEADLINE_S, self._refuse, 408,
+                                              f"the request line and headers took more than {HEADER_DEADLINE_S:g} s")
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._disarm()
+        self._refused = True
+        if not self.transport.is_closing():
+            self.transport.write(_refusal(status, message))
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, msg)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first byte of the next request on a keep-alive connection
+        if self._deadline is not None:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
         try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (a unix socketpair in the unit tests)
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade (h2c, websocket) is not offered: the request was served as HTTP/1.1
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self._deadline is not None and self._head_bytes > MAX_HEADER_BYTES and not self._refused:
+            if len(self.url) > MAX_TARGET_BYTES:
+                self._refuse(414, f"the request target exceeds {MAX_TARGET_BYTES} bytes")
+            else:
+                self._refuse(431, f"the request line and headers exceed {MAX_HEADER_BYTES} bytes")
 
-    def _serve(self) -> None:
-        api: Api = self.server.api  # type: ignore[attr-defined]
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._send(error(411, "send the body with a Content-Length"), close=True)
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            super().on_url(url)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        why = self._problem()
+        if why:
+            self._refuse(*why)
+            return
+        super().on_headers_complete()
+
+    def _problem(self) -> tuple[int, str] | None:
+        version = self.parser.get_http_version()
+        if len(self.url) > MAX_TARGET_BYTES:
+            return 414, f"the request target exceeds {MAX_TARGET_BYTES} bytes"
+        if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEADER_BYTES:
+            return 431, f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"
+        if version not in ("1.0", "1.1"):
+            return 400, f"HTTP/{version} is not served: use HTTP/1.1"
+        names = [n for n, _ in self.headers]
+        if version == "1.1" and names.count(b"host") != 1:
+            return 400, "an HTTP/1.1 request needs exactly one Host header"
+        for once in (b"content-length", b"authorization", b"host"):
+            if names.count(once) > 1:
+                return 400, f"the header {once.decode()} is given {names.count(once)} times: send it once"
+        te = [v.strip().lower() for n, v in self.headers if n == b"transfer-encoding"]
+        if te and (te != [b"chunked"] or b"content-length" in names):
+            return 400, "Transfer-Encoding must be a single 'chunked', without Content-Length"
+        return None
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+
+class BodyBudget:
+    """The body bytes all requests may hold at once; used only from the event loop."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.total:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class HttpApp:
+    """The ASGI application in front of `Api` (prepare, then call) or anything with `handle`
+    (the webhook).  Nothing here touches the kernel: handlers run on `kernel`."""
+
+    def __init__(self, api: Any, kernel: KernelThread, *, max_body: int = MAX_BODY_BYTES,
+                 budget: BodyBudget | None = None):
+        self.api = api
+        self.kernel = kernel
+        self.max_body = max_body
+        self.budget = budget or BodyBudget(BODY_BUDGET_BYTES)
+        self._probe: asyncio.Future | None = None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        target = scope["raw_path"].decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+        client = scope["client"][0] if scope.get("client") else "-"
+        if "transfer-encoding" in headers:
+            await _send(send, error(411, "send the body with a Content-Length"), close=True)
             return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+            length = int(headers.get("content-length", "0").strip())
+        except ValueError:  # llhttp accepts only digits: a guard, not a path taken
             length = -1
         if length < 0:
-            self._send(error(400, "invalid Content-Length"), close=True)
+            await _send(send, error(400, "invalid Content-Length"), close=True)
             return
-        if length > MAX_BODY_BYTES:
-            self._send(error(413, f"body of {length} bytes exceeds {MAX_BODY_BYTES}"), close=True)
+        if length > self.max_body:
+            await _send(send, error(413, f"body of {length} bytes exceeds {self.max_body}"), close=True)
             return
-        body = self.rfile.read(length) if length else b""
-        self._send(api.handle(self.command, self.path, dict(self.headers.items()), body, self.client_address[0]))
-
-    def _send(self, resp, close: bool = False) -> None:
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        for key, value in resp.headers.items():
-            self.send_header(key, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
-
-    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = do_HEAD = _serve
-
-    def __getattr__(self, name: str):
-        # Any other method (the stdlib answers 501 with an HTML page): the API says 405 or 404.
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # no access log: changes are logged by the service, reads are not
-
-
-MAX_CONNECTIONS = 64
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Retry-After: 1\r\nContent-Length: 45\r\n\r\n{\"error\": \"too many connections, try again\"}\n")
-
-
-class _Server(ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at once (more get a 503 at once)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], api, family: int, tls=None):
-        self.address_family = family
-        self.api = api
-        self.tls = tls  # webhook.CertificateFiles: serve HTTPS
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        if not self.slots.acquire(blocking=False):
-            if self.tls is None:  # a TLS client would need a handshake first: just close
-                try:
-                    request.sendall(_BUSY)
-                except OSError:
-                    pass
-            self.shutdown_request(request)
+        call: Any = None
+        if hasattr(self.api, "prepare"):
+            # Routed and authorised from the headers alone: a refused client's body is never
+            # read (and an Expect: 100-continue never answered 100), the connection is closed.
+            call = self.api.prepare(method, target, headers, client)
+            if isinstance(call, Response):
+                await _send(send, call, close=length > 0)
+                return
+        if length and not self.budget.take(length):
+            await _send(send, error(503, f"too many request bodies in flight ({self.budget.total} bytes at most): "
+                                         "try again", headers={"Retry-After": "1"}), close=True)
             return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
         try:
-            if self.tls is not None:
-                # The handshake runs here, in the connection's own thread and under its
-                # timeout, so a client that never speaks holds one slot, not accept().
-                request.settimeout(_Handler.timeout)
-                try:
-                    request = self.tls.context().wrap_socket(request, server_side=True)
-                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                    log.debug("tls handshake failed", extra={"fields": {"client": client_address[0],
-                                                                         "error": str(exc)}})
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
+            try:
+                body = await asyncio.wait_for(_read_body(receive, length), BODY_DEADLINE_S) if length else b""
+            except asyncio.TimeoutError:
+                await _send(send, error(408, f"the body of {length} bytes took more than {BODY_DEADLINE_S:g} s"),
+                            close=True)
+                return
+            except ConnectionError:
+                return  # the client went away: nothing to answer
+            resp = await self._answer(call, method, target, headers, body, client)
+            del body
         finally:
-            self.slots.release()
+            if length:
+                self.budget.give(length)
+        await _send(send, resp)
 
-    def handle_error(self, request, client_address) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
-            # A client that went away or broke TLS mid-request: not worth a traceback.
-            log.debug("connection error", extra={"fields": {"client": client_address[0], "error": str(exc)}})
-            return
-        log.error("request failed", extra={"fields": {"client": client_address[0]}}, exc_info=True)
+    async def _answer(self, call: Call | None, method: str, target: str, headers: dict, body: bytes,
+                      client: str) -> Response:
+        if call is None:
+            return await self.kernel.call(self.api.handle, method, target, headers, body, client)
+        if not call.route.kernel:
+            return self.api.call(call, body)
+        if call.route.path == "/readyz":
+            return await self._readyz(call)
+        return await self.kernel.call(self.api.call, call, body)
 
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
+    async def _readyz(self, call: Call) -> Response:
+        """Checked on the kernel thread when it is free; behind a long change, what is known.
+        One check at a time: a probe storm during an apply does not queue behind it."""
+        if self._probe is None or self._probe.done():
+            if self.kernel.busy:
+                return self.api.readyz_unchecked()
+            self._probe = asyncio.wrap_future(self.kernel.submit(self.api.call, call, b""))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probe), READY_PROBE_S)
+        except asyncio.TimeoutError:
+            return self.api.readyz_unchecked()
+
+
+async def _read_body(receive: Callable, length: int) -> bytearray:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client disconnected")
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def _send(send: Callable, resp: Response, close: bool = False) -> None:
+    headers = [(b"content-type", resp.content_type.encode())]
+    if resp.chunks is None:
+        headers.append((b"content-length", str(len(resp.body)).encode()))
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    if resp.chunks is None:
+        await send({"type": "http.response.body", "body": resp.body})
+        return
+    pending: list[bytes] = []
+    size = 0
+    for piece in resp.chunks:
+        pending.append(piece)
+        size += len(piece)
+        if size >= SEND_CHUNK_BYTES:
+            # Each send waits while the client is slow to read (uvicorn's flow control), so a
+            # reader that stalls holds one piece, not the document.
+            await send({"type": "http.response.body", "body": b"".join(pending), "more_body": True})
+            pending, size = [], 0
+    await send({"type": "http.response.body", "body": b"".join(pending)})
+
+
+class HttpServer:
+    """A bound socket served by uvicorn in thread `name`; `stop` is graceful."""
+
+    def __init__(self, sock: socket.socket, app: HttpApp, tls=None, name: str = "http"):
+        self.socket = sock
+        name = sock.getsockname()
+        self.server_address = name[:2] if isinstance(name, tuple) else (name, 0)  # a unix socket in tests
+        self.app = app
+        config = Config(app, http=StrictHttp, ws="none", lifespan="off", interface="asgi3", log_config=None,
+                        access_log=False, proxy_headers=False, server_header=False,
+                        headers=[("server", f"shaper/{__version__}")], timeout_keep_alive=KEEP_ALIVE_S,
+                        timeout_graceful_shutdown=GRACE_S)
+        config.load()
+        if tls is not None:
+            # uvicorn loads certificate files once; CertificateFiles follows rotation, so every
+            # handshake gets its current context.
+            ctx = tls.context()
+            ctx.sni_callback = lambda ssl_obj, _name, _ctx: setattr(ssl_obj, "context", tls.context())
+            config.ssl = ctx
+        self.uvicorn = Server(config)
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self.uvicorn.serve(sockets=[self.socket]))
+        except BaseException as exc:  # noqa: BLE001 (reported by start/stop)
+            self.failed = exc
+            log.error("http.failed", extra={"fields": {"error": str(exc)}}, exc_info=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not self.uvicorn.started:
+            raise ShaperError(f"the HTTP server did not start on {self.server_address}: {self.failed or 'timed out'}")
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight may finish within GRACE_S; idle connections close."""
+        self.uvicorn.should_exit = True
+        self.thread.join(GRACE_S + 5)
+        self.socket.close()
+
+
+def _bind(address: tuple[str, int], family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
             # "::" serves IPv4 too (a pod IP may be either).
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.set_inheritable(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
-def make_server(host: str, port: int, api, tls=None) -> _Server:
-    """Bind `api` (anything with Api.handle's signature); every address (v4 and v6 where
-    there is v6) when host is empty; HTTPS when `tls` (a webhook.CertificateFiles) is given."""
+def make_server(host: str, port: int, api, tls=None, kernel: KernelThread | None = None, *,
+                max_body: int = MAX_BODY_BYTES, name: str = "http") -> HttpServer:
+    """Bind `api` (an Api, or anything with Api.handle's signature); every address (v4 and v6
+    where there is v6) when host is empty; HTTPS when `tls` (a webhook.CertificateFiles) is
+    given.  Handlers run on `kernel` (a new one if not given).  Call start() to serve."""
     where = f"{host or '*'}:{port}"
     try:
         if not host:
             try:
-                return _Server(("::", port), api, socket.AF_INET6, tls)
+                sock = _bind(("::", port), socket.AF_INET6)
             except OSError as exc:
                 if exc.errno not in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
                     raise
-                return _Server(("0.0.0.0", port), api, socket.AF_INET, tls)
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return _Server((host, port), api, family, tls)
+                sock = _bind(("0.0.0.0", port), socket.AF_INET)
+        else:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = _bind((host, port), family)
     except (OSError, socket.gaierror) as exc:
         raise ShaperError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return HttpServer(sock, HttpApp(api, kernel or KernelThread(), max_body=max_body), tls, name)
 
 
 @dataclass(frozen=True)
@@ -241,6 +496,7 @@ class DaemonOptions:
     token: str | None = None
     keep_on_exit: bool = False
     insecure: bool = False  # serve changes to anyone beyond loopback, without a token
+    rules_file: str | None = None  # what `rules` came from: SIGHUP reads it again
 
 
 def load_initial_rules(path: str) -> Sequence[Rule] | None:
@@ -267,20 +523,53 @@ def load_initial_rules(path: str) -> Sequence[Rule] | None:
         return None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What a supervisor, a terminal or a stray `kill -HUP` may send: each killed the daemon
+# silently (their default action), leaving shaping with no controller.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
+def reload_rules(service: Service, path: str) -> None:
+    """SIGHUP: apply --rules again as it is now; a file that is unreadable or wrong changes nothing."""
+    from .model import parse_ruleset_text
+
+    try:
+        with open(path, "rb") as f:
+            rules = parse_ruleset_text(f.read(), "--rules", path)
+    except OSError as exc:
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "refused", "error": exc.strerror,
+                                                      "action": "kept the rules in place"}})
+        return
+    except InvalidInput as exc:
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "refused", "error": str(exc),
+                                                      "action": "kept the rules in place"}})
+        return
+    try:
+        service.replace(rules, who=f"SIGHUP ({path})")
+    except ShaperError as exc:  # logged by the service (rules.replace failed/rejected), rolled back
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "failed", "error": str(exc)}})
+
+
 def run(opts: DaemonOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
     stop = threading.Event()
     caught: list[str] = []
+    pending: list[str] = []  # other signals, handled by the main loop (never inside a handler)
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
         caught.append(signal.Signals(signum).name)
         stop.set()
 
+    def on_other(signum: int, _frame: object) -> None:
+        pending.append(signal.Signals(signum).name)
+
     # Before importing bcc, which takes seconds in a slow VM: a SIGTERM then
     # killed the process instead of stopping it.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    from .kernel import KernelDatapath, claim_interface
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop)
+    for sig in (signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(sig, on_other)
+    from .kernel import KernelDatapath, claim_interface, join_host_mounts
 
     host, port = parse_listen(opts.listen)
     check_exposure(host, opts.token, opts.insecure)
@@ -290,29 +579,33 @@ def run(opts: DaemonOptions) -> None:
         audit("daemon.stop", signal=caught[0], before="start")
         return
 
-    dp = KernelDatapath(opts.iface, opts.netns)
+    # setns() into the host's mounts needs a process with one thread: before the kernel thread.
+    join_host_mounts(os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf"))
+    kernel = KernelThread()
+    dp = kernel.run(KernelDatapath, opts.iface, opts.netns)
     try:
         claim = claim_interface(opts.iface, opts.netns)  # before anything is touched
     except ShaperError:
-        dp.close()
+        kernel.run(dp.close)
+        kernel.close()
         raise
     service = Service(dp, opts.iface)
     try:
-        httpd = make_server(host, port, Api(service, opts.token))
+        httpd = make_server(host, port, Api(service, opts.token), kernel=kernel)
+        httpd.start()
     except ShaperError:
-        dp.close()
+        kernel.run(dp.close)
+        kernel.close()
         claim.close()
         raise
     bound = httpd.server_address
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
-    thread.start()
     audit("daemon.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), version=__version__)
     if not opts.token and not is_loopback(host):
         log.warning("api.open", extra={"fields": {"reason": "--insecure: no token, anyone who can reach the port "
                                                             "can change shaping"}})
     try:
         try:
-            how = dp.attach()
+            how = kernel.run(dp.attach)
         except ShaperError:
             service.instruments.error("attach")
             raise
@@ -320,51 +613,71 @@ def run(opts: DaemonOptions) -> None:
             pass  # stopped during the compile: remove what was attached, apply nothing
         elif opts.rules is None and opts.initial_rules and how == "attached":
             try:
-                service.start(opts.initial_rules, who="initial-rules")
+                kernel.run(service.start, opts.initial_rules, "initial-rules")
             except ShaperError as exc:
                 # Pod annotations are not worth a crash loop: start with none and say why.
                 log.warning("rules.refused", extra={"fields": {"source": "initial rules", "error": str(exc),
                                                                "action": "started with no rules"}})
-                service.start(None, who="startup")
+                kernel.run(service.start, None, "startup")
         else:
-            service.start(opts.rules, who="startup")
+            kernel.run(service.start, opts.rules, "startup")
         if not stop.is_set():
             audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
-                  rules=len(service.rules()))
-        while not stop.wait(1.0):
-            if not service.datapath.tc.link_present():
-                if not _follow_interface(service, opts, stop):
+                  rules=len(kernel.run(service.rules)))
+        while not stop.wait(1.0) or pending:
+            while pending:
+                _on_signal(pending.pop(0), service, opts, kernel)
+            if stop.is_set():
+                break
+            if not kernel.run(service.datapath.tc.link_present):
+                if not _follow_interface(service, opts, stop, kernel):
                     break
                 continue
             try:
-                service.expire()
+                kernel.run(service.expire)
             except ShaperError as exc:  # counted and logged by the service; try again next second
                 log.debug("expire failed: %s", exc)
         audit("daemon.stop", signal=caught[0] if caught else None)
     finally:
+        httpd.stop()  # requests in flight finish first (a bulk PUT gets its status), still ready
         service.ready = False
-        httpd.shutdown()
-        httpd.server_close()
-        with service.lock:
-            try:
-                if opts.keep_on_exit:
-                    audit("daemon.exit", interface=opts.iface, kept=True)
-                else:
-                    removed = service.datapath.reset()
-                    audit("daemon.exit", interface=opts.iface, kept=False, removed=removed)
-            except ShaperError as exc:
-                service.instruments.error("reset")
-                audit("daemon.exit", interface=opts.iface, result="failed", error=str(exc))
-                raise
-            finally:
-                service.datapath.close()
-                claim.close()
+        try:
+            kernel.run(_exit, service, opts)
+        finally:
+            kernel.close()
+            claim.close()
+
+
+def _on_signal(name: str, service: Service, opts: DaemonOptions, kernel: KernelThread) -> None:
+    if name == "SIGHUP" and opts.rules_file and service.ready:
+        log.info("signal.reload", extra={"fields": {"signal": name, "rules": opts.rules_file}})
+        kernel.run(reload_rules, service, opts.rules_file)
+        return
+    why = "no --rules file to re-read" if name == "SIGHUP" and not opts.rules_file else \
+        "not ready yet" if name == "SIGHUP" else "not used by shaper"
+    log.info("signal.ignored", extra={"fields": {"signal": name, "reason": why}})
+
+
+def _exit(service: Service, opts: DaemonOptions) -> None:
+    with service.lock:
+        try:
+            if opts.keep_on_exit:
+                audit("daemon.exit", interface=opts.iface, kept=True)
+            else:
+                removed = service.datapath.reset()
+                audit("daemon.exit", interface=opts.iface, kept=False, removed=removed)
+        except ShaperError as exc:
+            service.instruments.error("reset")
+            audit("daemon.exit", interface=opts.iface, result="failed", error=str(exc))
+            raise
+        finally:
+            service.datapath.close()
 
 
 STILL_WAITING_S = 30
 
 
-def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event) -> bool:
+def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event, kernel: KernelThread) -> bool:
     """The interface vanished (a pod's veth deleted, a link recreated): wait for one of
     the same name, attach to it and put the rules back with the TTL they had left.
 
@@ -376,7 +689,7 @@ def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Eve
     service.ready = False  # /readyz and mutations answer 503 meanwhile
     old = service.datapath
     try:
-        rules = service.rules_to_restore()  # the maps are pinned: still readable
+        rules = kernel.run(service.rules_to_restore)  # the maps are pinned: still readable
     except ShaperError as exc:
         rules = []
         log.warning("interface.rules_lost", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
@@ -387,23 +700,32 @@ def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Eve
         if opts.netns and not os.path.exists(f"/run/netns/{opts.netns}"):
             raise ShaperError(f"network namespace {opts.netns} is gone, and {opts.iface} with it")
         try:
-            dp = KernelDatapath(opts.iface, opts.netns)
+            dp = kernel.run(KernelDatapath, opts.iface, opts.netns)
         except InvalidInput:  # not back yet
             if waited % STILL_WAITING_S == 0:
                 audit("interface.waiting", interface=opts.iface, seconds=waited)
             continue
         try:
-            how = dp.attach()
-            service.swap_datapath(dp)
-            service.start(rules, who="interface")
+            how = kernel.run(_attach_new, service, dp, rules)
         except ShaperError as exc:
             service.instruments.error("attach")
             log.warning("interface.attach_failed", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
-            service.swap_datapath(old)
-            dp.close()
+            kernel.run(_attach_undo, service, old, dp)
             failures += 1
             continue
-        old.close()
+        kernel.run(old.close)
         audit("interface.back", interface=opts.iface, ifindex=dp.tc.ifindex, datapath=how, rules=len(rules))
         return True
     return False
+
+
+def _attach_new(service: Service, dp, rules: list[Rule]) -> str:
+    how = dp.attach()
+    service.swap_datapath(dp)
+    service.start(rules, who="interface")
+    return how
+
+
+def _attach_undo(service: Service, old, dp) -> None:
+    service.swap_datapath(old)
+    dp.close()

@@ -284,7 +284,7 @@ def _pod_name(pod: Any) -> str:
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
 class WebhookApp:
-    """The webhook's routes, in the shape server.make_server expects (handle -> Response)."""
+    """The webhook's routes, in the shape server.make_server takes (handle -> Response)."""
 
     def __init__(self, cfg: SidecarConfig):
         self.cfg = cfg
@@ -366,25 +366,26 @@ class CertificateFiles:
 
 
 def serve(cfg: SidecarConfig, listen: str, cert: str, key: str) -> None:
-    """Serve /inject over HTTPS until SIGTERM/SIGINT."""
+    """Serve /inject over HTTPS until SIGTERM/SIGINT, on the daemon's HTTP stack (server.py):
+    the same header deadline, strict parsing and body bounds; a certificate rotated on disk is
+    picked up by the next handshake."""
     import signal
 
     from .server import make_server, parse_listen
 
     host, port = parse_listen(listen)
     tls = CertificateFiles(cert, key)
-    httpd = make_server(host, port, WebhookApp(cfg), tls=tls)
+    httpd = make_server(host, port, WebhookApp(cfg), tls=tls, max_body=MAX_REVIEW_BYTES, name="https")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="https", daemon=True)
-    thread.start()
+    httpd.start()
     bound = httpd.server_address
     log.info("webhook.listen", extra={"fields": {"address": f"{bound[0]}:{bound[1]}", "image": cfg.image,
                                                  "native": cfg.native, "namespace": cfg.namespace}})
     try:
         stop.wait()
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        httpd.stop()
+        httpd.app.kernel.close()
         log.info("webhook.stop", extra={"fields": {}})

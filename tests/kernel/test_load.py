@@ -82,25 +82,22 @@ def test_concurrent_clients_lose_no_update(lab):
     assert d.stop() == 0
 
 
-def test_connections_beyond_the_cap_get_503_not_a_thread_each(lab):
-    from shaper.server import MAX_CONNECTIONS
-
+def test_idle_connections_do_not_lock_others_out(lab):
+    """The old server held a thread per connection and answered the 65th with 503 (so 64 idle
+    clients took /readyz down); now there is no connection cap: idle ones cost a few KiB each
+    and the head deadline closes them."""
     d = lab.daemon()
     idle = []
     try:
-        for _ in range(MAX_CONNECTIONS):  # open and say nothing: each holds a handler thread
+        for _ in range(200):  # open and say nothing
             conn = NetnsHTTPConnection(lab.pod, "127.0.0.1", 2332, timeout=10)
             conn.connect()
             idle.append(conn)
-        extra = NetnsHTTPConnection(lab.pod, "127.0.0.1", 2332, timeout=10)
-        extra.request("GET", "/healthz")
-        resp = extra.getresponse()
-        assert resp.status == 503 and resp.getheader("Retry-After") == "1"
-        assert json.loads(resp.read())["error"].startswith("too many connections")
-        extra.close()
+        for path in ("/healthz", "/readyz", "/metrics"):
+            t0 = time.monotonic()
+            assert d.request("GET", path, timeout=10)[0] == 200
+            assert time.monotonic() - t0 < 1, path
     finally:
         for conn in idle:
             conn.close()
-    time.sleep(0.5)
-    assert d.request("GET", "/healthz")[0] == 200
     assert d.stop() == 0

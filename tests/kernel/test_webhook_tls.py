@@ -1,5 +1,5 @@
 """`shaper webhook` over TLS in a namespace, under connection pressure: clients that connect
-and never speak hold a connection slot each, never the accept loop."""
+and never speak (no ClientHello) block no other client."""
 
 import http.client
 import json
@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import k8s_pods as K  # noqa: E402
 
 from shaper.lab import ROOT, netns_connect, sh, wait_until  # noqa: E402
-from shaper.server import MAX_CONNECTIONS  # noqa: E402
 
 HOST = "shaper-webhook.shaper-system.svc"
 
@@ -46,17 +45,14 @@ def test_idle_tls_clients_cannot_stop_the_webhook(lab, tmp_path):
     idle: list[socket.socket] = []
     try:
         assert wait_until(answers, 30, 0.2), (tmp_path / "webhook.log").read_text()
-        idle = [netns_connect(lab.pod, "127.0.0.1", 8443, 5) for _ in range(MAX_CONNECTIONS)]
-        time.sleep(0.5)  # every slot taken by a client that never starts its handshake
-        extra = netns_connect(lab.pod, "127.0.0.1", 8443, 5)
+        idle = [netns_connect(lab.pod, "127.0.0.1", 8443, 5) for _ in range(100)]
+        time.sleep(0.5)  # 100 clients that never start their handshake
         started = time.monotonic()
-        assert extra.recv(1) == b""  # closed at once, not left hanging
-        assert time.monotonic() - started < 3
-        extra.close()
+        assert inject() == 200  # served at once beside them
+        assert time.monotonic() - started < 2
         for s in idle:
             s.close()
         idle.clear()
-        assert wait_until(answers, 10, 0.2)  # slots freed: served again at once
         assert proc.poll() is None
     finally:
         for s in idle:
