@@ -4,6 +4,24 @@ It drives a datapath (KernelDatapath, or the in-memory fake in tests) through
 `observe` and `execute`, so its logic is tested without root.  A rule set is
 validated whole before anything changes; if the kernel refuses an operation
 half-way, the controller puts back the rules that were there before.
+
+Across a crash (kill -9, OOM, power to the node's netns gone mid-change) the
+same holds, through an intent record kept in the kernel beside the state:
+
+1. before the first operation of a change, the datapath stores its Undo (plan.py:
+   the old record of every slot and the old slot of every prefix it will write);
+2. the operations run;
+3. the intent is cleared: that is the change's commit point.
+
+Any controller that finds an intent (`recover()`, run before a daemon is ready
+and before any apply) rebuilds the rules before the change from the kernel's
+state and the Undo, re-plans to them with their old slots and deadlines, runs
+that plan, then clears the intent, and logs what it did.  An interrupted change
+is thus rolled back: the kernel ends with exactly the old set.  A crash during
+the roll-back leaves the intent in place and the next controller rolls back
+again (the Undo rebuilds the same old set from any state either leaves).
+Rolling back rather than forward: the old set is known to fit the kernel, and
+a change that was not answered 200 has not happened.
 """
 
 from __future__ import annotations
@@ -26,6 +44,12 @@ class Datapath(Protocol):
 
     def execute(self, ops: list[P.Operation]) -> None: ...
 
+    def write_intent(self, data: bytes) -> None: ...
+
+    def read_intent(self) -> bytes | None: ...
+
+    def clear_intent(self) -> None: ...
+
     def counters(self, slots: list[int]) -> dict[int, RuleCounters]: ...
 
     def class_stats(self) -> dict[int, ClassStats]: ...
@@ -43,12 +67,22 @@ class RuleStatus:
         return classid_text(self.slot)
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """An interrupted change found and rolled back."""
+
+    rules_before: int  # the rules before it: what the kernel holds again
+    rules_after: int  # the rules it was changing to
+    operations: int  # what the roll-back did
+
+
 class Controller:
     def __init__(self, datapath: Datapath, clock: Callable[[], int] = time.monotonic_ns):
         # CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads in the classifier.
         self.datapath = datapath
         self.clock = clock
         self.outcome: P.Observed | None = None  # the state after the last successful apply
+        self._intent_checked = False  # recover() has run for this datapath
 
     def status(self, observed: P.Observed | None = None) -> list[RuleStatus]:
         if observed is None:
@@ -85,27 +119,60 @@ class Controller:
         same lock); `renew` names rules whose TTL restarts even if unchanged.
         """
         desired = validate_ruleset(rules)
+        if not self._intent_checked and self.recover() is not None:
+            observed = None  # the state the caller read is the one just rolled back
         if observed is None:
             observed = self.datapath.observe()
         self.outcome = None
         ops, outcome = P.plan_with_outcome(desired, observed, self.clock(), renew)
         if ops:
+            undo = P.undo_of(ops, observed, len(outcome.rules))
+            self.datapath.write_intent(undo.pack())
             try:
                 self.datapath.execute(ops)
             except Exception:
-                self._roll_back(observed)
+                self._roll_back(undo)
                 raise
+            self.datapath.clear_intent()
         self.outcome = outcome  # what observe() would now return
         return ops
 
-    def _roll_back(self, before: P.Observed) -> None:
-        previous = [o.rule for o in before.rules.values()]
+    def recover(self) -> "Recovery | None":
+        """Roll back a change a crashed controller left unfinished (module doc); None if there was none.
+
+        Logs what it did.  Raises if the roll-back fails (the intent stays for the next try)."""
+        self._intent_checked = True
+        data = self.datapath.read_intent()
+        if data is None:
+            return None
+        undo = P.Undo.unpack(data)
+        ops = self._restore(undo)
+        self.datapath.clear_intent()
+        done = Recovery(undo.before, undo.after, len(ops))
+        log.warning("an interrupted change (%d rule(s) -> %d) was found and rolled back: %d rule(s) restored with "
+                    "%d operation(s)", done.rules_before, done.rules_after, done.rules_before, done.operations)
+        return done
+
+    def _restore(self, undo: P.Undo) -> list[P.Operation]:
+        """Put back the rules `undo` was taken before, in their slots, with their deadlines."""
+        state = self.datapath.observe()
+        now = self.clock()
+        old = {n: o for n, o in P.restore(undo, state).items() if not (o.expires_ns and o.expires_ns <= now)}
+        ops, _ = P.plan_with_outcome([o.rule for o in old.values()], state, now,
+                                     slots={n: o.slot for n, o in old.items()},
+                                     deadlines={n: o.expires_ns for n, o in old.items()},
+                                     resend=[n for n, o in old.items() if o.slot in undo.rules])
+        self.datapath.execute(ops)
+        return ops
+
+    def _roll_back(self, undo: P.Undo) -> None:
         try:
-            ops = P.plan(previous, self.datapath.observe(), self.clock())
-            self.datapath.execute(ops)
-            log.warning("apply failed; rolled back to the previous %d rule(s)", len(previous))
+            self._restore(undo)
+            self.datapath.clear_intent()
+            log.warning("apply failed; rolled back to the previous %d rule(s)", undo.before)
         except Exception as exc:  # the original error is the one to report
-            log.error("apply failed and so did the roll-back (%s); run `shaper show` and apply again", exc)
+            log.error("apply failed and so did the roll-back (%s); the next apply or daemon start rolls back "
+                      "again, or run `shaper show` and apply again", exc)
 
     def expire(self) -> list[P.Operation]:
         """Remove rules whose TTL has passed (the classifier already ignores them)."""

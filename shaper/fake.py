@@ -4,20 +4,28 @@ It keeps what KernelDatapath keeps (rule records, LPM entries, classes and
 their leaves), classifies an address the way classifier.c does (longest
 prefix, expired entries fall back to a shorter prefix), and checks after
 every operation that no LPM entry points at a class that does not exist.
+It keeps a controller's intent record too, and can die like a process killed
+by SIGKILL after the Nth kernel operation (`crash_after`), for crash tests.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import layout, plan as P
+from .errors import KernelError
 from .model import ClassParams, Prefix, Rule
 from .stats import ClassStats, RuleCounters
 
 
 class InvariantBroken(AssertionError):
     pass
+
+
+class Crashed(BaseException):
+    """The simulated process died (a BaseException: no `except Exception` clean-up runs, as with SIGKILL)."""
 
 
 @dataclass
@@ -32,6 +40,31 @@ class FakeDatapath:
     # Called after each operation with self (e.g. to sample steering).
     after_op: Callable[["FakeDatapath", P.Operation], None] | None = None
     executed: list[P.Operation] = field(default_factory=list)
+    intent: bytes | None = None
+    # Die after this many kernel operations (intent writes and clears count; an entry
+    # batch cut short is left half written, as a kill during a batch syscall can).
+    crash_after: int | None = None
+    ops_done: int = 0
+
+    def _step(self) -> bool:
+        """Count one kernel operation; True if the process dies before finishing it."""
+        if self.crash_after is not None and self.ops_done >= self.crash_after:
+            return True
+        self.ops_done += 1
+        return False
+
+    def write_intent(self, data: bytes) -> None:
+        if self._step():
+            raise Crashed("before the intent was written")
+        self.intent = data
+
+    def read_intent(self) -> bytes | None:
+        return self.intent
+
+    def clear_intent(self) -> None:
+        if self._step():
+            raise Crashed("before the intent was cleared")
+        self.intent = None
 
     def observe(self) -> P.Observed:
         dst_of: dict[int, list[Prefix]] = {}
@@ -47,6 +80,12 @@ class FakeDatapath:
         for op in ops:
             if self.before_op:
                 self.before_op(op)
+            if self._step():
+                if isinstance(op, P.UpsertEntries) and len(op.entries) > 1:
+                    self._one(P.UpsertEntries(dict(list(op.entries.items())[: len(op.entries) // 2])))
+                elif isinstance(op, P.DeleteEntries) and len(op.prefixes) > 1:
+                    self._one(P.DeleteEntries(op.prefixes[: len(op.prefixes) // 2]))
+                raise Crashed(f"during {P.describe(op)}")
             self._one(op)
             self.executed.append(op)
             self.check()
@@ -71,6 +110,8 @@ class FakeDatapath:
             self.leaves[op.slot] = op.rule.leaf_params()
         elif isinstance(op, P.UpsertEntries):
             self.entries.update(op.entries)
+            if len(self.entries) > P.MAX_PREFIXES:  # the trie's max_entries (the check reads it at run time)
+                raise KernelError("write", "dst_lpm", errno.ENOSPC)
         elif isinstance(op, P.DeleteEntries):
             for p in op.prefixes:
                 self.entries.pop(p, None)

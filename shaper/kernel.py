@@ -19,14 +19,15 @@ import os
 import shutil
 import socket
 import struct
+import zlib
 from dataclasses import replace
 from itertools import starmap
 from operator import itemgetter
 from typing import Iterator, Mapping
 
 from . import layout, loader, plan as P
-from .bpfmap import Map, obj_get, prog_id
-from .errors import Conflict, NotSupported, PermissionDenied
+from .bpfmap import Map, libbpf, obj_get, obj_pin, prog_id
+from .errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
 from .model import Prefix, rule_from_record
 from .stats import ClassStats, RuleCounters
 from .tc import FILTER_PREF, Tc, in_netns
@@ -196,7 +197,46 @@ def _pack_entries(entries: Mapping[Prefix, layout.LpmVal]) -> tuple[bytes, bytes
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
 
 
+INTENT_PIN = "intent"
+_INTENT_CHUNK = 4096  # bytes per map value
+_INTENT_MAX_CHUNKS = 4096  # 16 MiB: a change of 524,288 prefixes packs to well under half
+_INTENT_HEAD = struct.Struct("=4sIII")  # magic, length, chunks, crc32
+_INTENT_MAGIC = b"SHI1"
+_BPF_MAP_TYPE_HASH = 1
+_BPF_F_NO_PREALLOC = 1
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # libbpf 1.x struct bpf_map_create_opts; the kernel-side fields shaper sets are map_flags only.
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+def _create_intent_map(path: str) -> None:
+    """Create and pin the intent map: a hash of 4 KiB chunks, allocated only while a change runs.
+
+    Created here rather than by the loader so pins made by an earlier shaper gain it
+    without a reload; removing the pin directory removes it with the rest."""
+    lib = libbpf()
+    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                   ctypes.c_uint32, ctypes.c_void_p]
+    lib.bpf_map_create.restype = ctypes.c_int
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=_BPF_F_NO_PREALLOC)
+    fd = lib.bpf_map_create(_BPF_MAP_TYPE_HASH, b"shaper_intent", 4, _INTENT_CHUNK, _INTENT_MAX_CHUNKS,
+                            ctypes.byref(opts))
+    if fd < 0:
+        raise KernelError("create", f"the intent map {path}", -fd)
+    try:
+        obj_pin(fd, path)
+    finally:
+        os.close(fd)
+
+
 class KernelDatapath:
+    _intent: Map | None = None  # the intent map, opened on first use
+
     def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None):
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
         join_host_mounts(self.bpffs)
@@ -311,10 +351,10 @@ class KernelDatapath:
             os.close(fd)
 
     def close_maps(self) -> None:
-        for m in (self.lpm, self.stats, self.meta):
+        for m in (self.lpm, self.stats, self.meta, self._intent):
             if m:
                 m.close()
-        self.lpm = self.stats = self.meta = None
+        self.lpm = self.stats = self.meta = self._intent = None
 
     def remove_pins(self) -> None:
         if os.path.isdir(self.pin_dir):
@@ -384,6 +424,51 @@ class KernelDatapath:
                 self.meta.delete(_SLOT.pack(op.slot))
             else:  # pragma: no cover - plan returns only the types above
                 raise TypeError(op)
+
+    # -- the intent record (controller.py: crash safety) ---------------------------------
+    def _intent_map(self, create: bool) -> Map | None:
+        if self._intent is None:
+            path = os.path.join(self.pin_dir, INTENT_PIN)
+            if not os.path.exists(path):
+                if not create:
+                    return None
+                _create_intent_map(path)
+            self._intent = Map(path, 4, _INTENT_CHUNK)
+        return self._intent
+
+    def write_intent(self, data: bytes) -> None:
+        """Store a change's intent: the chunks, then the head that makes them count (one atomic update)."""
+        chunks = (len(data) + _INTENT_CHUNK - 1) // _INTENT_CHUNK
+        if chunks >= _INTENT_MAX_CHUNKS:
+            raise KernelError("store", f"an intent record of {len(data)} bytes", hint=f"at most "
+                              f"{(_INTENT_MAX_CHUNKS - 1) * _INTENT_CHUNK} bytes: make the change in smaller steps")
+        m = self._intent_map(create=True)
+        assert m is not None
+        keys = b"".join(_SLOT.pack(i) for i in range(1, chunks + 1))
+        m.update_packed(keys, data.ljust(chunks * _INTENT_CHUNK, b"\0"))
+        head = _INTENT_HEAD.pack(_INTENT_MAGIC, len(data), chunks, zlib.crc32(data))
+        m.update(_SLOT.pack(0), head.ljust(_INTENT_CHUNK, b"\0"))
+
+    def read_intent(self) -> bytes | None:
+        """The intent a change left here, or None; a head whose chunks do not check out is an error."""
+        m = self._intent_map(create=False)
+        raw = m.lookup(_SLOT.pack(0)) if m else None
+        if raw is None:
+            return None
+        magic, length, chunks, crc = _INTENT_HEAD.unpack_from(raw)
+        data = b"".join(m.lookup(_SLOT.pack(i)) or b"" for i in range(1, chunks + 1))[:length]
+        if magic != _INTENT_MAGIC or len(data) != length or zlib.crc32(data) != crc:
+            raise ShaperError(f"the intent record in {m.path} is damaged: the kernel state may be a mix of two "
+                              f"rule sets; run `shaper show`, then apply the set you want")
+        return data
+
+    def clear_intent(self) -> None:
+        """Remove the head first (the change's commit point), then the chunks."""
+        m = self._intent_map(create=False)
+        if m is None:
+            return
+        m.delete(_SLOT.pack(0))
+        m.delete_many(list(m.keys()))
 
     def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
         assert self.stats

@@ -7,23 +7,49 @@ no packet is ever steered to a class that does not exist and no destination
 that stays shaped is ever unshaped:
 
 1. new rules: record, fresh counters, class, leaf;
-2. changed rules: class and leaf changed in place, record rewritten;
+2. changed rules: record rewritten, then class and leaf changed in place;
 3. LPM entries written (new destinations, moved ones: one atomic update each);
 4. LPM entries removed;
 5. classes of removed rules deleted, then their records.
 
+A record is always written before its class or leaf changes: whatever a crash
+leaves, a slot whose class may differ from what the record says has a record
+that differs from the rules before the change, so re-planning those rules
+puts the class back (see `Undo`).
+
+Capacity: old and new sets need not fit side by side in the trie.  When the
+union of the old and new prefixes exceeds SHAPER_MAX_PREFIXES, step 4 comes
+before step 3 (a destination whose prefix changes may then pass unshaped for
+the moment between).  Slots are not reused within one change: a change that
+needs more than SHAPER_MAX_RULES slots at its peak (old and new rules of
+different names side by side) is refused up front (InvalidInput) with the way
+round: two steps.
+
 Slots (class minor = leaf major = stats index) are kept for rules that stay
 and allocated lowest-free for new ones.
+
+Crash safety: `undo_of(ops, observed)` is what the operations are about to
+overwrite (the old record of every slot they write, the old slot of every
+prefix they write), and `restore(undo, state)` rebuilds the rules before the
+change from *any* state a prefix of those operations (or of a roll-back)
+leaves: keys the operations do not touch are the same in both.  The
+controller writes the undo record to the kernel before the first operation
+and removes it after the last (controller.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from operator import itemgetter
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field, fields, replace
+from itertools import starmap
+from operator import attrgetter, itemgetter
 from typing import Iterable, Mapping, Union
 
 from . import layout
-from .model import MAX_RULES, Prefix, Rule
+from .errors import InvalidInput
+from .model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
 
 
 @dataclass(frozen=True)
@@ -100,23 +126,42 @@ Operation = Union[WriteRecord, ResetStats, CreateClass, ChangeClass, SetLeaf, Up
                   DeleteClass, DeleteRecord]
 
 
-def allocate_slots(names: Iterable[str], used: Iterable[int]) -> dict[str, int]:
-    """Lowest free slots (1..MAX_RULES) for `names`, in the order given."""
+def allocate_slots(names: Iterable[str], used: Iterable[int],
+                   preferred: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Lowest free slots (1..MAX_RULES) for `names`, in the order given; a name's
+    `preferred` slot where that is free (a roll-back puts rules back where they were).
+
+    Raises InvalidInput saying the limit when the slots in use and the new names
+    do not fit side by side."""
+    names = list(names)
     taken = set(used)
     out: dict[str, int] = {}
+    for name, slot in (preferred or {}).items():
+        if name in names and 0 < slot <= MAX_RULES and slot not in taken:
+            out[name] = slot
+            taken.add(slot)
     slot = 1
     for name in names:
+        if name in out:
+            continue
         while slot in taken:
             slot += 1
         if slot > MAX_RULES:
-            raise ValueError(f"no free rule slot: at most {MAX_RULES} rules")
+            kept = len(taken) - len(out)
+            raise InvalidInput(
+                "rules", f"this change needs {kept + len(names)} rule slots at once ({kept} in use while "
+                f"{len(names)} new rule(s) are created beside them), more than the {MAX_RULES} there are",
+                f"at most {MAX_RULES} rules side by side: make it two changes, first without the rules being "
+                f"replaced (or DELETE /rules), then with the new ones")
         out[name] = slot
         taken.add(slot)
-    return out
+    return {name: out[name] for name in names}
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(Rule) if f.name != "dst")
 _PREFIXLEN = itemgetter(1)  # Prefix.prefixlen, without an attribute lookup per destination
+_ADDR = itemgetter(0)
+_RULE_ID = attrgetter("rule_id")
 
 
 def _record_fields(rule: Rule) -> tuple:
@@ -139,10 +184,20 @@ def plan(desired: Iterable[Rule], observed: Observed, now_ns: int,
 
 
 def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
-                      renew: Iterable[str] = ()) -> tuple[list[Operation], Observed]:
+                      renew: Iterable[str] = (), *, slots: Mapping[str, int] | None = None,
+                      deadlines: Mapping[str, int] | None = None,
+                      resend: Iterable[str] = ()) -> tuple[list[Operation], Observed]:
     """plan(), and the state the datapath will hold once the operations are done:
-    what observe() would then return, so a single writer need not read it back."""
+    what observe() would then return, so a single writer need not read it back.
+
+    A roll-back's arguments: `slots` and `deadlines` put new rules in the slots
+    they had and give new or changed rules the TTL deadline they had, instead
+    of now+TTL; the class and leaf of rules named in `resend` are set again even
+    where the record says they are right (a cut-short change or roll-back may
+    have left a record that matches and a class that does not)."""
     renew = set(renew)
+    resend = set(resend)
+    deadlines = deadlines or {}
     want = {r.name: r for r in desired}
     expired = observed.expired(now_ns)
     live = {n: o for n, o in observed.rules.items() if n not in expired}
@@ -152,7 +207,7 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
     keep = {n: live[n] for n in want if n in live}
     slots_in_use = {o.slot for o in observed.rules.values()} | set(observed.classes)
     new_names = sorted(n for n in want if n not in keep)
-    fresh = allocate_slots(new_names, slots_in_use)
+    fresh = allocate_slots(new_names, slots_in_use, slots)
 
     ops: list[Operation] = []
     slot_of: dict[str, int] = {}
@@ -161,7 +216,7 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
     for name in new_names:
         rule, slot = want[name], fresh[name]
         slot_of[name] = slot
-        expiry_of[name] = now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0
+        expiry_of[name] = deadlines.get(name, now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0)
         ops += [WriteRecord(slot, rule, expiry_of[name]), ResetStats(slot), CreateClass(slot, rule),
                 SetLeaf(slot, rule, None)]
 
@@ -172,19 +227,22 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         # their parameters (a daemon's PUT among 1,000 rules spent most of its time there).
         same = rule is old.rule or rule == old.rule
         changed = name in renew or (not same and not _same_except_dst(rule, old.rule))
-        expiry_of[name] = (now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0) if changed else old.expires_ns
+        if name in deadlines:
+            expiry_of[name] = deadlines[name]
+        else:
+            expiry_of[name] = (now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0) if changed else old.expires_ns
+        # The record holds everything but dst (that lives in the trie); it goes first (module doc).
+        if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry_of[name] != old.expires_ns:
+            ops.append(WriteRecord(slot, rule, expiry_of[name]))
         kind = observed.classes.get(slot)
         if kind is None:  # the class vanished under us: rebuild it
             ops += [CreateClass(slot, rule), SetLeaf(slot, rule, None)]
         else:
-            if not same and rule.class_params() != old.rule.class_params():
+            if name in resend or (not same and rule.class_params() != old.rule.class_params()):
                 ops.append(ChangeClass(slot, rule))
             leaf_ok = (kind == "netem") == rule.has_netem and (same or rule.leaf_params() == old.rule.leaf_params())
-            if not leaf_ok:
+            if not leaf_ok or (name in resend and rule.has_netem):
                 ops.append(SetLeaf(slot, rule, kind))
-        # The record holds everything but dst (that lives in the trie).
-        if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry_of[name] != old.expires_ns:
-            ops.append(WriteRecord(slot, rule, expiry_of[name]))
 
     wanted_entries: dict[Prefix, layout.LpmVal] = {}
     for name, rule in want.items():
@@ -199,11 +257,16 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
     else:
         upserts = wanted_entries
-    if upserts:
-        ops.append(UpsertEntries(dict(sorted(upserts.items()))))
     stale = tuple(sorted(p for p in observed.entries if p not in wanted_entries))
+    entry_ops: list[Operation] = []
+    if upserts:
+        entry_ops.append(UpsertEntries(dict(sorted(upserts.items()))))
     if stale:
-        ops.append(DeleteEntries(stale))
+        entry_ops.append(DeleteEntries(stale))
+    if len(observed.entries) + len(wanted_entries) - len(observed.entries.keys() & wanted_entries.keys()) \
+            > MAX_PREFIXES:
+        entry_ops.reverse()  # old and new do not fit side by side: make room first (module doc)
+    ops += entry_ops
 
     kept_slots = set(slot_of.values())
     for slot in sorted(set(observed.classes) - kept_slots):
@@ -216,6 +279,94 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         classes={slot_of[n]: ("netem" if r.has_netem else "pfifo") for n, r in want.items()},
     )
     return ops, outcome
+
+
+_UNDO_ENTRY = struct.Struct("=B16sH")  # prefixlen, addr, the slot it steered to before (0: none)
+UNDO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What a change is about to overwrite: with it, the rules before the change can be
+    rebuilt from whatever state the change (or a roll-back of it) was cut short in."""
+
+    rules: Mapping[int, ObservedRule | None]  # slot -> its rule before (dst unused); None: no rule there
+    entries: Mapping[Prefix, int]  # prefix -> the slot it steered to before; 0: absent
+    before: int = 0  # rule counts before and after, for the log
+    after: int = 0
+
+    def pack(self) -> bytes:
+        records = []
+        for slot, o in sorted(self.rules.items()):
+            if o is None:
+                records.append([slot, None])
+            else:
+                rule = replace(o.rule, dst=()).to_dict()
+                del rule["dst"]
+                records.append([slot, {"rule": rule, "expires_ns": o.expires_ns}])
+        head = json.dumps({"version": UNDO_VERSION, "before": self.before, "after": self.after,
+                           "rules": records}, separators=(",", ":")).encode()
+        prefixes = list(self.entries)
+        body = b"".join(starmap(_UNDO_ENTRY.pack, zip(map(_PREFIXLEN, prefixes), map(_ADDR, prefixes),
+                                                      self.entries.values())))
+        return zlib.compress(struct.pack("=I", len(head)) + head + body, 1)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Undo":
+        raw = zlib.decompress(data)
+        (n,) = struct.unpack_from("=I", raw)
+        head = json.loads(raw[4:4 + n])
+        if head.get("version") != UNDO_VERSION:
+            raise ValueError(f"undo record version {head.get('version')} (this shaper reads {UNDO_VERSION})")
+        rules = {slot: None if rec is None else ObservedRule(slot, rule_from_record(rec["rule"], ()),
+                                                             rec.get("expires_ns", 0))
+                 for slot, rec in head["rules"]}
+        fields = list(_UNDO_ENTRY.iter_unpack(raw[4 + n:]))
+        entries = dict(zip(starmap(Prefix, zip(map(itemgetter(1), fields), map(itemgetter(0), fields))),
+                           map(itemgetter(2), fields)))
+        return cls(rules, entries, head.get("before", 0), head.get("after", 0))
+
+
+def undo_of(ops: Iterable[Operation], observed: Observed, after: int = 0) -> Undo:
+    """The Undo of `ops` planned against `observed`: the old record of every slot they
+    write or delete, and the old slot of every prefix they write or delete."""
+    by_slot = {o.slot: o for o in observed.rules.values()}
+    old = observed.entries
+    rules: dict[int, ObservedRule | None] = {}
+    entries: dict[Prefix, int] = {}
+    for op in ops:
+        if isinstance(op, (WriteRecord, DeleteRecord)) and op.slot not in rules:
+            o = by_slot.get(op.slot)
+            rules[op.slot] = None if o is None else replace(o, rule=replace(o.rule, dst=()))
+        elif isinstance(op, (UpsertEntries, DeleteEntries)):
+            # A plan writes each prefix once; iterated in C, as plan() does (100,000s of them).
+            touched = op.entries.keys() if isinstance(op, UpsertEntries) else op.prefixes
+            entries.update(dict.fromkeys(touched, 0))
+            present = old.keys() & touched
+            entries.update(zip(present, map(_RULE_ID, map(old.__getitem__, present))))
+    return Undo(rules, entries, len(observed.rules), after)
+
+
+def restore(undo: Undo, state: Observed) -> dict[str, ObservedRule]:
+    """The rules before the change `undo` belongs to (with dst, slot and deadline),
+    rebuilt from `state`: what it holds at keys the change does not touch, `undo` elsewhere."""
+    by_slot = {o.slot: o for o in state.rules.values()}
+    for slot, o in undo.rules.items():
+        if o is None:
+            by_slot.pop(slot, None)
+        else:
+            by_slot[slot] = o
+    steer = {p: v.rule_id for p, v in state.entries.items()}
+    for p, slot in undo.entries.items():
+        if slot:
+            steer[p] = slot
+        else:
+            steer.pop(p, None)
+    dst_of: dict[int, list[Prefix]] = {}
+    for p, slot in steer.items():
+        dst_of.setdefault(slot, []).append(p)
+    return {o.rule.name: ObservedRule(slot, replace(o.rule, dst=tuple(sorted(dst_of.get(slot, ())))), o.expires_ns)
+            for slot, o in sorted(by_slot.items())}
 
 
 def describe(op: Operation) -> str:

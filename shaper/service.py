@@ -101,8 +101,17 @@ class Service:
         return out
 
     def start(self, rules: Iterable[Rule] | None = None, who: str = "startup") -> None:
-        """Apply the initial rules (None: keep what an adopted datapath holds), then be ready."""
+        """Apply the initial rules (None: keep what an adopted datapath holds), then be ready.
+
+        A change a crashed controller left unfinished is rolled back first, and logged."""
         with self.lock:
+            recovered = self.controller.recover()
+            if recovered is not None:
+                self._observed = None
+                log.warning("rules.recovered", extra={"fields": {
+                    "interface": self.interface, "action": "rolled back an interrupted change",
+                    "rules": recovered.rules_before, "interrupted_to": recovered.rules_after,
+                    "changes": recovered.operations}})
             if rules is not None:
                 rules = list(rules)
                 self._change("rules.replace", who, lambda current: rules, detail={"rules": len(rules)},

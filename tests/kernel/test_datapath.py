@@ -126,7 +126,8 @@ def test_reset_on_a_fresh_interface_restores_default_and_pins(lab):
     lab.shaper("apply", rules=RULES)
     # This lab's pins only: other shapers (another test run, a benchmark) may have theirs.
     pins = f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}"
-    assert sorted(os.listdir(pins)) == ["classifier", "dst_lpm", "rule_meta", "rule_stats"]
+    # intent: the crash-safety record's map, made by the first change (docs/reliability.md)
+    assert sorted(os.listdir(pins)) == ["classifier", "dst_lpm", "intent", "rule_meta", "rule_stats"]
     assert "removed filter, clsact, htb root, pins" in lab.shaper("reset").stdout
     assert lab.tc_state() == before
     assert not os.path.exists(pins)

@@ -55,22 +55,22 @@ def test_change_delay_touches_only_that_leaf():
     c.apply(rules({"name": "a", "dst": "10.0.0.1", "delay": "50ms"}, {"name": "b", "dst": "10.0.0.2", "delay": "5ms"}))
     slot_a = dp.observe().rules["a"].slot
     ops = c.apply(rules({"name": "a", "dst": "10.0.0.1", "delay": "10ms"}, {"name": "b", "dst": "10.0.0.2", "delay": "5ms"}))
-    assert kinds(ops) == ["SetLeaf", "WriteRecord"]
-    assert ops[0].slot == slot_a and ops[0].current == "netem"
+    assert kinds(ops) == ["WriteRecord", "SetLeaf"]  # the record first: see plan's module doc
+    assert ops[1].slot == slot_a and ops[1].current == "netem"
 
 
 def test_change_rate_only_changes_class():
     c, dp, _ = ctl()
     c.apply(rules({"name": "a", "dst": "10.0.0.1", "rate": "10mbit"}))
     ops = c.apply(rules({"name": "a", "dst": "10.0.0.1", "rate": "20mbit"}))
-    assert kinds(ops) == ["ChangeClass", "WriteRecord"]
+    assert kinds(ops) == ["WriteRecord", "ChangeClass"]
 
 
 def test_rate_change_resizes_netem_limit_leaf_too():
     c, dp, _ = ctl()
     c.apply(rules({"name": "a", "dst": "10.0.0.1", "rate": "10mbit", "delay": "1s"}))
     ops = c.apply(rules({"name": "a", "dst": "10.0.0.1", "rate": "100mbit", "delay": "1s"}))
-    assert kinds(ops) == ["ChangeClass", "SetLeaf", "WriteRecord"]
+    assert kinds(ops) == ["WriteRecord", "ChangeClass", "SetLeaf"]
 
 
 def test_moving_a_destination_is_one_update_and_never_unshaped():
