@@ -176,6 +176,12 @@ class StrictHttp(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Head and body go out in two writes: without TCP_NODELAY the body waits for the
+            # client's delayed ACK, ~40 ms a request on a keep-alive connection (asyncio sets it
+            # only on sockets made with proto IPPROTO_TCP, and ours is made with 0).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._refused = False

@@ -229,3 +229,29 @@ def test_eight_readers_of_262144_prefixes_stay_bounded(lab, tmp_path):
     print(f"\n8 concurrent GET /rules of 262,144 prefixes: RSS {rss0:.1f} -> peak {peak:.1f} MB")
     assert sizes == [262144] * 8 and peak < 400 and peak - rss0 < 120
     assert d.stop() == 0
+
+
+def test_keep_alive_answers_do_not_wait_for_a_delayed_ack(lab, tmp_path):
+    """Head and body are two writes: without TCP_NODELAY each answer on a keep-alive connection
+    waited ~40 ms for the client's delayed ACK (asyncio sets it only on IPPROTO_TCP sockets)."""
+    d = start(lab, tmp_path)
+    conn = netns_connect(lab.pod, "127.0.0.1", 2332, 30)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the client sends each request at once
+    took = []
+    try:
+        for i in range(60):
+            body = json.dumps({"dst": ["10.7.0.0/24"], "rate": f"{i + 1}mbit"}).encode()
+            t0 = time.perf_counter()
+            conn.sendall(b"PUT /rules/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                         % (TOKEN.encode(), len(body), body))
+            data = b""
+            while not data.endswith(b"}\n"):
+                data += conn.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200"), data[:200]
+            took.append(time.perf_counter() - t0)
+    finally:
+        conn.close()
+    took.sort()
+    print(f"\n60 PUTs on one keep-alive connection: p50 {took[30] * 1000:.1f} ms")
+    assert took[30] < 0.030
+    assert d.stop() == 0
