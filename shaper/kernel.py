@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,8 @@ from .errors import Conflict, KernelError, NotSupported, PermissionDenied, Shape
 from .model import Prefix, rule_from_record
 from .stats import ClassStats, RuleCounters
 from .tc import FILTER_PREF, Tc, in_netns
+
+log = logging.getLogger("shaper")
 
 BPFFS_MAGIC_TYPE = "bpf"
 _CLONE_NEWNS = 0x00020000
@@ -141,19 +144,59 @@ def ensure_bpffs(base: str) -> None:
         raise NotSupported(f"cannot mount a bpffs at {base}: {os.strerror(err)}")
 
 
+class _Claim(socket.socket):
+    """The claim's listening socket; closing it also lets go of the claims held with it."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.also: list[socket.socket] = []
+
+    def close(self) -> None:
+        for sock in self.also:
+            sock.close()
+        super().close()
+
+
+def _holder(name: bytes) -> str:
+    """Who listens on an abstract claim: the kernel gives the listener's credentials."""
+    return _claimed_by(name) or "another process"
+
+
+def _claimed_by(name: bytes) -> str | None:
+    """"process PID" if some process holds the abstract claim `name` (in this thread's netns), else None."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full backlog must not block the probe
+    try:
+        probe.connect(name)
+    except BlockingIOError:
+        return "another process"
+    except OSError:  # ECONNREFUSED: nobody listens
+        return None
+    try:
+        return f"process {struct.unpack('=iII', probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]}"
+    except OSError:
+        return "another process"
+    finally:
+        probe.close()
+
+
 def claim_interface(ifname: str, netns: str | None) -> socket.socket:
     """Hold the interface for this process: one controller per interface.
 
-    The claim is an abstract unix socket named after the interface, bound in
-    the interface's network namespace: abstract names are per namespace, seen
-    by every container sharing it, and released by the kernel when the holder
-    dies, even by SIGKILL, so there is no stale lock to clean up.  Returns the
+    The claim is an abstract unix socket bound in the interface's network
+    namespace: abstract names are per namespace, seen by every container
+    sharing it, and released by the kernel when the holder dies, even by
+    SIGKILL, so there is no stale lock to clean up.  Two are held: one named
+    after the ifindex, which a rename keeps (a second shaper given the new
+    name is refused), and one after the name, so nobody takes the name while
+    a daemon waits for its vanished interface to come back.  Returns the
     socket; keep it open while in control.  Raises Conflict naming the holder.
     """
-    name = f"\0shaper/{ifname}".encode()
+    where = f" in network namespace {netns}" if netns else ""
+    advice = "stop it first, or talk to it with the client commands (shaper rule ..., --server)"
 
-    def bind() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    def bind(name: bytes) -> socket.socket | None:
+        sock = _Claim()
         try:
             sock.bind(name)
             sock.listen(64)  # never accepted: probes only read the listener's credentials
@@ -162,22 +205,29 @@ def claim_interface(ifname: str, netns: str | None) -> socket.socket:
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 raise
-        # Someone holds it: ask the kernel who (credentials of the listener).
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.setblocking(False)  # a full backlog must not block the probe
-        try:
-            probe.connect(name)
-            pid = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            holder = f"process {pid}"
-        except OSError:
-            holder = "another process"
-        finally:
-            probe.close()
-        where = f" in network namespace {netns}" if netns else ""
-        raise Conflict(f"{ifname}{where} is controlled by another shaper ({holder}); stop it first, or talk to "
-                       "it with the client commands (shaper rule ..., --server)")
+        return None
 
-    return in_netns(netns, bind) if netns else bind()
+    def claim() -> socket.socket:
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError:  # absent: the name alone (the datapath says the interface is missing)
+            ifindex = 0
+        by_name = f"\0shaper/{ifname}".encode()
+        by_index = f"\0shaper/ifindex/{ifindex}".encode()  # "/" is never in an interface name
+        held = bind(by_index) if ifindex else None
+        if ifindex and held is None:
+            raise Conflict(f"{ifname}{where} (ifindex {ifindex}) is controlled by another shaper "
+                           f"({_holder(by_index)}), which may know it by an earlier name; {advice}")
+        named = bind(by_name)
+        if named is None:
+            if held is not None:
+                held.close()
+            raise Conflict(f"{ifname}{where} is controlled by another shaper ({_holder(by_name)}); {advice}")
+        if held is not None:
+            named.also.append(held)
+        return named
+
+    return in_netns(netns, claim) if netns else claim()
 
 
 def netns_id(netns: str | None) -> int:
@@ -195,6 +245,28 @@ def _pack_entries(entries: Mapping[Prefix, layout.LpmVal]) -> tuple[bytes, bytes
     values = list(entries.values())
     packed = {id(v): v.pack() for v in dict(zip(map(id, values), values)).values()}
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
+
+
+def _pins_complete_in(pin_dir: str) -> bool:
+    return all(os.path.exists(os.path.join(pin_dir, n)) for n in (loader.PROG_PIN,) + loader.MAP_NAMES)
+
+
+def _prog_id_at(pin_dir: str) -> int:
+    fd = obj_get(os.path.join(pin_dir, loader.PROG_PIN))
+    try:
+        return prog_id(fd)
+    finally:
+        os.close(fd)
+
+
+def _record0(pin_dir: str) -> dict | None:
+    """The controller's own record (rule_meta[0]) in a pin directory."""
+    meta = Map(os.path.join(pin_dir, "rule_meta"), 4, layout.RULE_META.size)
+    try:
+        raw = meta.lookup(_SLOT.pack(0))
+    finally:
+        meta.close()
+    return json.loads(layout.unpack_meta(raw)) if raw else None
 
 
 INTENT_PIN = "intent"
@@ -243,18 +315,29 @@ class KernelDatapath:
         self.tc = Tc(ifname, netns)
         self.ifname = ifname
         self.netns = netns
-        self.pin_dir = os.path.join(self.bpffs, "shaper", f"{netns_id(netns)}-{ifname}")
+        self.pin_dir = self._locate_pins()
         self.lpm: Map | None = None
         self.stats: Map | None = None
         self.meta: Map | None = None
+        # The program this process attached or adopted, held open: what readiness compares
+        # the interface's filter with, and what is pinned again if the pins vanish.
+        self.prog_fd: int | None = None
+        self._pins_lost = False
+        self._attach_failed = False
 
     def close(self) -> None:
         self.close_maps()
+        self._release_prog()
         self.tc.close()
+
+    def _release_prog(self) -> None:
+        if self.prog_fd is not None:
+            os.close(self.prog_fd)
+            self.prog_fd = None
 
     # -- attach / adopt -----------------------------------------------------------
     def _pins_complete(self) -> bool:
-        return all(os.path.exists(os.path.join(self.pin_dir, n)) for n in (loader.PROG_PIN,) + loader.MAP_NAMES)
+        return _pins_complete_in(self.pin_dir)
 
     def open_maps(self) -> None:
         self.lpm = Map(os.path.join(self.pin_dir, "dst_lpm"), layout.LPM_KEY.size, layout.LPM_VAL.size)
@@ -272,8 +355,55 @@ class KernelDatapath:
         self.meta.update(_SLOT.pack(slot), layout.pack_meta(payload))
 
     def is_attached(self) -> bool:
-        """Whether the program pinned here is the one attached to the interface."""
-        return self._pins_complete() and self.tc.filter_prog_id() == self._pinned_prog_id()
+        """Whether shaper's program is the one attached to the interface.
+
+        After attach() that is the program this process holds: its maps are open,
+        so shaping and changes work whatever happened to the pins (a bpffs
+        unmounted, a pin removed by hand), and missing pins are put back (see
+        _restore_pins).  Before attach() (show, a local reset) it is the pinned one."""
+        if self.prog_fd is None:
+            return self._pins_complete() and self.tc.filter_prog_id() == self._pinned_prog_id()
+        if self.tc.filter_prog_id() != prog_id(self.prog_fd):
+            return False
+        self._restore_pins()
+        return True
+
+    def _restore_pins(self) -> None:
+        """Pin the held program and maps again where they are missing or are not ours.
+
+        Without its pins a restart would not adopt the running shaping (it would
+        find a classifier it cannot account for and refuse to start), so losing
+        them is logged, and they are put back, mounting a bpffs again if needed."""
+        objects = {loader.PROG_PIN: self.prog_fd, "dst_lpm": self.lpm, "rule_stats": self.stats,
+                   "rule_meta": self.meta}
+        if self._intent is not None:  # an interrupted change's undo must survive a restart too
+            objects[INTENT_PIN] = self._intent
+        try:
+            if self._pins_complete() and self._pinned_prog_id() == prog_id(self.prog_fd):
+                self._pins_lost = False
+                return
+        except ShaperError:
+            pass  # unreadable pins are repaired like missing ones
+        if not self._pins_lost:
+            log.warning("pins.missing", extra={"fields": {
+                "interface": self.ifname, "pins": self.pin_dir,
+                "action": "shaping continues from the open program and maps; pinning them again"}})
+        self._pins_lost = True
+        try:
+            ensure_bpffs(self.bpffs)
+            os.makedirs(self.pin_dir, exist_ok=True)
+            for name, obj in objects.items():
+                path = os.path.join(self.pin_dir, name)
+                if os.path.exists(path):
+                    os.unlink(path)
+                obj_pin(obj if isinstance(obj, int) else obj.fd, path)
+        except (OSError, ShaperError) as exc:
+            log.warning("pins.restore_failed", extra={"fields": {
+                "interface": self.ifname, "pins": self.pin_dir, "error": str(exc),
+                "consequence": "shaping continues; a restart would not adopt it"}})
+            return
+        self._pins_lost = False
+        log.warning("pins.restored", extra={"fields": {"interface": self.ifname, "pins": self.pin_dir}})
 
     def unaccounted_filter(self) -> int | None:
         """The program id of a classifier at shaper's pref that is not the one pinned here, if any.
@@ -282,7 +412,9 @@ class KernelDatapath:
         bpffs, another container's) or another tool uses the pref: either way
         shaper cannot account for it, and never replaces it silently."""
         attached = self.tc.filter_prog_id()
-        if attached is None or (self._pins_complete() and attached == self._pinned_prog_id()):
+        if attached is None or (self.prog_fd is not None and attached == prog_id(self.prog_fd)):
+            return None
+        if self._pins_complete() and attached == self._pinned_prog_id():
             return None
         return attached
 
@@ -301,54 +433,133 @@ class KernelDatapath:
         """Load, pin and attach what is missing; returns 'adopted' or 'attached'.
 
         Refuses (Conflict) to replace a classifier at shaper's pref that is not
-        the program pinned here."""
-        ensure_bpffs(self.bpffs)
-        attached = self.tc.filter_prog_id()
-        adopted = False
-        if self._pins_complete():
-            self.open_maps()
-            own = self.read_record(0)
-            adopted = bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
-                           and attached == self._pinned_prog_id())
-            if not adopted:
-                self.close_maps()
-        if not adopted:
-            self.check_accounted()
-            # Pins of an interface that no longer exists (its tc objects went with
-            # it), or of an earlier namespace whose inode number this one reuses (a
-            # pod killed without cleanup): the same name and ifindex, but no program
-            # on the interface. Start afresh rather than adopt its rules.
-            self.remove_pins()
-            os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
-            try:
-                loader.load_and_pin(self.pin_dir)
-            except BaseException:
-                self.remove_pins()  # nothing left behind, not even an empty shaper/ directory
-                raise
-            self.open_maps()
-            self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex, "ifname": self.ifname,
-                                   "created_clsact": False})
-        own = self.read_record(0) or {}
-        self.tc.ensure_root()
-        if not self.tc.has_clsact():
-            # Record first: a crash between the two leaves reset knowing what to remove.
-            own = {**own, "created_clsact": True}
-            self._write_record(0, own)
-            self.tc.ensure_clsact()
-        fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
+        the program pinned here, or a root qdisc someone else configured; a
+        refused or failed start leaves nothing behind."""
+        created: list[str] = []
         try:
-            if attached != prog_id(fd):
-                self.tc.attach_filter(fd, created_clsact=bool(own.get("created_clsact")))
-        finally:
-            os.close(fd)
+            ensure_bpffs(self.bpffs)
+            attached = self.tc.filter_prog_id()
+            self._move_renamed_pins()
+            adopted = False
+            if self._pins_complete():
+                self.open_maps()
+                own = self.read_record(0)
+                adopted = bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
+                               and attached == self._pinned_prog_id())
+                if not adopted:
+                    self.close_maps()
+            if not adopted:
+                self.check_accounted()
+                # Before the compile and the pins: a root someone else configured refuses the
+                # start with nothing loaded (a refused apply left a program and a 262,144-entry
+                # trie pinned, and `show` then said "not attached").
+                if self.tc.ensure_root():
+                    created.append("root")
+                # Pins of an interface that no longer exists (its tc objects went with
+                # it), or of an earlier namespace whose inode number this one reuses (a
+                # pod killed without cleanup): the same name and ifindex, but no program
+                # on the interface. Start afresh rather than adopt its rules.
+                self.remove_pins()
+                created.append("pins")
+                os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
+                loader.load_and_pin(self.pin_dir)
+                self.open_maps()
+                self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex,
+                                       "ifname": self.ifname, "created_clsact": False})
+            own = self.read_record(0) or {}
+            if own and own.get("ifname") != self.ifname:  # adopted after a rename
+                own = {**own, "ifname": self.ifname}
+                self._write_record(0, own)
+            self.tc.ensure_root()
+            if not self.tc.has_clsact():
+                # Record first: a crash between the two leaves reset knowing what to remove.
+                own = {**own, "created_clsact": True}
+                self._write_record(0, own)
+                self.tc.ensure_clsact()
+                created.append("clsact")
+            self.prog_fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
+            if attached != prog_id(self.prog_fd):
+                self.tc.attach_filter(self.prog_fd, created_clsact=bool(own.get("created_clsact")))
+        except BaseException:
+            self._attach_failed = True
+            self._undo(created)
+            raise
         return "adopted" if adopted else "attached"
 
-    def _pinned_prog_id(self) -> int:
-        fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
+    def _undo(self, created: list[str]) -> None:
+        """Remove what a failed attach created, newest first, and let go of what it opened."""
+        self._release_prog()
+        self.close_maps()
+        for what in reversed(created):
+            try:
+                if what == "clsact" and not self.tc.clsact_filters():
+                    self.tc.del_clsact()
+                elif what == "root":
+                    self.tc.del_root()
+                elif what == "pins":
+                    self.remove_pins()  # nothing left behind, not even an empty shaper/ directory
+            except (OSError, ShaperError) as exc:  # the original error is the one to report
+                log.warning("attach.undo_failed", extra={"fields": {"interface": self.ifname, "object": what,
+                                                                    "error": str(exc)}})
+
+    def _move_renamed_pins(self) -> None:
+        """Pins found under the interface's earlier name (see _locate_pins) move to its name now."""
+        own = self._own_pin_dir()
+        if self.pin_dir == own:
+            return
+        # A daemon that followed its interface to a new ifindex holds the old name's claim
+        # but not this ifindex's: its pins are still its own.
+        old_name = os.path.basename(self.pin_dir).split("-", 1)[1]
+        claim = f"\0shaper/{old_name}".encode()
+        holder = in_netns(self.netns, lambda: _claimed_by(claim)) if self.netns else _claimed_by(claim)
+        if holder is not None:
+            raise Conflict(f"{self.ifname} (ifindex {self.tc.ifindex}) is controlled by another shaper ({holder}), "
+                           f"which knows it as {old_name}; stop it first, or talk to it with the client commands "
+                           f"(shaper rule ..., --server)")
         try:
-            return prog_id(fd)
-        finally:
-            os.close(fd)
+            os.rename(self.pin_dir, own)
+        except OSError as exc:  # still usable where they are
+            log.warning("pins.rename_failed", extra={"fields": {"from": self.pin_dir, "to": own,
+                                                                "error": exc.strerror}})
+            return
+        log.info("pins.renamed", extra={"fields": {"interface": self.ifname, "from": self.pin_dir, "to": own}})
+        self.pin_dir = own
+
+    def _own_pin_dir(self) -> str:
+        return os.path.join(self.bpffs, "shaper", f"{netns_id(self.netns)}-{self.ifname}")
+
+    def _locate_pins(self) -> str:
+        """Where this interface's pins are: under its name, or under the name it had when
+        they were made, if it was renamed since.
+
+        The directory's name is for people; the interface's identity is its network
+        namespace (the inode in the name) and its ifindex, which a rename keeps and
+        rule_meta[0] records.  Pins elsewhere are this interface's only if their record
+        says this ifindex and their program is the one attached here: a program that is
+        not the one shaper pinned is never taken for it."""
+        own = self._own_pin_dir()
+        if _pins_complete_in(own):
+            return own
+        parent, head = os.path.dirname(own), f"{netns_id(self.netns)}-"
+        attached = self.tc.filter_prog_id()
+        try:
+            names = sorted(os.listdir(parent)) if attached is not None else []
+        except OSError:
+            names = []
+        for name in names:
+            path = os.path.join(parent, name)
+            if not name.startswith(head) or path == own or not _pins_complete_in(path):
+                continue
+            try:
+                record = _record0(path)
+                if record and record.get("ifindex") == self.tc.ifindex and _prog_id_at(path) == attached:
+                    return path
+            except (OSError, ValueError, ShaperError):
+                continue
+        return own
+
+    def _pinned_prog_id(self) -> int:
+        return _prog_id_at(self.pin_dir)
 
     def close_maps(self) -> None:
         for m in (self.lpm, self.stats, self.meta, self._intent):
@@ -490,7 +701,13 @@ class KernelDatapath:
         return self.lpm.count()
 
     def reset(self) -> list[str]:
-        """Remove exactly what shaper created here; returns what was removed."""
+        """Remove exactly what shaper created here; returns what was removed.
+
+        After a failed attach() there is nothing of this controller's left to remove (it
+        undid what it created), and what was there is someone else's: a daemon refused
+        for another shaper's classifier must not remove it on its way out."""
+        if self._attach_failed:
+            return []
         removed: list[str] = []
         own = None
         if not self.tc.link_present():

@@ -24,6 +24,7 @@ import yaml
 from . import layout
 from .errors import InvalidInput
 from .units import (
+    format_bytes,
     format_duration_us,
     format_percent,
     format_rate_bits,
@@ -52,6 +53,19 @@ ASSUMED_RATE_BITS = 1_000_000_000
 MTU_BYTES = 1500
 MIN_NETEM_LIMIT = 1000
 MAX_NETEM_LIMIT = 1_000_000
+MIN_BURST_BYTES = 1600
+MAX_BURST_BYTES = 2**30
+# HTB takes a class's burst as the time it lasts at the rate, in the kernel's
+# 64 ns scheduler ticks, in a u32: a burst longer than ~274.9 s at its rate
+# does not fit (1gb at 1mbit would be 8,590 s) and must be refused here, not
+# fail in the encoder.
+PSCHED_TICK_NS = 64
+MAX_BURST_NS = 0xFFFF_FFFF * PSCHED_TICK_NS
+
+
+def max_burst_bytes(rate_bits: int) -> int:
+    """The largest burst HTB can hold at a rate: MAX_BURST_NS of sending, and MAX_BURST_BYTES."""
+    return min(MAX_BURST_BYTES, max(1, rate_bits // 8) * MAX_BURST_NS // 10**9)
 
 
 # The destinations people write by the hundred thousand, parsed without building
@@ -295,7 +309,8 @@ _FIELDS: tuple[_Field, ...] = (
         lambda v, f: parse_rate_bits(v, f, min_bits=MIN_RATE_BITS, max_bits=MAX_RATE_BITS),
         format_rate_bits,
     ),
-    _Field("burst", "burst_bytes", lambda v, f: parse_size_bytes(v, f, min_bytes=1600, max_bytes=2**30),
+    _Field("burst", "burst_bytes",
+           lambda v, f: parse_size_bytes(v, f, min_bytes=MIN_BURST_BYTES, max_bytes=MAX_BURST_BYTES),
            format_size_bytes),
     _Field("limit", "limit", lambda v, f: parse_int(v, f, lo=1, hi=MAX_NETEM_LIMIT), int),
     _Field("ttl", "ttl_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_TTL_US), format_duration_us),
@@ -360,6 +375,14 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
         raise InvalidInput(prefix + "loss_ge", "cannot be combined with loss", "either loss or loss_ge")
     if rule.ttl_us == 0:
         raise InvalidInput(prefix + "ttl", "must be longer than 0", "a positive duration")
+    if rule.burst_bytes is not None and rule.rate_bits and rule.burst_bytes > max_burst_bytes(rule.rate_bits):
+        most, rate = max_burst_bytes(rule.rate_bits), format_rate_bits(rule.rate_bits)
+        raise InvalidInput(
+            prefix + "burst",
+            f"{format_size_bytes(rule.burst_bytes)} lasts {rule.burst_bytes / (rule.rate_bits / 8):,.0f} s at "
+            f"{rate}; HTB holds a burst of at most {MAX_BURST_NS / 1e9:.1f} s at its rate",
+            f"a size from {MIN_BURST_BYTES} to {most} bytes ({format_bytes(most)}) at rate {rate}",
+        )
     if rule.reorder_pct and not rule.gap:
         # tc-netem: reorder without gap means gap 1 (any packet may be sent early).
         rule = replace(rule, gap=1)

@@ -28,8 +28,9 @@ _DURATION_US = {
     "m": 60_000_000,
     "min": 60_000_000,
     "h": 3_600_000_000,
+    "d": 86_400_000_000,  # a TTL of "30d", the documented maximum
 }
-DURATION_FORM = "a number with a unit: us, ms, s, m or h (e.g. 20ms, 1.5s, 500us)"
+DURATION_FORM = "a number with a unit: us, ms, s, m, h or d (e.g. 20ms, 1.5s, 500us, 7d)"
 
 # tc(8): bit/kbit/mbit/gbit/tbit are bits per second (SI), the "bps" family
 # bytes per second; IEC prefixes (kibit, mibps, ...) are powers of 1024.
@@ -153,9 +154,11 @@ def _trim(num: float) -> str:
 
 
 def format_duration_us(us: int) -> str:
-    """A short exact form that parses back to the same value: '20ms', '1.5s', '10m'."""
+    """A short exact form that parses back to the same value: '20ms', '1.5s', '10m', '30d'."""
     if us == 0:
         return "0ms"
+    if us % 86_400_000_000 == 0:
+        return f"{us // 86_400_000_000}d"
     if us % 3_600_000_000 == 0:
         return f"{us // 3_600_000_000}h"
     if us % 60_000_000 == 0:

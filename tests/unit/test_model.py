@@ -205,3 +205,123 @@ def test_a_destination_with_a_nul_is_bad_input_not_a_crash(text):
     with pytest.raises(InvalidInput) as err:
         Prefix.parse(text, "dst[0]")
     assert err.value.field == "dst[0]"
+
+
+# -- every rule the validator accepts fits the kernel's fields (finding 9) ------------------------------------
+import json  # noqa: E402
+import struct  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from shaper import layout, netem  # noqa: E402
+from shaper.model import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_BURST_NS, MAX_DELAY_US, MAX_RATE_BITS,  # noqa: E402
+                          MAX_RULES, MAX_TTL_US, MIN_BURST_BYTES, MIN_RATE_BITS, max_burst_bytes)
+from shaper.tc import _htb_class_options  # noqa: E402
+from shaper.units import format_duration_us, format_percent, format_rate_bits  # noqa: E402
+
+_PCT = st.integers(0, 100_000_000).map(lambda micro: format_percent(micro / 1_000_000))
+_US = st.integers(1, MAX_DELAY_US).map(format_duration_us)
+
+
+@st.composite
+def _user_rules(draw) -> dict:
+    """Rule bodies over each field's whole accepted range (hypothesis favours the ends),
+    with the fields a field needs present, so most are accepted."""
+    body: dict = {"name": "r", "dst": ["10.0.0.0/8", "fd00::/64"]}
+    if draw(st.booleans()):
+        body["rate"] = format_rate_bits(draw(st.integers(MIN_RATE_BITS, MAX_RATE_BITS)))
+        if draw(st.booleans()):
+            body["burst"] = draw(st.integers(MIN_BURST_BYTES, MAX_BURST_BYTES))
+    if draw(st.booleans()):
+        body["delay"] = draw(_US)
+        if draw(st.booleans()):
+            body["jitter"] = draw(_US)
+            body["distribution"] = draw(st.sampled_from(DISTRIBUTIONS))
+            body["delay_corr"] = draw(_PCT)
+        if draw(st.booleans()):
+            body["reorder"], body["reorder_corr"] = draw(_PCT), draw(_PCT)
+            body["gap"] = draw(st.integers(1, 2**31 - 1))
+    if draw(st.booleans()):
+        body["loss"], body["loss_corr"] = draw(_PCT), draw(_PCT)
+    elif draw(st.booleans()):
+        body["loss_ge"] = {"p": draw(_PCT), "r": draw(_PCT), "loss_bad": draw(_PCT), "loss_good": draw(_PCT)}
+    for fld in ("duplicate", "corrupt"):
+        if draw(st.booleans()):
+            body[fld], body[fld + "_corr"] = draw(_PCT), draw(_PCT)
+    if draw(st.booleans()):
+        body["limit"] = draw(st.integers(1, MAX_NETEM_LIMIT))
+    if draw(st.booleans()):
+        body["ttl"] = format_duration_us(draw(st.integers(1, MAX_TTL_US)))
+    body["name"] = draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", fullmatch=True))
+    return body
+
+
+def _htb_buffer_ticks(options: bytes) -> tuple[int, int]:
+    """buffer and cbuffer of an encoded HTB class (TCA_HTB_PARMS: rate and ceil ratespecs, then them)."""
+    off = 0
+    while off + 4 <= len(options):
+        length, kind = struct.unpack_from("=HH", options, off)
+        if kind & 0x3FFF == 1:  # TCA_HTB_PARMS
+            return struct.unpack_from("=II", options, off + 4 + 24)
+        off += (length + 3) & ~3
+    raise AssertionError("no TCA_HTB_PARMS")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_user_rules())
+@example({"name": "r", "dst": ["10.0.0.1"], "rate": "1mbit", "burst": 2**30})  # the red team's 1gb at 1mbit
+@example({"name": "r", "dst": ["10.0.0.1"], "rate": "8kbit", "burst": MAX_BURST_BYTES})
+def test_every_rule_the_validator_accepts_encodes(body):
+    try:
+        rule = parse_rule(body)
+    except InvalidInput as exc:
+        # Refused: then it names the field and the accepted form, never a bare failure.
+        assert exc.field and exc.accepted
+        return
+    # The HTB class: rate/ceil (rate64 beyond 32 bits), burst as u32 ticks that must not wrap.
+    params = rule.class_params()
+    options = _htb_class_options(params)
+    buffer, cbuffer = _htb_buffer_ticks(options)
+    expected = params.burst_bytes * 10**9 / params.rate_bytes / 64
+    assert buffer == cbuffer and abs(buffer - expected) < 17  # pyroute2 (as tc) truncates to whole microseconds
+    # The netem leaf: every field packs (struct raises on overflow).
+    if rule.has_netem:
+        decoded = netem.decode_options(netem.encode_options(rule))
+        assert decoded["latency_ns"] == rule.delay_us * 1000 and decoded["limit"] == rule.netem_limit()
+    # The record kept in rule_meta, and a trie value at the last slot with the longest TTL.
+    record = replace(rule, dst=()).to_dict()
+    del record["dst"]
+    layout.pack_meta(json.dumps({"rule": record, "expires_ns": 2**63 - 1}, separators=(",", ":"),
+                                sort_keys=True).encode())
+    layout.LpmVal(layout.classid(MAX_RULES), MAX_RULES, (MAX_TTL_US + 10**9) * 1000, 128).pack()
+
+
+def test_burst_beyond_what_htb_holds_at_the_rate_is_refused_naming_the_range():
+    with pytest.raises(InvalidInput) as exc:
+        rule(rate="1mbit", burst="1gb")
+    assert exc.value.field == "burst" and "274.9 s" in str(exc.value)
+    assert f"to {max_burst_bytes(1_000_000)} bytes" in exc.value.accepted
+    assert max_burst_bytes(1_000_000) == 125_000 * MAX_BURST_NS // 10**9
+    assert rule(rate="1mbit", burst=max_burst_bytes(1_000_000)).burst_bytes == max_burst_bytes(1_000_000)
+    assert rule(rate="10gbit", burst="1gb").burst_bytes == 2**30  # 0.86 s at 10gbit
+
+
+def test_a_ttl_of_thirty_days_is_accepted_and_echoed():
+    assert rule(ttl="30d").ttl_us == 30 * 86_400_000_000 and rule(ttl="30d").to_dict()["ttl"] == "30d"
+    with pytest.raises(InvalidInput) as exc:
+        rule(ttl="31d")
+    assert exc.value.field == "ttl" and "maximum 30d" in str(exc.value)
+
+
+@pytest.mark.parametrize("mapped,v4", [("::ffff:0:0/96", "0.0.0.0/0"), ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+                                       ("::ffff:10.0.0.5", "10.0.0.5/32"), ("::FFFF:a00:5/128", "10.0.0.5/32")])
+def test_ipv4_mapped_prefixes_are_their_ipv4_form_everywhere(mapped, v4):
+    # One key space: an IPv4-mapped IPv6 prefix is the same destinations as its IPv4 form
+    # (README, dst), so it is stored, echoed and listed in that form ...
+    assert rule(dst=[mapped]).to_dict()["dst"] == [v4]
+    assert rule(dst=[mapped, v4]).dst == rule(dst=[v4]).dst  # ... one destination, not two ...
+    with pytest.raises(InvalidInput) as exc:  # ... and in two rules it is the same destination twice.
+        parse_ruleset({"rules": [{"name": "a", "dst": [mapped]}, {"name": "b", "dst": [v4]}]})
+    assert f"{v4} is already a destination of rule 'a'" in str(exc.value)

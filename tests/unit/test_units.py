@@ -134,3 +134,13 @@ def test_the_bytes_rate_warning_is_an_event_in_the_daemons_json_log(monkeypatch)
     line = json.loads(stream.getvalue())
     assert line["event"] == "rate.bytes_unit" and line["level"] == "warning"
     assert (line["rate"], line["means"], line["bits_would_be"]) == ("10mbps", "80 Mbit/s", "10mbit")
+
+
+def test_days_reach_the_documented_ttl_maximum():
+    # README: ttl "max 30 days"; "30d" was refused for want of a unit.
+    assert U.parse_duration_us("30d", "ttl", max_us=30 * 86_400_000_000) == 30 * 86_400_000_000
+    assert U.parse_duration_us("1.5d", "ttl", max_us=30 * 86_400_000_000) == 36 * 3_600_000_000
+    assert U.format_duration_us(30 * 86_400_000_000) == "30d" and U.format_duration_us(36 * 3_600_000_000) == "36h"
+    with pytest.raises(InvalidInput) as err:
+        U.parse_duration_us("31d", "ttl", max_us=30 * 86_400_000_000)
+    assert "maximum 30d" in str(err.value) and " d " in err.value.accepted.replace(",", " ")
