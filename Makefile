@@ -1,7 +1,7 @@
 # make demo: the per-destination lab; make test: every test tier; make bench: docs/benchmarks.md. All set up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-container test-vm test-fresh image bench clean
+.PHONY: setup demo test test-unit test-kernel test-container test-vm test-fresh image bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,11 @@ test-container: setup
 # The sidecar/webhook image, with podman and no registry (see scripts/image.sh).
 image: setup
 	bash scripts/image.sh
+
+# The daemon under probes and change churn, fds/RSS/classes/trie entries checked flat
+# (make test runs 45 s of it); SHAPER_SOAK_S sets the length, 10 minutes by default.
+soak: setup
+	SHAPER_SOAK_S=$${SHAPER_SOAK_S:-600} $(PY) -m pytest tests/kernel/test_soak.py -q -ra -s
 
 test-vm: setup
 	$(PY) -m pytest tests/vm -q -ra -s
