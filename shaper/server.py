@@ -422,6 +422,8 @@ class HttpServer:
                         headers=[("server", f"shaper/{__version__}")], timeout_keep_alive=KEEP_ALIVE_S,
                         timeout_graceful_shutdown=GRACE_S)
         config.load()
+        # uvicorn's own start and stop lines are not events of ours (the JSON log has one per change).
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         if tls is not None:
             # uvicorn loads certificate files once; CertificateFiles follows rotation, so every
             # handshake gets its current context.
