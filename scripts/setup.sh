@@ -21,7 +21,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# Two kernel series for the VM tier (what netem accepts differs between them), each with
+# its headers for bcc in the guest; tests find the images by glob.
 PKGS=(python3-bpfcc libbpf1 iproute2 python3-venv gcc linux-headers-amd64 linux-image-amd64
+      linux-image-6.12-amd64 linux-headers-6.12-amd64
       qemu-system-x86 iputils-ping kmod prometheus util-linux
       iptables ipset iperf3 curl openssl procps bpftool make
       podman buildah runc uidmap slirp4netns fuse-overlayfs debootstrap busybox-static)

@@ -50,13 +50,17 @@ NETEM_MISSING = (
     "Ubuntu: linux-modules-extra-$(uname -r)); rules with only a rate work without it"
 )
 
-# Kernels with the 2025 netem fix (6.1.14x and later stable, 6.16+) refuse a
-# duplicating netem when another netem shares the qdisc tree, and any netem
-# joining a tree that holds a duplicating one: duplication could recurse.
+# The 2025 netem fix made kernels refuse a duplicating netem when another netem
+# shares the qdisc tree, and any netem joining a tree that holds a duplicating
+# one (duplication could recurse).  It was later reverted for a loop check in
+# the datapath (Debian's 6.12 from 6.12.94 accepts; its 6.1.192 still refuses),
+# so which rule sets a kernel takes is probed, never inferred from a version.
 NETEM_DUPLICATE_REFUSED = (
-    "the kernel refused the netem leaf (EINVAL). Linux refuses `duplicate` when another netem shares the "
-    "interface's qdisc tree: give duplicate only to a rule that is the sole netem rule on the interface"
+    "the kernel refused the netem leaf (EINVAL). This kernel refuses `duplicate` when another netem shares the "
+    "interface's qdisc tree (the 2025 netem restriction): give duplicate only to a rule that is the sole netem "
+    "rule on the interface"
 )
+DUP_REFUSED, DUP_ALLOWED, DUP_UNKNOWN = "refused", "allowed", "unknown"
 
 
 class _BpfFilterOptions(sched_bpf.options):
@@ -415,8 +419,17 @@ class Tc:
             if exc.code == _errno.ENOENT and current != "netem":
                 raise NotSupported(NETEM_MISSING) from None
             if exc.code == _errno.EINVAL:
-                raise NotSupported(NETEM_DUPLICATE_REFUSED + f" (refused: netem leaf of rule {rule.name!r})") from None
+                raise self._netem_refusal(exc, rule) from None
             raise _kernel_error(exc, "set netem leaf of", f"{classid_text(slot)} on {self.ifname}") from None
+
+    def _netem_refusal(self, exc: NetlinkError, rule: Rule) -> Exception:
+        """EINVAL for a netem leaf: the duplicate restriction where this kernel has it, else what the kernel said."""
+        policy = netem_duplicate_policy()
+        if policy == DUP_ALLOWED:
+            return _kernel_error(exc, "set netem leaf of", f"rule {rule.name!r} on {self.ifname}")
+        text = NETEM_DUPLICATE_REFUSED if policy == DUP_REFUSED else NETEM_DUPLICATE_REFUSED.replace(
+            "This kernel refuses", "Kernels with the 2025 netem restriction refuse")
+        return NotSupported(text + f" (refused: netem leaf of rule {rule.name!r})")
 
     def netem_options(self, slot: int) -> bytes | None:
         """The raw TCA_OPTIONS of the netem leaf of a slot (tests and `show`)."""
@@ -443,3 +456,49 @@ class Tc:
         except NetlinkError as exc:
             if exc.code not in (_errno.ENOENT, _errno.EINVAL):
                 raise _kernel_error(exc, "delete clsact on", self.ifname) from None
+
+
+_dup_policy: list[str] = []
+
+
+def netem_duplicate_policy() -> str:
+    """Whether this kernel takes a duplicating netem beside another netem in one qdisc tree:
+    DUP_REFUSED, DUP_ALLOWED, or DUP_UNKNOWN (no sch_netem, or no right to make a namespace).
+
+    Tried once per process on the loopback of a throwaway network namespace,
+    made by a thread that unshares its own: nothing outside it is touched, and
+    the kernel removes it with the thread's last socket."""
+    if not _dup_policy:
+        result: list[str] = []
+        t = threading.Thread(target=lambda: result.append(_probe_duplicate()), name="netem-probe")
+        t.start()
+        t.join()
+        _dup_policy.append(result[0] if result else DUP_UNKNOWN)
+    return _dup_policy[0]
+
+
+def _probe_duplicate() -> str:
+    if ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNET) != 0:
+        return DUP_UNKNOWN
+    with IPRoute() as ipr:
+        ipr.status["nlm_generator"] = False  # as in Tc.__init__
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.tc("add", "htb", lo, ROOT, default=0)
+            for slot in (1, 2):
+                ipr.tc("add-class", "htb", lo, ROOT | slot, parent=ROOT, rate=125_000, ceil=125_000, burst=1600,
+                       cburst=1600, quantum=HTB_QUANTUM)
+        except NetlinkError:
+            return DUP_UNKNOWN
+        for slot, duplicate in ((1, 0), (2, netem.prob(50))):
+            msg = _TcMsg()
+            msg["family"], msg["index"], msg["handle"], msg["parent"], msg["info"] = 0, lo, slot << 16, ROOT | slot, 0
+            msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", netem.QOPT.pack(0, 1000, 0, 0, duplicate, 0))]
+            try:
+                ipr.nlm_request(msg, msg_type=RTM_NEWQDISC,
+                                msg_flags=NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            except NetlinkError as exc:
+                if duplicate and exc.code == _errno.EINVAL:
+                    return DUP_REFUSED
+                return DUP_UNKNOWN
+        return DUP_ALLOWED

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from shaper.lab import vm_kernel, vng_path
+from shaper.lab import vm_kernel, vm_kernel_problem, vng_path
 
 
 def require_tier(reason: str | None) -> None:
@@ -27,12 +27,15 @@ def kernel_tier_problem() -> str | None:
     return None
 
 
-def vm_tier_problem() -> str | None:
+def vm_tier_problem(kernel: str | None = None) -> str | None:
+    """Why the VM tier (or its run on `kernel`, an image in /boot) cannot run here."""
     problem = kernel_tier_problem()
     if problem:
         return problem
     if not vm_kernel():
         return "no Debian generic kernel image in /boot (apt-get install linux-image-amd64)"
+    if kernel and vm_kernel_problem(kernel):
+        return vm_kernel_problem(kernel)
     if not shutil.which("qemu-system-x86_64"):
         return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
     if not vng_path():

@@ -4,6 +4,7 @@ One lab and one classifier compile for the module: bcc takes ~7 s per compile un
 """
 
 import math
+import os
 import subprocess
 import threading
 import time
@@ -29,22 +30,23 @@ baseline = {}
 
 def test_per_destination_delay(lab):
     for name, addr in (("a", V4["a"]), ("b", V4["b"]), ("c", V4["c"]), ("a6", V6["a"])):
-        baseline[name] = lab.ping(addr, count=20, interval=0.05)["avg"]
+        baseline[name] = lab.ping(addr, count=20, interval=0.05)["median"]
     lab.shaper("apply", rules=RULES)
     a = lab.ping(V4["a"], count=30, interval=0.05)
     a6 = lab.ping(V6["a"], count=30, interval=0.05)
     b = lab.ping(V4["b"], count=30, interval=0.05)
     c = lab.ping(V4["c"], count=100, interval=0.02)
-    print(f"\nVM ping rtt avg ms: a {baseline['a']:.2f} -> {a['avg']:.2f}; a(v6) {baseline['a6']:.2f} -> "
-          f"{a6['avg']:.2f}; b {baseline['b']:.2f} -> {b['avg']:.2f}; c {baseline['c']:.2f} -> {c['avg']:.2f} "
-          f"(min {c['min']:.2f} max {c['max']:.2f} mdev {c['mdev']:.2f})")
-    assert 49 <= a["avg"] - baseline["a"] <= 56 and a["min"] >= 49.5
-    assert 49 <= a6["avg"] - baseline["a6"] <= 56
-    assert b["avg"] <= baseline["b"] + 5  # no rule: unchanged
-    assert 17 <= c["avg"] - baseline["c"] <= 23
-    # Uniform jitter over [15, 25] ms: sd 2.9 ms.  The max is left unchecked: under TCG
-    # a single emulator stall adds tens of ms to one sample.
-    assert c["min"] >= 14.5 and 1.5 <= c["mdev"] <= 6
+    print(f"\nVM ping rtt median ms: a {baseline['a']:.2f} -> {a['median']:.2f}; a(v6) {baseline['a6']:.2f} -> "
+          f"{a6['median']:.2f}; b {baseline['b']:.2f} -> {b['median']:.2f}; c {baseline['c']:.2f} -> "
+          f"{c['median']:.2f} (min {c['min']:.2f} p5 {c['p5']:.2f} p95 {c['p95']:.2f} max {c['max']:.2f})")
+    # Medians: under TCG an emulator stall adds tens of ms to a sample now and then, which
+    # moves a mean (a run on a busy host once failed so) but not a median.
+    assert 49 <= a["median"] - baseline["a"] <= 56 and a["min"] >= 49.5
+    assert 49 <= a6["median"] - baseline["a6"] <= 56
+    assert b["median"] <= baseline["b"] + 5  # no rule: unchanged
+    assert 17 <= c["median"] - baseline["c"] <= 23
+    # Uniform jitter over [15, 25] ms: never below 15, and spread (without jitter p95 - p5 < 2 ms).
+    assert c["min"] >= 14.5 and c["p95"] - c["p5"] >= 5
 
 
 def test_loss_within_binomial_bounds(lab):
@@ -72,10 +74,10 @@ def test_live_change_without_loss_to_others(lab):
     lab.shaper("apply", rules=RULES.replace("delay: 50ms", "delay: 10ms"))
     t.join()
     a = lab.ping(V4["a"], count=30, interval=0.05)
-    print(f"\nVM live change a 50ms -> 10ms: a rtt avg {a['avg']:.2f} ms; b during change: "
+    print(f"\nVM live change a 50ms -> 10ms: a rtt median {a['median']:.2f} ms; b during change: "
           f"{result['received']}/{result['sent']} received")
     assert result["sent"] == 300 and result["received"] == 300
-    assert 9 <= a["avg"] - baseline["a"] <= 15
+    assert 9 <= a["median"] - baseline["a"] <= 15
     assert lab.handles() == handles_before  # the leaf was changed in place
 
 
@@ -107,7 +109,14 @@ def test_netem_options_reach_the_kernel(lab):
     assert opts["ge"] == (netem.prob(1), netem.prob(20), 0, 0)
 
 
-def test_duplicate_refused_beside_other_netems_and_works_alone(lab):
+def test_duplicate_beside_other_netems_as_the_probed_kernel_policy_says(lab):
+    """Kernels differ (the 2025 restriction, later reverted): shaper probes which this is and
+    must behave, and say, accordingly.  Alone, a duplicating rule works everywhere."""
+    from shaper.tc import DUP_ALLOWED, DUP_REFUSED, netem_duplicate_policy
+
+    policy = netem_duplicate_policy()
+    print(f"\nVM netem duplicate beside other netems: {policy} by {os.uname().release}")
+    assert policy in (DUP_REFUSED, DUP_ALLOWED)  # sch_netem is loaded: the probe must decide
     before = lab.tc_state()
     dup = f"""
 rules:
@@ -116,13 +125,22 @@ rules:
     duplicate: 50%
 """
     proc = lab.shaper("apply", rules=RULES + dup.split("rules:")[1], check=False)
-    assert proc.returncode == 1 and "duplicate" in proc.stderr
-    assert lab.tc_state() == before  # rolled back
-    # New leaves are created before old ones go (no unshaped window), so the
-    # other netem rules must be gone before the duplicating one arrives.
+    if policy == DUP_REFUSED:
+        assert proc.returncode == 1 and "This kernel refuses `duplicate`" in proc.stderr, proc.stderr
+        assert lab.tc_state() == before  # rolled back
+    else:
+        assert proc.returncode == 0, proc.stderr
+        beside = lab.ping(V4["b"], count=50, interval=0.02)
+        a = lab.ping(V4["a"], count=10, interval=0.05)
+        print(f"VM duplicate 50% beside other netems: {beside['received']} replies + {beside['duplicates']} "
+              f"duplicates to {beside['sent']} pings; a still {a['median']:.1f} ms")
+        assert beside["received"] == 50 and 25 - 4 * 3.6 <= beside["duplicates"] <= 25 + 4 * 3.6
+        assert 9 <= a["median"] - baseline["a"] <= 56  # a's delay (10 or 50 ms, per the earlier tests) still applies
+    # New leaves are created before old ones go (no unshaped window), so under the
+    # restriction the other netem rules must be gone before the duplicating one arrives.
     lab.shaper("apply", rules="rules: []")
     lab.shaper("apply", rules=dup)
     out = lab.ping(V4["b"], count=50, interval=0.02)
-    print(f"\nVM duplicate 50% alone: {out['received']} replies + {out['duplicates']} duplicates to "
+    print(f"VM duplicate 50% alone: {out['received']} replies + {out['duplicates']} duplicates to "
           f"{out['sent']} pings")
     assert out["received"] == 50 and 25 - 4 * 3.6 <= out["duplicates"] <= 25 + 4 * 3.6  # binomial, 4 sigma
