@@ -255,6 +255,16 @@ class Lab:
             self.wait_ready(d)
         return d
 
+    def stop_daemons(self) -> None:
+        """Stop the daemons still running (a test that failed half-way), so the next test
+        on this lab does not find shp0 claimed; reset if one had to be killed."""
+        killed = False
+        for d in self.daemons:
+            if d.proc.poll() is None:
+                killed |= "SIGKILL" in d.terminate()
+        if killed:
+            self.shaper("reset", check=False)
+
     def wait_ready(self, d: "Daemon", timeout: float | None = None) -> None:
         """d.wait_ready, and after a failed start also remove what that daemon may have left
         (a SIGKILL leaves its tc objects and pins), so the next test starts clean."""
