@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import json
 import logging
@@ -109,6 +110,7 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
 
 # -- limits -----------------------------------------------------------------------------------------------------
 HEADER_DEADLINE_S = 10.0  # the whole request line and header section, from its first byte (or the connect)
+TLS_HANDSHAKE_S = 10.0  # a TLS handshake from the connect; asyncio's default is 60 s
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers: 431 beyond
 MAX_TARGET_BYTES = 8 * 1024  # the request target alone: 414 beyond
 BODY_DEADLINE_S = 60.0  # a whole body once the headers are in: 32 MiB at 4.5 Mbit/s
@@ -409,10 +411,29 @@ async def _send(send: Callable, resp: Response, close: bool = False) -> None:
     await send({"type": "http.response.body", "body": b"".join(pending)})
 
 
+class _Uvicorn(Server):
+    """uvicorn's Server with the TLS handshake bounded.  The header deadline starts only
+    once a handshake is done (the HTTP protocol exists from then on), so a client that
+    connects and never sends a ClientHello was held for asyncio's default 60 s; uvicorn
+    has no setting for `ssl_handshake_timeout`, so its own create_server call is given one."""
+
+    def __init__(self, config: Config, tls_handshake_s: float):
+        super().__init__(config)
+        self.tls_handshake_s = tls_handshake_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.config.ssl is not None:
+            loop = asyncio.get_running_loop()  # this server's own loop (asyncio.run in HttpServer._serve)
+            loop.create_server = functools.partial(loop.create_server,  # type: ignore[method-assign]
+                                                   ssl_handshake_timeout=self.tls_handshake_s)
+        await super().startup(sockets)
+
+
 class HttpServer:
     """A bound socket served by uvicorn in thread `name`; `stop` is graceful."""
 
-    def __init__(self, sock: socket.socket, app: HttpApp, tls=None, name: str = "http"):
+    def __init__(self, sock: socket.socket, app: HttpApp, tls=None, name: str = "http", *,
+                 tls_handshake_s: float = TLS_HANDSHAKE_S):
         self.socket = sock
         name = sock.getsockname()
         self.server_address = name[:2] if isinstance(name, tuple) else (name, 0)  # a unix socket in tests
@@ -430,7 +451,7 @@ class HttpServer:
             ctx = tls.context()
             ctx.sni_callback = lambda ssl_obj, _name, _ctx: setattr(ssl_obj, "context", tls.context())
             config.ssl = ctx
-        self.uvicorn = Server(config)
+        self.uvicorn = _Uvicorn(config, tls_handshake_s)
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
@@ -473,10 +494,12 @@ def _bind(address: tuple[str, int], family: int) -> socket.socket:
 
 
 def make_server(host: str, port: int, api, tls=None, kernel: KernelThread | None = None, *,
-                max_body: int = MAX_BODY_BYTES, name: str = "http") -> HttpServer:
+                max_body: int = MAX_BODY_BYTES, name: str = "http",
+                tls_handshake_s: float = TLS_HANDSHAKE_S) -> HttpServer:
     """Bind `api` (an Api, or anything with Api.handle's signature); every address (v4 and v6
     where there is v6) when host is empty; HTTPS when `tls` (a webhook.CertificateFiles) is
-    given.  Handlers run on `kernel` (a new one if not given).  Call start() to serve."""
+    given, closing connections whose handshake is not done within `tls_handshake_s`.
+    Handlers run on `kernel` (a new one if not given).  Call start() to serve."""
     where = f"{host or '*'}:{port}"
     try:
         if not host:
@@ -491,7 +514,8 @@ def make_server(host: str, port: int, api, tls=None, kernel: KernelThread | None
             sock = _bind((host, port), family)
     except (OSError, socket.gaierror) as exc:
         raise ShaperError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    return HttpServer(sock, HttpApp(api, kernel or KernelThread(), max_body=max_body), tls, name)
+    return HttpServer(sock, HttpApp(api, kernel or KernelThread(), max_body=max_body), tls, name,
+                      tls_handshake_s=tls_handshake_s)
 
 
 @dataclass(frozen=True)

@@ -365,17 +365,19 @@ class CertificateFiles:
         return self._context
 
 
-def serve(cfg: SidecarConfig, listen: str, cert: str, key: str) -> None:
+def serve(cfg: SidecarConfig, listen: str, cert: str, key: str, *, tls_handshake_s: float | None = None) -> None:
     """Serve /inject over HTTPS until SIGTERM/SIGINT, on the daemon's HTTP stack (server.py):
-    the same header deadline, strict parsing and body bounds; a certificate rotated on disk is
-    picked up by the next handshake."""
+    the same header deadline, strict parsing and body bounds, and a connection whose TLS
+    handshake is not done within `tls_handshake_s` (server.TLS_HANDSHAKE_S) closed; a
+    certificate rotated on disk is picked up by the next handshake."""
     import signal
 
-    from .server import make_server, parse_listen
+    from .server import TLS_HANDSHAKE_S, make_server, parse_listen
 
     host, port = parse_listen(listen)
     tls = CertificateFiles(cert, key)
-    httpd = make_server(host, port, WebhookApp(cfg), tls=tls, max_body=MAX_REVIEW_BYTES, name="https")
+    httpd = make_server(host, port, WebhookApp(cfg), tls=tls, max_body=MAX_REVIEW_BYTES, name="https",
+                        tls_handshake_s=TLS_HANDSHAKE_S if tls_handshake_s is None else tls_handshake_s)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
