@@ -45,7 +45,11 @@ fi
 
 rel=$(uname -r)
 if [ ! -d "/lib/modules/$rel/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
-    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    # The headers linux-headers-amd64 brings (6.1, what the host tiers were measured with),
+    # not merely the newest: the VM tier's 6.12 headers are installed too.
+    hdr=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 2>/dev/null | grep -o 'linux-headers-[^ ,]*-amd64' | head -n 1)
+    hdr=${hdr:+/usr/src/$hdr}
+    [ -n "$hdr" ] && [ -d "$hdr" ] || hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | head -n 1)
     if [ -z "$hdr" ]; then
         echo "setup: no kernel headers for $rel and none from linux-headers-amd64" >&2
         exit 1
