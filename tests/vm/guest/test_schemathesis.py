@@ -8,6 +8,9 @@ schema-violating request accepted, 405 for undeclared methods.  Only
 `positive_data_acceptance` is left out: some constraints cannot be written in
 OpenAPI 3.0 (jitter needs delay, a rate's minimum inside a string, a
 destination in one rule only), so a schema-valid request may rightly get 422.
+`use_after_free` is left out too: its stateful phase sends `DELETE
+/rules/{name}?dry_run=true`, which by design deletes nothing, and then
+reports the rule as "still available" (ST301).
 """
 
 import shutil
@@ -29,7 +32,7 @@ def test_fuzz_the_api_from_its_openapi_document(lab, tmp_path):
         ["nsenter", f"--net=/run/netns/{lab.pod}", str(st if st.exists() else shutil.which("st")), "run",
          "http://127.0.0.1:2332/openapi.json", "--header", f"Authorization: Bearer {TOKEN}",
          "--max-examples", "25", "--max-time", "150", "--seed", "20261121", "--workers", "1",
-         "--exclude-checks", "positive_data_acceptance", "--suppress-health-check", "all",
+         "--exclude-checks", "positive_data_acceptance,use_after_free", "--suppress-health-check", "all",
          "--request-timeout", "30"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     summary = proc.stdout[proc.stdout.find("SUMMARY"):] if "SUMMARY" in proc.stdout else proc.stdout[-3000:]
