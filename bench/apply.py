@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shaper.controller import Controller
 from shaper.kernel import KernelDatapath
-from shaper.lab import POD_IF, ROOT, Lab
+from shaper.lab import ROOT, Lab
 from shaper.model import parse_rule
 
 from .common import Pair, rule_addr, summary
@@ -112,12 +112,8 @@ def write_rules_file(path: Path, nrules: int, per: int) -> None:
 
 
 def _entries(lab: Lab) -> int:
-    dp = KernelDatapath(POD_IF, lab.pod)
-    try:
-        dp.open_maps()
+    with lab.pinned_maps() as dp:
         return dp.map_entries()
-    finally:
-        dp.close()
 
 
 def cli_apply(big: int, repeats: int, log=print) -> list[dict]:

@@ -22,7 +22,9 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 POD_IF = "shp0"
@@ -324,6 +326,19 @@ class Lab:
             if server.poll() is None:
                 server.kill()
                 server.wait()
+
+    @contextmanager
+    def pinned_maps(self) -> Iterator:
+        """The pod interface's datapath with its pinned maps open, to read what the kernel holds
+        (no claim, nothing attached); closed on leaving."""
+        from .kernel import KernelDatapath
+
+        dp = KernelDatapath(POD_IF, self.pod)
+        try:
+            dp.open_maps()
+            yield dp
+        finally:
+            dp.close()
 
     def tc_state(self) -> str:
         """What `tc` shows of the pod interface, without counters."""

@@ -7,7 +7,6 @@ import time
 
 from pyroute2 import IPRoute
 
-from shaper.kernel import KernelDatapath
 from shaper.lab import POD_IF, V4, sh
 from shaper.model import ClassParams
 from shaper.tc import HTB_QUANTUM, ROOT, Tc, in_netns
@@ -30,12 +29,8 @@ def write_rules(path, nrules: int, per: int, extra: str | None = None) -> None:
 
 
 def trie_entries(lab) -> int:
-    dp = KernelDatapath(POD_IF, lab.pod)
-    try:
-        dp.open_maps()
+    with lab.pinned_maps() as dp:
         return dp.map_entries()
-    finally:
-        dp.close()
 
 
 def timed(what: str, fn):
@@ -53,14 +48,10 @@ def test_apply_file_of_100k_prefixes_locally(lab, tmp_path):
     assert proc.stderr == ""  # piped: no progress
     assert trie_entries(lab) == BIG
     # Read back in batches (BATCH_CHUNK a call) as one entry at a time does.
-    dp = KernelDatapath(POD_IF, lab.pod)
-    try:
-        dp.open_maps()
+    with lab.pinned_maps() as dp:
         batched = timed("trie read in batches", lambda: list(dp.lpm.items()))
         dp.lpm._lookup_batch_ok = False
         one_by_one = timed("trie read one entry at a time", lambda: list(dp.lpm.items()))
-    finally:
-        dp.close()
     assert len(batched) == BIG and sorted(batched) == sorted(one_by_one)
     # The trie classifies: traffic to the one lab address among the 100,000 is the rule's.
     lab.send_udp(V4["a"], 50)

@@ -43,12 +43,8 @@ def crashing_apply(lab, path: Path, n: int) -> subprocess.CompletedProcess:
 
 
 def kernel_state(lab):
-    dp = KernelDatapath(POD_IF, lab.pod)
-    try:
-        dp.open_maps()
+    with lab.pinned_maps() as dp:
         observed = dp.observe()
-    finally:
-        dp.close()
     return observed, lab.tc_state()
 
 

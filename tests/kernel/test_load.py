@@ -7,7 +7,6 @@ import statistics
 import threading
 import time
 
-from shaper.kernel import KernelDatapath
 from shaper.lab import POD_IF, NetnsHTTPConnection, sh
 
 CLIENTS, MUTATIONS, NAMES = 8, 500, 10
@@ -65,12 +64,8 @@ def test_concurrent_clients_lose_no_update(lab):
     out = sh("tc", "-n", lab.pod, "class", "show", "dev", POD_IF).stdout
     rates = sorted(re.findall(r"class htb \S+ .*?rate (\d+)Mbit", out), key=int)
     assert rates == sorted((b["rate"][:-4] for b in expected.values()), key=int)
-    dp = KernelDatapath(POD_IF, lab.pod)
-    try:
-        dp.open_maps()
+    with lab.pinned_maps() as dp:
         observed = dp.observe()
-    finally:
-        dp.close()
     assert {str(p) for p in observed.entries} == {b["dst"][0] for b in expected.values()}
     assert set(observed.classes) == {o.slot for o in observed.rules.values()}
 
