@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m shaper.demo
+	$(PY) -m lab.demo
 
 test: setup
 	$(PY) -m pytest tests -q -ra

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from shaper.lab import ROOT
+from lab import ROOT
 
 from . import accuracy, apply, classify, daemon, profile, report
 

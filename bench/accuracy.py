@@ -1,7 +1,7 @@
 """Section 6: configured against measured delay and rate, per destination.
 
 netem needs a kernel that has it: the host runs this module inside a VM
-booting Debian's stock kernel (shaper.lab.run_in_vm, as the VM test tier does);
+booting Debian's stock kernel (lab.run_in_vm, as the VM test tier does);
 `python -m bench.accuracy OUT SENDER` is what runs in the guest.  Delay is
 the mean ping RTT with the rule minus the mean RTT to the same destination
 before any rule (the reply path is not shaped); rate is measured at the
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shaper.lab import POD_IF, V4, Lab, run_in_vm, sh
+from lab import POD_IF, V4, Lab, run_in_vm, sh
 
 DELAYS_MS = {"a": 10.0, "b": 40.0}
 RATES_MBIT = {"c": 4.0, "d": 8.0}

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from shaper.controller import Controller
-from shaper.kernel import KernelDatapath
-from shaper.lab import ROOT, Lab
-from shaper.model import parse_rule
+from shaper.control.controller import Controller
+from shaper.datapath.kernel import KernelDatapath
+from lab import ROOT, Lab
+from shaper.core.model import parse_rule
 
 from .common import Pair, rule_addr, summary
 

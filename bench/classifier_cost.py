@@ -14,8 +14,8 @@ import json
 import os
 import sys
 
-from shaper import loader
-from shaper.lab import sh
+from shaper.datapath import loader
+from lab import sh
 
 from .classify import setup, traffic
 from .common import Pair
@@ -48,7 +48,7 @@ def main(sizes: list[int], repeats: int = 3, seconds: float = 1.0) -> None:
             pairs[n] = Pair(f"cost{n}").__enter__()
             _, cleanup = setup("shaper", pairs[n], n)
             cleanups.append(cleanup)
-            from shaper.kernel import KernelDatapath
+            from shaper.datapath.kernel import KernelDatapath
             pins[n] = os.path.join(KernelDatapath(Pair.IF, pairs[n].ns).pin_dir, loader.PROG_PIN)
         for kind in ("match", "miss"):
             totals = {n: [0, 0] for n in sizes}

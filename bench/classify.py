@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import time
 
-from shaper.controller import Controller
-from shaper.kernel import KernelDatapath
-from shaper.model import parse_rule
+from shaper.control.controller import Controller
+from shaper.datapath.kernel import KernelDatapath
+from shaper.core.model import parse_rule
 
 from .common import MISS_BASE, Pair, ip4, rule_addr, summary
 

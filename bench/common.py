@@ -14,7 +14,7 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
-from shaper.lab import make_netns, sh
+from lab import make_netns, sh
 
 BENCH = Path(__file__).resolve().parent
 SENDER_SRC = BENCH / "sender.c"

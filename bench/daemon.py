@@ -18,18 +18,18 @@ import subprocess
 import tempfile
 import time
 
-from shaper import layout
-from shaper.kernel import KernelDatapath
-from shaper.lab import POD_IF, V4, Lab, sh
-from shaper.model import Prefix
-from shaper.tc import in_netns
+from shaper.datapath import abi
+from shaper.datapath.kernel import KernelDatapath
+from lab import POD_IF, V4, Lab, sh
+from shaper.core.model import Prefix
+from shaper.datapath.tc import in_netns
 
 from .common import percentile, sender_binary, summary
 
 
 def _key(cidr: str) -> bytes:
     p = Prefix.parse(cidr, "dst")
-    return layout.pack_key(p.prefixlen, p.addr)
+    return abi.pack_key(p.prefixlen, p.addr)
 
 
 def _put(conn_factory, path: str, body: dict) -> int:
@@ -60,7 +60,7 @@ def change_latency(rule_counts=(10, 1000), changes: int = 1000, keepalive_change
                 slot = {}
                 for r in rules[:min(nrules, changes)]:
                     val = dp.lpm.lookup(_key(r["dst"][0]))
-                    slot[r["name"]] = layout.LpmVal.unpack(val).rule_id
+                    slot[r["name"]] = abi.LpmVal.unpack(val).rule_id
 
                 def measure(count: int, keepalive: bool) -> tuple[list[float], int]:
                     lat: list[float] = []
@@ -83,7 +83,7 @@ def change_latency(rule_counts=(10, 1000), changes: int = 1000, keepalive_change
                         assert status == 200, status
                         while True:  # the kernel steers the new destination to the rule's class
                             val = dp.lpm.lookup(key)
-                            if val and layout.LpmVal.unpack(val).rule_id == slot[rule["name"]]:
+                            if val and abi.LpmVal.unpack(val).rule_id == slot[rule["name"]]:
                                 break
                             polls += 1
                             if time.perf_counter() - t0 > 10:

@@ -12,10 +12,10 @@ import io
 import pstats
 import time
 
-from shaper.controller import Controller
-from shaper.kernel import KernelDatapath
-from shaper.model import parse_rule
-from shaper.service import Service
+from shaper.control.controller import Controller
+from shaper.datapath.kernel import KernelDatapath
+from shaper.core.model import parse_rule
+from shaper.control.service import Service
 
 from .apply import rules_body
 from .common import Pair

@@ -1,3 +1,3 @@
-from .cli import main
+from shaper.cli import main
 
 main()

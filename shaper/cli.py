@@ -26,13 +26,13 @@ from typing import Callable, Iterator
 import click
 import yaml
 
-from .changes import changes_from, describe as describe_change, natural_key, rule_changes
-from .client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
-from .errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
-from .model import FIELD_NAMES, gc_paused, parse_rule, parse_ruleset_text, unknown_field
-from .openapi import RULE_FIELDS
-from .stats import format_remaining
-from .units import format_bits_per_s, format_bytes, format_count, parse_duration_us
+from shaper.core.changes import changes_from, describe as describe_change, natural_key, rule_changes
+from shaper.http.client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
+from shaper.errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
+from shaper.core.model import FIELD_NAMES, gc_paused, parse_rule, parse_ruleset_text, unknown_field
+from shaper.http.openapi import RULE_FIELDS
+from shaper.core.stats import format_remaining
+from shaper.core.units import format_bits_per_s, format_bytes, format_count, parse_duration_us
 
 OUTPUT_FORMATS = click.Choice(["table", "json", "yaml"])
 
@@ -78,7 +78,7 @@ def _errors() -> Iterator[None]:
 @contextmanager
 def _datapath(iface: str, netns: str | None, *, attach: bool) -> Iterator:
     """The interface's datapath, attached if asked; None if shaper is not attached and not asked to."""
-    from .kernel import KernelDatapath, claim_interface  # kernel access only for commands that need it
+    from shaper.datapath.kernel import KernelDatapath, claim_interface  # kernel access only for commands that need it
 
     dp = KernelDatapath(iface, netns)
     claim = None
@@ -281,14 +281,15 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
     they expire. Logs one JSON line per change. Listening beyond loopback
     needs a token (--token-file or SHAPER_TOKEN) or --insecure.
     """
-    from . import server
+    from shaper import daemon
+    from shaper.http.server import configure_logging
 
     with _errors():
         rules = load_rules_file(rules_file) if rules_file else None
         token = read_token(token_file)
-        server.configure_logging(log_level)
-        initial = server.load_initial_rules(initial_rules_file) if initial_rules_file else None
-        server.run(server.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
+        configure_logging(log_level)
+        initial = daemon.load_initial_rules(initial_rules_file) if initial_rules_file else None
+        daemon.run(daemon.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
                                         keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial,
                                         rules_file=rules_file))
 
@@ -435,7 +436,7 @@ def rule_patch(name: str, dst: tuple[str, ...], add_dst: tuple[str, ...], remove
 
 
 def _edit_dst(current: list[str], add: tuple[str, ...], remove: tuple[str, ...]) -> list[str]:
-    from .model import Prefix
+    from shaper.core.model import Prefix
 
     have = {Prefix.parse(d, "dst"): d for d in current}
     for i, d in enumerate(remove):
@@ -594,7 +595,7 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
       shaper apply -f rules.yaml --dry-run
       shaper apply --iface eth0 -f rules.yaml
     """
-    from .controller import Controller
+    from shaper.control.controller import Controller
 
     with _errors(), _progress() as progress:
         rules = load_rules_file(rules_file, progress)
@@ -643,7 +644,7 @@ def reset(iface: str | None, netns: str | None, server: str, token_file: str | N
             deleted = _client(server, token_file).clear()
             click.echo(f"{server}: deleted {len(deleted)} rule(s)")
             return
-        from .kernel import KernelDatapath, claim_interface
+        from shaper.datapath.kernel import KernelDatapath, claim_interface
 
         dp = KernelDatapath(iface, netns)
         try:
@@ -736,7 +737,8 @@ def webhook(listen: str, tls_cert: str, tls_key: str, image: str, namespace: str
     shaper.io/inject: "false"; elsewhere, pods annotated "true" get it.
     Never twice, never in its own namespace or kube-system, CREATE only.
     """
-    from . import server, webhook as wh
+    from shaper.http import server
+    from shaper.k8s import webhook as wh
 
     with _errors():
         server.configure_logging(log_level)
@@ -748,7 +750,7 @@ def webhook(listen: str, tls_cert: str, tls_key: str, image: str, namespace: str
 
 # -- output ----------------------------------------------------------------------------------------------------
 def _status_rows(dp) -> list[dict]:
-    from .controller import Controller
+    from shaper.control.controller import Controller
 
     now = time.monotonic_ns()
     return [s.to_dict(now) for s in Controller(dp).stats()]

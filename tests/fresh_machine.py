@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 ROOT = Path(__file__).resolve().parent.parent
 FRESH_CACHE = Path(os.environ.get("SHAPER_FRESH_CACHE", "/var/cache/shaper-fresh"))
 SUITE = "bookworm"
-PYTHON_DIRS = ("shaper", "tests", "bench")
+PYTHON_DIRS = ("shaper", "lab", "tests", "bench")
 SHELL_FILES = ("scripts/*.sh", ".ci/run", "deploy/*.sh")
 SUBPROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,14 +55,14 @@ class Need:
 
 
 INDIRECT = (
-    Need("qemu-system-x86_64", "shaper/lab.py run_in_vm", "virtme-ng (vng) boots the VM with QEMU"),
-    Need("busybox", "shaper/lab.py run_in_vm",
+    Need("qemu-system-x86_64", "lab/__init__.py run_in_vm", "virtme-ng (vng) boots the VM with QEMU"),
+    Need("busybox", "lab/__init__.py run_in_vm",
          "virtme-ng builds the guest's initramfs around a statically linked busybox "
          "(virtme/mkinitramfs.py find_busybox); Debian's `busybox` is dynamic", package="busybox-static",
          static=True),
-    Need("modprobe", "shaper/lab.py run_in_vm", "the guest script loads sch_netem, sch_htb, cls_bpf, veth"),
-    Need("/boot/vmlinuz-*-amd64", "shaper/lab.py vm_kernel", "the VM boots Debian's generic kernel"),
-    Need("/usr/src/linux-headers-*-amd64/Makefile", "shaper/loader.py (bcc)",
+    Need("modprobe", "lab/__init__.py run_in_vm", "the guest script loads sch_netem, sch_htb, cls_bpf, veth"),
+    Need("/boot/vmlinuz-*-amd64", "lab/__init__.py vm_kernel", "the VM boots Debian's generic kernel"),
+    Need("/usr/src/linux-headers-*-amd64/Makefile", "shaper/datapath/loader.py (bcc)",
          "bcc compiles the classifier against kernel headers (setup links them for a kernel without any)"),
     Need("runc", "scripts/containers.conf (runtime = \"runc\")",
          "podman runs containers with runc; crun fails here (see scripts/containers.conf)"),
@@ -168,7 +168,7 @@ def runners(tree: ast.AST) -> dict[str, tuple[list[ast.AST], bool, int]]:
 def visible_helpers(tree: ast.AST, everywhere: dict[str, tuple[list[ast.AST], bool, int]]) \
         -> dict[str, tuple[list[ast.AST], int]]:
     """The runner helpers a module's calls can mean: "name" for its own functions and those it imports by
-    name (`from shaper.lab import sh`), ".name" for methods of any class (called as obj.name("prog", ...))."""
+    name (`from lab import sh`), ".name" for methods of any class (called as obj.name("prog", ...))."""
     own = {fn.name for fn in tree.body if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))}
     imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     seen = {f".{name}": (prefix, before) for name, (prefix, method, before) in everywhere.items() if method}

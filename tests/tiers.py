@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from shaper.lab import vm_kernel, vm_kernel_problem, vng_path
+from lab import vm_kernel, vm_kernel_problem, vng_path
 
 
 def require_tier(reason: str | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shaper.lab import ROOT, Lab  # noqa: E402
+from lab import ROOT, Lab  # noqa: E402
 from tiers import kernel_tier_problem, require_tier  # noqa: E402
 
 IMAGE = os.environ.get("SHAPER_IMAGE", "localhost/shaper:dev")

@@ -17,8 +17,8 @@ from conftest import podman
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import k8s_pods as K  # noqa: E402
 
-from shaper import webhook as W
-from shaper.lab import POD_IF, ROOT, V4, NetnsHTTPConnection, netns_connect, sh, wait_until
+from shaper.k8s import webhook as W
+from lab import POD_IF, ROOT, V4, NetnsHTTPConnection, netns_connect, sh, wait_until
 
 TOKEN = "container-tier-token-5f1c2e"
 

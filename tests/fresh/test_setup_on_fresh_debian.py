@@ -69,5 +69,5 @@ def test_a_package_setup_lacks_is_named(rootfs, packages):
     fresh = installed(rootfs)
     added = setup_closure(rootfs, [p for p in packages if p != "busybox-static"])
     report = check(repo_uses(), INDIRECT, host_providers, pip_programs(), fresh, added)
-    assert any(p.startswith("busybox (run by shaper/lab.py run_in_vm") and "add busybox-static to PKGS" in p
+    assert any(p.startswith("busybox (run by lab/__init__.py run_in_vm") and "add busybox-static to PKGS" in p
                for p in report.problems), report.problems

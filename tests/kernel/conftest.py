@@ -1,6 +1,6 @@
 import pytest
 
-from shaper.lab import Lab
+from lab import Lab
 from tiers import kernel_tier_problem, require_tier
 
 

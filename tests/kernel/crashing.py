@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from shaper import plan as P
-from shaper.kernel import KernelDatapath
+from shaper.core import plan as P
+from shaper.datapath.kernel import KernelDatapath
 
 limit, split = int(sys.argv[1]), int(sys.argv[2])
 done = 0

@@ -7,9 +7,9 @@ import time
 
 from pyroute2 import IPRoute
 
-from shaper.lab import POD_IF, V4, sh
-from shaper.model import ClassParams
-from shaper.tc import HTB_QUANTUM, ROOT, Tc, in_netns
+from lab import POD_IF, V4, sh
+from shaper.core.model import ClassParams
+from shaper.datapath.tc import HTB_QUANTUM, ROOT, Tc, in_netns
 
 BIG = 100_000
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from shaper.controller import Controller
-from shaper.kernel import KernelDatapath, claim_interface
-from shaper.lab import POD_IF, ROOT, Daemon, wait_until
-from shaper.model import parse_ruleset
+from shaper.control.controller import Controller
+from shaper.datapath.kernel import KernelDatapath, claim_interface
+from lab import POD_IF, ROOT, Daemon, wait_until
+from shaper.core.model import parse_ruleset
 
 CRASHING = Path(__file__).with_name("crashing.py")
 SPLIT = 40  # entries per counted piece of a trie batch

@@ -9,7 +9,7 @@ import re
 import signal
 import socket
 
-from shaper.lab import POD_IF, V4, V6, netem_available, sh, wait_until
+from lab import POD_IF, V4, V6, netem_available, sh, wait_until
 
 TOKEN = "kernel-tier-token-0123456789"
 
@@ -178,7 +178,7 @@ def test_bad_startup_touches_nothing(lab, tmp_path):
     assert open_api.returncode == 2 and "--insecure" in open_api.stderr
     assert lab.tc_state().split() == ["qdisc", "noqueue", "0:", "root", "refcnt", "2"]
     # The port is taken (by something else in the namespace): exit 1, nothing touched.
-    from shaper.tc import in_netns
+    from shaper.datapath.tc import in_netns
 
     squatter = in_netns(lab.pod, lambda: socket.create_server(("127.0.0.1", 2332)))
     try:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shaper.lab import POD_IF, ROOT, V4, V6, netem_available, sh
+from lab import POD_IF, ROOT, V4, V6, netem_available, sh
 
 RULES = f"""
 rules:
@@ -94,7 +94,7 @@ def test_restarted_controller_adopts_without_change(lab):
     out = lab.shaper("apply", rules=RULES).stdout
     assert "0 change(s)" in out
     assert lab.tc_state() == before  # same program id, same handles, same parameters
-    from shaper.kernel import KernelDatapath
+    from shaper.datapath.kernel import KernelDatapath
     dp = KernelDatapath(POD_IF, lab.pod)
     try:
         assert dp.attach() == "adopted"
@@ -114,13 +114,13 @@ def test_reset_leaves_tc_exactly_as_before(lab):
     out = lab.shaper("reset").stdout
     assert "clsact" not in out  # the user's clsact stays
     assert lab.tc_state() == before
-    from shaper.kernel import netns_id
+    from shaper.datapath.kernel import netns_id
 
     assert not os.path.exists(f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}")
 
 
 def test_reset_on_a_fresh_interface_restores_default_and_pins(lab):
-    from shaper.kernel import netns_id
+    from shaper.datapath.kernel import netns_id
 
     before = lab.tc_state()
     lab.shaper("apply", rules=RULES)
@@ -189,9 +189,9 @@ def test_unknown_interface_and_netns(lab):
 
 def test_the_predicted_state_is_what_the_kernel_holds(lab):
     """The daemon caches plan's outcome instead of reading the kernel back: they must agree."""
-    from shaper.controller import Controller
-    from shaper.kernel import KernelDatapath
-    from shaper.model import parse_rule
+    from shaper.control.controller import Controller
+    from shaper.datapath.kernel import KernelDatapath
+    from shaper.core.model import parse_rule
 
     dp = KernelDatapath(POD_IF, lab.pod)
     try:

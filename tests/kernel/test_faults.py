@@ -7,7 +7,7 @@ import subprocess
 import threading
 import time
 
-from shaper.lab import POD_IF, V4, parse_ping, sh, wait_until
+from lab import POD_IF, V4, parse_ping, sh, wait_until
 
 
 def pins_of(lab) -> list[str]:

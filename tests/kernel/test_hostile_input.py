@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from shaper.kernel import KernelDatapath
-from shaper.lab import POD_IF, V4, V6, sh
+from shaper.datapath.kernel import KernelDatapath
+from lab import POD_IF, V4, V6, sh
 
 TOKEN = "hostile-input-token"
 BIG_DST = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(262_145)]

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from shaper.lab import NetnsHTTPConnection, netns_connect, wait_until
+from lab import NetnsHTTPConnection, netns_connect, wait_until
 
 TOKEN = "attack-t0ken"
 

@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 
-from shaper.kernel import netns_id
-from shaper.lab import POD_IF, V4, sh, wait_until
+from shaper.datapath.kernel import netns_id
+from lab import POD_IF, V4, sh, wait_until
 
 NEW_IF = "shpr0"
 

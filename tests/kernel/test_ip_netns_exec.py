@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from shaper.lab import POD_IF, ROOT, V4, Daemon, sh, wait_until
+from lab import POD_IF, ROOT, V4, Daemon, sh, wait_until
 
 RULES = f"rules:\n  - {{name: a, dst: [{V4['a']}], rate: 10mbit}}\n  - {{name: b, dst: [{V4['b']}], rate: 50mbit}}\n"
 RATE_ONLY = f"rules:\n  - {{name: a, dst: [{V4['a']}], rate: 10mbit}}\n"

@@ -7,7 +7,7 @@ import statistics
 import threading
 import time
 
-from shaper.lab import POD_IF, NetnsHTTPConnection, sh
+from lab import POD_IF, NetnsHTTPConnection, sh
 
 CLIENTS, MUTATIONS, NAMES = 8, 500, 10
 

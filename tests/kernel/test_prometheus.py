@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from shaper.lab import V4, V6, NetnsHTTPConnection, wait_until
+from lab import V4, V6, NetnsHTTPConnection, wait_until
 from tiers import require_tier
 
 PROM_PORT = 9090

@@ -6,13 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-from shaper.lab import POD_IF, ROOT, sh
+from lab import POD_IF, ROOT, sh
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from shaper.controller import Controller
-    from shaper.kernel import KernelDatapath
-    from shaper.model import parse_rule
+    from shaper.control.controller import Controller
+    from shaper.datapath.kernel import KernelDatapath
+    from shaper.core.model import parse_rule
 
     iface, netns, nrules, nprefixes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     per = nprefixes // nrules

@@ -10,8 +10,8 @@ import os
 import signal
 import time
 
-from shaper.kernel import netns_id
-from shaper.lab import POD_IF, Daemon, wait_until
+from shaper.datapath.kernel import netns_id
+from lab import POD_IF, Daemon, wait_until
 
 
 def clean(lab) -> list[str]:

@@ -17,10 +17,10 @@ import os
 import re
 import time
 
-from shaper import layout
-from shaper.bpfmap import Map
-from shaper.kernel import netns_id
-from shaper.lab import POD_IF, sh
+from shaper.datapath import abi
+from shaper.datapath.maps import Map
+from shaper.datapath.kernel import netns_id
+from lab import POD_IF, sh
 
 SOAK_S = float(os.environ.get("SHAPER_SOAK_S", "45"))
 WARMUP_S = min(10.0, SOAK_S / 4)
@@ -50,8 +50,8 @@ def measure(d, lab) -> dict:
     qdiscs = len(sh("tc", "-n", lab.pod, "qdisc", "show", "dev", POD_IF).stdout.splitlines())
     pins = f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}"
     counts = {}
-    for name, key, value in (("dst_lpm", layout.LPM_KEY.size, layout.LPM_VAL.size),
-                             ("rule_meta", 4, layout.RULE_META.size)):
+    for name, key, value in (("dst_lpm", abi.LPM_KEY.size, abi.LPM_VAL.size),
+                             ("rule_meta", 4, abi.RULE_META.size)):
         m = Map(os.path.join(pins, name), key, value)
         try:
             counts[name] = m.count()

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import k8s_pods as K  # noqa: E402
 
-from shaper.lab import ROOT, netns_connect, sh, wait_until  # noqa: E402
-from shaper.server import TLS_HANDSHAKE_S  # noqa: E402
+from lab import ROOT, netns_connect, sh, wait_until  # noqa: E402
+from shaper.http.server import TLS_HANDSHAKE_S  # noqa: E402
 
 HOST = "shaper-webhook.shaper-system.svc"
 

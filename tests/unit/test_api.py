@@ -6,12 +6,12 @@ import re
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shaper import openapi
-from shaper.api import MAX_BODY_BYTES, Api
+from shaper.http import openapi
+from shaper.http.api import MAX_BODY_BYTES, Api
 from shaper.errors import KernelError
-from shaper.fake import FakeDatapath
-from shaper.model import FIELD_NAMES, Prefix
-from shaper.service import Service
+from shaper.datapath.fake import FakeDatapath
+from shaper.core.model import FIELD_NAMES, Prefix
+from shaper.control.service import Service
 
 TOKEN = "s3cret-token"
 T0 = 1_000_000_000_000
@@ -330,7 +330,7 @@ def test_a_failed_scrape_is_counted_and_still_answers(api, env):
 def test_openapi_patterns_accept_what_the_parser_accepts():
     import re as _re
 
-    from shaper.model import parse_rule
+    from shaper.core.model import parse_rule
 
     samples = {"delay": ["20ms", "1.5s", "500us", "0", "2m"], "ttl": ["60s", "1h"], "loss": ["1%", "0.5%", "100%"],
                "rate": ["10mbit", "1.5gbit", "100kbps"], "burst": ["32kb", "2mb"]}

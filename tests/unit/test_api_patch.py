@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from shaper import openapi
-from shaper.api import Api
-from shaper.fake import FakeDatapath
-from shaper.service import Service
+from shaper.http import openapi
+from shaper.http.api import Api
+from shaper.datapath.fake import FakeDatapath
+from shaper.control.service import Service
 
 TOKEN = "s3cret-token"
 T0 = 1_000_000_000_000

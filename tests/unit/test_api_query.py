@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from shaper.api import Api
-from shaper.fake import FakeDatapath
-from shaper.service import Service
+from shaper.http.api import Api
+from shaper.datapath.fake import FakeDatapath
+from shaper.control.service import Service
 
 AUTH = {"Authorization": "Bearer t0ken"}
 

@@ -9,12 +9,13 @@ import struct
 import pytest
 import yaml
 
-from shaper import layout, model, plan as P
+from shaper.datapath import abi
+from shaper.core import model, plan as P
 from shaper.errors import InvalidInput
-from shaper.fake import FakeDatapath
-from shaper.controller import Controller
-from shaper.kernel import _pack_entries
-from shaper.model import Prefix, RulesLoader, _parse_fast, parse_rule, parse_ruleset, parse_ruleset_text
+from shaper.datapath.fake import FakeDatapath
+from shaper.control.controller import Controller
+from shaper.datapath.kernel import _pack_entries
+from shaper.core.model import Prefix, RulesLoader, _parse_fast, parse_rule, parse_ruleset, parse_ruleset_text
 
 
 def _reference(text: str) -> tuple[bytes, int] | None:
@@ -176,7 +177,7 @@ def test_plan_shares_values_and_matches_a_per_entry_plan():
     ops = P.plan(rules, P.Observed(), 1000)
     (upsert,) = [op for op in ops if isinstance(op, P.UpsertEntries)]
     slot = {op.rule.name: op.slot for op in ops if isinstance(op, P.CreateClass)}
-    expected = {p: layout.LpmVal(layout.classid(slot[r.name]), slot[r.name], 1000 + 3600 * 10**9, p.prefixlen)
+    expected = {p: abi.LpmVal(abi.classid(slot[r.name]), slot[r.name], 1000 + 3600 * 10**9, p.prefixlen)
                 for r in rules for p in r.dst}
     assert upsert.entries == expected and list(upsert.entries) == sorted(expected)
     # Applied to the fake and planned again: nothing to do.
@@ -190,6 +191,6 @@ def test_packed_entries_match_one_by_one_packing():
                                      {"name": "b", "dst": ["192.168.0.1"]}]})
     (upsert,) = [op for op in P.plan(rules, P.Observed(), 0) if isinstance(op, P.UpsertEntries)]
     keys, values = _pack_entries(upsert.entries)
-    assert keys == b"".join(layout.pack_key(p.prefixlen, p.addr) for p in upsert.entries)
+    assert keys == b"".join(abi.pack_key(p.prefixlen, p.addr) for p in upsert.entries)
     assert values == b"".join(v.pack() for v in upsert.entries.values())
-    assert len(keys) == 4 * layout.LPM_KEY.size and struct.unpack_from("=I", keys)[0] == 104
+    assert len(keys) == 4 * abi.LPM_KEY.size and struct.unpack_from("=I", keys)[0] == 104

@@ -7,11 +7,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from shaper import client as client_mod
-from shaper.api import Api
+from shaper.http import client as client_mod
+from shaper.http.api import Api
 from shaper.cli import main
-from shaper.fake import FakeDatapath
-from shaper.service import Service
+from shaper.datapath.fake import FakeDatapath
+from shaper.control.service import Service
 
 TOKEN = "tok-123"
 
@@ -125,7 +125,7 @@ def test_apply_and_reset_through_the_daemon(daemon, tmp_path):
 def test_status_and_watch(daemon, monkeypatch):
     fake, _ = daemon
     run("rule", "set", "a", "--dst", "10.0.0.0/24", "--delay", "5ms")
-    from shaper.model import Prefix
+    from shaper.core.model import Prefix
 
     for _ in range(4):
         fake.count(Prefix.parse("10.0.0.9", "x").addr, 10**12, nbytes=50)
@@ -228,7 +228,7 @@ def test_status_fits_the_terminal_width(daemon):
 
 def _traffic(monkeypatch, fake, clock_s, per_tick):
     """Each sleep of the watch loop moves time on and sends per_tick (bytes, drops) through class 1."""
-    from shaper.stats import ClassStats
+    from shaper.core.stats import ClassStats
 
     sent = {"bytes": 0, "drops": 0}
 
@@ -338,7 +338,7 @@ def test_rule_patch_refusals(daemon, args, code, words):
 
 
 def test_a_bytes_per_second_rate_warns_once(daemon, monkeypatch, caplog, tmp_path):
-    from shaper import units
+    from shaper.core import units
 
     monkeypatch.setattr(units, "_warned_byte_rate", False)
     rules = tmp_path / "rules.yaml"
@@ -375,13 +375,13 @@ def test_rules_file_errors_name_the_line_and_the_closest_field(daemon, tmp_path)
 
 
 def _refuse(monkeypatch, make):
-    import shaper.kernel
+    import shaper.datapath.kernel
 
     class Refusing:
         def __init__(self, *args, **kwargs):
             raise make()
 
-    monkeypatch.setattr(shaper.kernel, "KernelDatapath", Refusing)
+    monkeypatch.setattr(shaper.datapath.kernel, "KernelDatapath", Refusing)
 
 
 @pytest.mark.parametrize("make", [
@@ -414,7 +414,7 @@ def test_help_says_what_each_command_does_with_an_example_where_it_helps():
 @pytest.fixture
 def local(monkeypatch):
     """Local commands (--iface) over one FakeDatapath standing in for the interface's kernel state."""
-    import shaper.kernel
+    import shaper.datapath.kernel
 
     fake = FakeDatapath()
     fake.attached = False
@@ -446,8 +446,8 @@ def local(monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(shaper.kernel, "KernelDatapath", Local)
-    monkeypatch.setattr(shaper.kernel, "claim_interface", lambda iface, netns: Claim())
+    monkeypatch.setattr(shaper.datapath.kernel, "KernelDatapath", Local)
+    monkeypatch.setattr(shaper.datapath.kernel, "claim_interface", lambda iface, netns: Claim())
     return fake
 
 

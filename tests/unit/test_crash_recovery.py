@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from shaper import plan as P
-from shaper.controller import Controller
+from shaper.core import plan as P
+from shaper.control.controller import Controller
 from shaper.errors import InvalidInput
-from shaper.fake import Crashed, FakeDatapath
-from shaper.model import MAX_RULES, parse_rule, parse_ruleset
+from shaper.datapath.fake import Crashed, FakeDatapath
+from shaper.core.model import MAX_RULES, parse_rule, parse_ruleset
 
 NOW = 10**12
 

@@ -11,7 +11,7 @@ from fresh_machine import (ROOT, Need, Use, _usr_merge, check, is_static, python
 
 PYTHON = '''
 import shutil, subprocess, sys
-from shaper.lab import sh
+from lab import sh
 
 def helper(*args):
     return subprocess.run(args, check=True)
@@ -85,7 +85,7 @@ def test_a_helper_is_only_what_a_module_defines_or_imports():
     assert python_uses("def g():\n    sh('tc')\n", "y.py", visible_helpers(ast.parse("x = 1"), everywhere)) == []
     shadowed = "def sh(*a):\n    return a\n\ndef g():\n    sh('tc')\n"
     assert python_uses(shadowed, "y.py", visible_helpers(ast.parse(shadowed), everywhere)) == []
-    imported = "from shaper.lab import sh\n\ndef g():\n    sh('tc')\n"
+    imported = "from lab import sh\n\ndef g():\n    sh('tc')\n"
     assert python_uses(imported, "y.py", visible_helpers(ast.parse(imported), everywhere)) == [Use("tc", "y.py:4")]
 
 

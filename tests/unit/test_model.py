@@ -1,7 +1,7 @@
 import pytest
 
 from shaper.errors import InvalidInput
-from shaper.model import (MAX_NETEM_LIMIT, MIN_NETEM_LIMIT, Prefix, parse_rule, parse_ruleset, rule_from_record,
+from shaper.core.model import (MAX_NETEM_LIMIT, MIN_NETEM_LIMIT, Prefix, parse_rule, parse_ruleset, rule_from_record,
                           validate_ruleset)
 
 
@@ -123,7 +123,7 @@ def test_ruleset_whole_set_checks():
 
 
 def test_ruleset_capacity():
-    from shaper.model import MAX_RULES
+    from shaper.core.model import MAX_RULES
     too_many = [parse_rule({"name": f"r{i}", "dst": [f"10.{i >> 8 & 255}.{i & 255}.1"]}) for i in range(MAX_RULES + 1)]
     with pytest.raises(InvalidInput, match="exceed"):
         validate_ruleset(too_many)
@@ -182,14 +182,14 @@ rules:
                                        ("rules[1].dst[1]", 8), ("rules[cache].dst", 6), ("rules[1].absent", 5),
                                        ("rules[7].delay", 1), ("other", None)])
 def test_locate_finds_the_line_of_a_field_path(path, line):
-    from shaper.model import locate
+    from shaper.core.model import locate
 
     assert locate(LOCATED, path) == line
     assert locate("rules: [", "rules") is None  # not YAML: no line to give
 
 
 def test_rules_text_errors_carry_the_line():
-    from shaper.model import parse_ruleset_text
+    from shaper.core.model import parse_ruleset_text
 
     with pytest.raises(InvalidInput) as err:
         parse_ruleset_text(LOCATED.replace("rate: 2mbit", "rate: fast"), "-f", "r.yaml")
@@ -215,11 +215,11 @@ from dataclasses import replace  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from shaper import layout, netem  # noqa: E402
-from shaper.model import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_BURST_NS, MAX_DELAY_US, MAX_RATE_BITS,  # noqa: E402
+from shaper.datapath import abi, netem  # noqa: E402
+from shaper.core.model import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_BURST_NS, MAX_DELAY_US, MAX_RATE_BITS,  # noqa: E402
                           MAX_RULES, MAX_TTL_US, MIN_BURST_BYTES, MIN_RATE_BITS, max_burst_bytes)
-from shaper.tc import _htb_class_options  # noqa: E402
-from shaper.units import format_duration_us, format_percent, format_rate_bits  # noqa: E402
+from shaper.datapath.tc import _htb_class_options  # noqa: E402
+from shaper.core.units import format_duration_us, format_percent, format_rate_bits  # noqa: E402
 
 _PCT = st.integers(0, 100_000_000).map(lambda micro: format_percent(micro / 1_000_000))
 _US = st.integers(1, MAX_DELAY_US).map(format_duration_us)
@@ -293,9 +293,9 @@ def test_every_rule_the_validator_accepts_encodes(body):
     # The record kept in rule_meta, and a trie value at the last slot with the longest TTL.
     record = replace(rule, dst=()).to_dict()
     del record["dst"]
-    layout.pack_meta(json.dumps({"rule": record, "expires_ns": 2**63 - 1}, separators=(",", ":"),
+    abi.pack_meta(json.dumps({"rule": record, "expires_ns": 2**63 - 1}, separators=(",", ":"),
                                 sort_keys=True).encode())
-    layout.LpmVal(layout.classid(MAX_RULES), MAX_RULES, (MAX_TTL_US + 10**9) * 1000, 128).pack()
+    abi.LpmVal(abi.classid(MAX_RULES), MAX_RULES, (MAX_TTL_US + 10**9) * 1000, 128).pack()
 
 
 def test_burst_beyond_what_htb_holds_at_the_rate_is_refused_naming_the_range():

@@ -6,11 +6,11 @@ import errno
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shaper import tc
-from shaper.demo import wilson
+from shaper.datapath import tc
+from lab.demo import wilson
 from shaper.errors import KernelError, NotSupported
-from shaper.lab import parse_ping
-from shaper.model import Prefix, Rule
+from lab import parse_ping
+from shaper.core.model import Prefix, Rule
 
 
 def refusal(monkeypatch, policy: str) -> Exception:

@@ -2,11 +2,12 @@ import random
 
 import pytest
 
-from shaper import layout, plan as P
-from shaper.controller import Controller
+from shaper.datapath import abi
+from shaper.core import plan as P
+from shaper.control.controller import Controller
 from shaper.errors import InvalidInput, KernelError
-from shaper.fake import FakeDatapath
-from shaper.model import Prefix, parse_rule, parse_ruleset
+from shaper.datapath.fake import FakeDatapath
+from shaper.core.model import Prefix, parse_rule, parse_ruleset
 
 NOW = 10**12
 
@@ -83,7 +84,7 @@ def test_moving_a_destination_is_one_update_and_never_unshaped():
     ops = c.apply(rules({"name": "a", "dst": ["10.0.0.1"], "delay": "5ms"},
                         {"name": "b", "dst": ["10.0.0.3", "10.0.0.2"], "delay": "9ms"}))
     assert kinds(ops) == ["UpsertEntries"]
-    assert None not in seen and seen[-1] == layout.classid(dp.observe().rules["b"].slot)
+    assert None not in seen and seen[-1] == abi.classid(dp.observe().rules["b"].slot)
 
 
 def test_removing_a_rule_removes_entries_before_class():
@@ -119,7 +120,7 @@ def test_expired_entry_falls_back_to_shorter_prefix():
     c.apply(rules({"name": "all", "dst": "::/0", "delay": "1ms"},
                   {"name": "one", "dst": "10.0.0.1", "delay": "50ms", "ttl": "1s"}))
     addr = Prefix.parse("10.0.0.1", "x").addr
-    one, alls = (layout.classid(dp.observe().rules[n].slot) for n in ("one", "all"))
+    one, alls = (abi.classid(dp.observe().rules[n].slot) for n in ("one", "all"))
     assert dp.steer(addr, clock["now"]) == one
     assert dp.steer(addr, clock["now"] + 2 * 10**9) == alls
     c.clock = lambda: NOW + 2 * 10**9
@@ -131,8 +132,8 @@ def test_longest_prefix_wins():
     c, dp, _ = ctl()
     c.apply(rules({"name": "net", "dst": "10.0.0.0/24", "delay": "20ms"}, {"name": "host", "dst": "10.0.0.5"}))
     obs = dp.observe().rules
-    assert dp.steer(Prefix.parse("10.0.0.5", "x").addr, NOW) == layout.classid(obs["host"].slot)
-    assert dp.steer(Prefix.parse("10.0.0.6", "x").addr, NOW) == layout.classid(obs["net"].slot)
+    assert dp.steer(Prefix.parse("10.0.0.5", "x").addr, NOW) == abi.classid(obs["host"].slot)
+    assert dp.steer(Prefix.parse("10.0.0.6", "x").addr, NOW) == abi.classid(obs["net"].slot)
     assert dp.steer(Prefix.parse("10.0.1.6", "x").addr, NOW) is None
 
 

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from shaper import cli
-from shaper import client as client_mod
-from shaper.api import Api
+from shaper.http import client as client_mod
+from shaper.http.api import Api
 from shaper.cli import Progress, main
-from shaper.fake import FakeDatapath
-from shaper.service import Service
+from shaper.datapath.fake import FakeDatapath
+from shaper.control.service import Service
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shaper import tcdump
-from shaper.controller import Controller
+from shaper.datapath import tcdump
+from shaper.control.controller import Controller
 from shaper.errors import InvalidInput
-from shaper.fake import FakeDatapath
-from shaper.model import FIELD_NAMES, MAX_DELAY_US, MAX_RATE_BITS, MIN_RATE_BITS, Prefix, parse_rule
-from shaper.units import (format_duration_us, format_percent, format_rate_bits, parse_duration_us, parse_percent,
+from shaper.datapath.fake import FakeDatapath
+from shaper.core.model import FIELD_NAMES, MAX_DELAY_US, MAX_RATE_BITS, MIN_RATE_BITS, Prefix, parse_rule
+from shaper.core.units import (format_duration_us, format_percent, format_rate_bits, parse_duration_us, parse_percent,
                           parse_rate_bits)
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from shaper import server as S
-from shaper.api import MAX_BODY_BYTES, Api
+from shaper.http import server as S
+from shaper.http.api import MAX_BODY_BYTES, Api
 from shaper.errors import InvalidInput
-from shaper.fake import FakeDatapath
-from shaper.server import JsonFormatter, check_exposure, parse_listen
-from shaper.service import Service
+from shaper.datapath.fake import FakeDatapath
+from shaper.http.server import JsonFormatter, check_exposure, parse_listen
+from shaper.control.service import Service
 
 TOKEN = "t0ken"
 
@@ -308,7 +308,7 @@ def test_every_handler_touches_the_datapath_from_one_thread(served):
 def test_get_rules_is_streamed_and_parses_to_the_rules(served):
     service = served.service
     dst = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(20000)]
-    service.put(__import__("shaper.model", fromlist=["parse_rule"]).parse_rule(
+    service.put(__import__("shaper.core.model", fromlist=["parse_rule"]).parse_rule(
         {"dst": dst, "rate": "1mbit", "delay": "2ms"}, name="big"), "test")
     status, headers, body = served.exchange(b"GET /rules HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200 and headers["transfer-encoding"] == "chunked"

@@ -7,9 +7,9 @@ import sys
 
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 
-from shaper import netem
-from shaper.model import parse_rule
-from shaper.tc import _TcMsg
+from shaper.datapath import netem
+from shaper.core.model import parse_rule
+from shaper.datapath.tc import _TcMsg
 
 
 def _round_trip(attrs, msg_type=RTM_NEWQDISC):

@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from shaper.tc import Tc
+from shaper.datapath.tc import Tc
 
 CALLS = 1000
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from shaper import tcdump as D
+from shaper.datapath import tcdump as D
 
 
 def nla(kind: int, payload: bytes) -> bytes:

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from shaper.errors import InvalidInput
-from shaper import units as U
+from shaper.core import units as U
 
 
 @pytest.mark.parametrize("text,us", [("20ms", 20_000), ("1.5s", 1_500_000), ("500us", 500), ("0", 0),
@@ -119,7 +119,7 @@ def test_the_bytes_rate_warning_is_an_event_in_the_daemons_json_log(monkeypatch)
     import json
     import logging
 
-    from shaper.server import JsonFormatter
+    from shaper.http.server import JsonFormatter
 
     monkeypatch.setattr(U, "_warned_byte_rate", False)
     stream = io.StringIO()

@@ -11,8 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import k8s_pods as K  # noqa: E402
 
-from shaper import cli, webhook as W  # noqa: E402
-from shaper.model import parse_ruleset_text  # noqa: E402
+from shaper import cli
+from shaper.k8s import webhook as W  # noqa: E402
+from shaper.core.model import parse_ruleset_text  # noqa: E402
 
 CFG = W.SidecarConfig(image="registry.example/shaper:0.1.0")
 

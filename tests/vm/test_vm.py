@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from shaper.lab import kernel_release, run_in_vm, vm_kernels
+from lab import kernel_release, run_in_vm, vm_kernels
 from tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()

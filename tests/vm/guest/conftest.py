@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from shaper.lab import Lab
+from lab import Lab
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The daemon's API with netem, inside the VM: PUT a delay, change it live, delete it."""
 
-from shaper.lab import V4, V6
+from lab import V4, V6
 
 
 def rtt(lab, addr: str) -> float:

@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from shaper.lab import POD_IF, V4, V6, parse_ping
+from lab import POD_IF, V4, V6, parse_ping
 
 RULES = f"""
 rules:
@@ -82,8 +82,8 @@ def test_live_change_without_loss_to_others(lab):
 
 
 def test_netem_options_reach_the_kernel(lab):
-    from shaper import netem
-    from shaper.tc import Tc
+    from shaper.datapath import netem
+    from shaper.datapath.tc import Tc
 
     lab.shaper("apply", rules=RULES + """  - name: all-knobs
     dst: [10.77.2.0/24]
@@ -112,7 +112,7 @@ def test_netem_options_reach_the_kernel(lab):
 def test_duplicate_beside_other_netems_as_the_probed_kernel_policy_says(lab):
     """Kernels differ (the 2025 restriction, later reverted): shaper probes which this is and
     must behave, and say, accordingly.  Alone, a duplicating rule works everywhere."""
-    from shaper.tc import DUP_ALLOWED, DUP_REFUSED, netem_duplicate_policy
+    from shaper.datapath.tc import DUP_ALLOWED, DUP_REFUSED, netem_duplicate_policy
 
     policy = netem_duplicate_policy()
     print(f"\nVM netem duplicate beside other netems: {policy} by {os.uname().release}")

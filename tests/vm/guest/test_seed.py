@@ -5,7 +5,7 @@ about 20 ms longer (the pod's replies leave through the shaped interface), until
 
 import json
 
-from shaper.lab import V4, parse_ping, sh
+from lab import V4, parse_ping, sh
 
 TOKEN = "seed-scenario-token-42"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import NAME_FORM
-from .units import DURATION_FORM, PERCENT_FORM, RATE_FORM, SIZE_FORM
+from shaper.core.model import NAME_FORM
+from shaper.core.units import DURATION_FORM, PERCENT_FORM, RATE_FORM, SIZE_FORM
 
 _NUM = r"([0-9]+(\.[0-9]+)?|\.[0-9]+)"
 # Patterns say as much of the accepted forms as JSON Schema can; ranges inside strings

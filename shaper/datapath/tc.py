@@ -25,11 +25,11 @@ from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWQDISC, RTM_NEWTCLASS, RTM_
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, sched_htb, tcmsg
 
-from . import netem, tcdump
-from .errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
-from .layout import HTB_MAJOR, classid_text
-from .model import ClassParams, Rule
-from .stats import ClassStats
+from shaper.datapath import netem, tcdump
+from shaper.errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
+from shaper.datapath.abi import HTB_MAJOR, classid_text
+from shaper.core.model import ClassParams, Rule
+from shaper.core.stats import ClassStats
 
 ROOT = HTB_MAJOR << 16
 CLSACT_HANDLE = 0xFFFF0000

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
-from . import plan as P
-from .layout import classid_text
-from .model import Rule, validate_ruleset
-from .stats import ClassStats, RuleCounters, RuleStats
+from shaper.core import plan as P
+from shaper.datapath.abi import classid_text
+from shaper.core.model import Rule, validate_ruleset
+from shaper.core.stats import ClassStats, RuleCounters, RuleStats
 
 log = logging.getLogger("shaper")
 

@@ -14,7 +14,7 @@ import socket
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-from .errors import InvalidInput, ShaperError
+from shaper.errors import InvalidInput, ShaperError
 
 DEFAULT_PORT = 2332  # the port of the latency agent people already call
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"

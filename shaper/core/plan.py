@@ -47,9 +47,9 @@ from itertools import starmap
 from operator import attrgetter, itemgetter
 from typing import Iterable, Mapping, Union
 
-from . import layout
-from .errors import InvalidInput
-from .model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
+from shaper.datapath import abi
+from shaper.errors import InvalidInput
+from shaper.core.model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ObservedRule:
 @dataclass(frozen=True)
 class Observed:
     rules: Mapping[str, ObservedRule] = field(default_factory=dict)
-    entries: Mapping[Prefix, layout.LpmVal] = field(default_factory=dict)
+    entries: Mapping[Prefix, abi.LpmVal] = field(default_factory=dict)
     classes: Mapping[int, str] = field(default_factory=dict)  # slot -> leaf kind ("netem", "pfifo", ...)
 
     def expired(self, now_ns: int) -> set[str]:
@@ -104,7 +104,7 @@ class SetLeaf:
 
 @dataclass(frozen=True)
 class UpsertEntries:
-    entries: Mapping[Prefix, layout.LpmVal]
+    entries: Mapping[Prefix, abi.LpmVal]
 
 
 @dataclass(frozen=True)
@@ -244,14 +244,14 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
             if not leaf_ok or (name in resend and rule.has_netem):
                 ops.append(SetLeaf(slot, rule, kind))
 
-    wanted_entries: dict[Prefix, layout.LpmVal] = {}
+    wanted_entries: dict[Prefix, abi.LpmVal] = {}
     for name, rule in want.items():
         slot = slot_of[name]
         # A rule's entries differ only by prefix length: one value per length, shared, and
         # the dict filled by C-level iteration (a Python loop per destination was most of
         # the plan's time for 100,000 of them).
         lengths = list(map(_PREFIXLEN, rule.dst))
-        values = {n: layout.LpmVal(layout.classid(slot), slot, expiry_of[name], n) for n in set(lengths)}
+        values = {n: abi.LpmVal(abi.classid(slot), slot, expiry_of[name], n) for n in set(lengths)}
         wanted_entries.update(zip(rule.dst, map(values.__getitem__, lengths)))
     if observed.entries:
         upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}

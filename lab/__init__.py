@@ -331,7 +331,7 @@ class Lab:
     def pinned_maps(self) -> Iterator:
         """The pod interface's datapath with its pinned maps open, to read what the kernel holds
         (no claim, nothing attached); closed on leaving."""
-        from .kernel import KernelDatapath
+        from shaper.datapath.kernel import KernelDatapath
 
         dp = KernelDatapath(POD_IF, self.pod)
         try:
@@ -460,7 +460,7 @@ class Daemon:
 
 def netns_connect(netns: str, host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection made from inside a named network namespace."""
-    from .tc import in_netns
+    from shaper.datapath.tc import in_netns
 
     return in_netns(netns, lambda: socket.create_connection((host, port), timeout=timeout))
 

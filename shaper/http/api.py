@@ -27,10 +27,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, changes, openapi, plan as P
-from .errors import Conflict, InvalidInput, NotSupported, ShaperError
-from .model import FIELD_NAMES, NAME_FORM, NAME_RE, Rule, gc_paused, parse_rule, parse_ruleset, unknown_field
-from .service import LATENCY_DST, LATENCY_RULE, NotFound, NotReady, Service
+from shaper import __version__
+from shaper.core import changes, plan as P
+from shaper.http import openapi
+from shaper.errors import Conflict, InvalidInput, NotSupported, ShaperError
+from shaper.core.model import FIELD_NAMES, NAME_FORM, NAME_RE, Rule, gc_paused, parse_rule, parse_ruleset, unknown_field
+from shaper.control.service import LATENCY_DST, LATENCY_RULE, NotFound, NotReady, Service
 
 log = logging.getLogger("shaper")
 

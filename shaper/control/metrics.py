@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .errors import ShaperError
-from .model import Rule
-from .stats import ClassStats, RuleCounters
+from shaper.errors import ShaperError
+from shaper.core.model import Rule
+from shaper.core.stats import ClassStats, RuleCounters
 
 log = logging.getLogger("shaper")
 

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 
-from .errors import InvalidInput
+from shaper.errors import InvalidInput
 
 log = logging.getLogger("shaper")
 

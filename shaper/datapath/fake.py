@@ -14,10 +14,11 @@ import errno
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from . import layout, plan as P
-from .errors import KernelError
-from .model import ClassParams, Prefix, Rule
-from .stats import ClassStats, RuleCounters
+from shaper.datapath import abi
+from shaper.core import plan as P
+from shaper.errors import KernelError
+from shaper.core.model import ClassParams, Prefix, Rule
+from shaper.core.stats import ClassStats, RuleCounters
 
 
 class InvariantBroken(AssertionError):
@@ -31,7 +32,7 @@ class Crashed(BaseException):
 @dataclass
 class FakeDatapath:
     records: dict[int, tuple[Rule, int]] = field(default_factory=dict)
-    entries: dict[Prefix, layout.LpmVal] = field(default_factory=dict)
+    entries: dict[Prefix, abi.LpmVal] = field(default_factory=dict)
     classes: dict[int, ClassParams] = field(default_factory=dict)
     leaves: dict[int, Rule | None] = field(default_factory=dict)
     rule_counters: dict[int, RuleCounters] = field(default_factory=dict)
@@ -125,7 +126,7 @@ class FakeDatapath:
         return {slot: self.rule_counters.get(slot, RuleCounters()) for slot in slots}
 
     def class_stats(self) -> dict[int, ClassStats]:
-        return {slot: ClassStats(layout.classid(slot), leaf="netem" if self.leaves.get(slot) else None)
+        return {slot: ClassStats(abi.classid(slot), leaf="netem" if self.leaves.get(slot) else None)
                 for slot in self.classes}
 
     def rule_names(self) -> dict[int, str]:
@@ -146,13 +147,13 @@ class FakeDatapath:
         for prefix, val in self.entries.items():
             if val.rule_id not in self.classes:
                 raise InvariantBroken(f"{prefix} steers to class {val.rule_id}, which does not exist")
-            if val.classid != layout.classid(val.rule_id) or val.prefixlen != prefix.prefixlen:
+            if val.classid != abi.classid(val.rule_id) or val.prefixlen != prefix.prefixlen:
                 raise InvariantBroken(f"{prefix}: inconsistent entry {val}")
 
     def steer(self, addr: bytes, now_ns: int) -> int | None:
         """The classid the classifier would set for a destination, or None."""
         limit = 128
-        for _ in range(layout.CONSTANTS["SHAPER_MAX_FALLBACK"]):
+        for _ in range(abi.CONSTANTS["SHAPER_MAX_FALLBACK"]):
             best = max((p for p in self.entries if p.prefixlen <= limit and p.contains(addr)),
                        key=lambda p: p.prefixlen, default=None)
             if best is None:

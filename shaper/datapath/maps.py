@@ -16,7 +16,7 @@ import os
 from functools import lru_cache
 from typing import Iterator
 
-from .errors import KernelError, NotSupported, PermissionDenied
+from shaper.errors import KernelError, NotSupported, PermissionDenied
 
 BPF_ANY = 0
 BATCH_CHUNK = 4096

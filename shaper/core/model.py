@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import yaml
 
-from . import layout
-from .errors import InvalidInput
-from .units import (
+from shaper.datapath import abi
+from shaper.errors import InvalidInput
+from shaper.core.units import (
     format_bytes,
     format_duration_us,
     format_percent,
@@ -36,8 +36,8 @@ from .units import (
     parse_size_bytes,
 )
 
-MAX_RULES = layout.CONSTANTS["SHAPER_MAX_RULES"]
-MAX_PREFIXES = layout.CONSTANTS["SHAPER_MAX_PREFIXES"]
+MAX_RULES = abi.CONSTANTS["SHAPER_MAX_RULES"]
+MAX_PREFIXES = abi.CONSTANTS["SHAPER_MAX_PREFIXES"]
 MAX_DELAY_US = 3_600_000_000  # 1h: longer is a partition, not a delay
 MAX_TTL_US = 30 * 86_400_000_000
 MIN_RATE_BITS = 8_000  # 1 kB/s: below it one MTU takes over a second

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
-from .model import FIELD_NAMES, Rule
+from shaper.core.model import FIELD_NAMES, Rule
 
 # Destinations quoted in one change; the rest are counted (a rule may hold 100,000).
 DST_EXAMPLES = 10

@@ -17,8 +17,8 @@ import struct
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import NotSupported
-from .model import Rule
+from shaper.errors import NotSupported
+from shaper.core.model import Rule
 
 TCA_NETEM_CORR = 1
 TCA_NETEM_DELAY_DIST = 2

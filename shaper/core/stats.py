@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .units import format_duration_us
+from shaper.core.units import format_duration_us
 
 
 def format_remaining(us: int) -> str:

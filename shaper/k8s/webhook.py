@@ -33,9 +33,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .api import Response, error, json_response
-from .client import DEFAULT_PORT
-from .errors import InvalidInput
+from shaper.http.api import Response, error, json_response
+from shaper.http.client import DEFAULT_PORT
+from shaper.errors import InvalidInput
 
 log = logging.getLogger("shaper")
 
@@ -109,7 +109,7 @@ def skip_reason(request: Mapping[str, Any], cfg: SidecarConfig, *, opt_in: bool 
 
 def rules_warnings(annotations: Mapping[str, Any]) -> list[str]:
     """The shaper.io/rules annotation checked as the sidecar will check it; [] when absent or valid."""
-    from .model import parse_ruleset_text
+    from shaper.core.model import parse_ruleset_text
 
     text = annotations.get(RULES_ANNOTATION)
     if text is None:
@@ -372,7 +372,7 @@ def serve(cfg: SidecarConfig, listen: str, cert: str, key: str, *, tls_handshake
     certificate rotated on disk is picked up by the next handshake."""
     import signal
 
-    from .server import TLS_HANDSHAKE_S, make_server, parse_listen
+    from shaper.http.server import TLS_HANDSHAKE_S, make_server, parse_listen
 
     host, port = parse_listen(listen)
     tls = CertificateFiles(cert, key)

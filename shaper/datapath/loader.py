@@ -1,6 +1,6 @@
 """Compile and load the classifier with bcc, in a short-lived child process.
 
-`load_and_pin(pin_dir)` runs `python -m shaper.loader PIN_DIR`: the child
+`load_and_pin(pin_dir)` runs `python -m shaper.datapath.loader PIN_DIR`: the child
 imports bcc (LLVM: ~99 MB RSS), compiles bpf/classifier.c, loads it as a
 SCHED_CLS program, pins the program and its maps in PIN_DIR and exits, so
 the long-running controller never holds LLVM.  Kernel headers are checked
@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import NotSupported, PermissionDenied, ShaperError
-from .layout import bpf_dir
+from shaper.errors import NotSupported, PermissionDenied, ShaperError
+from shaper.datapath.abi import bpf_dir
 
 PROG_PIN = "classifier"
 MAP_NAMES = ("dst_lpm", "rule_stats", "rule_meta")
@@ -101,7 +101,7 @@ def _child(pin_dir: str) -> int:
 def load_and_pin(pin_dir: str) -> None:
     """Compile, load and pin the classifier and its maps in `pin_dir` (via a child)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "shaper.loader", pin_dir],
+        [sys.executable, "-m", "shaper.datapath.loader", pin_dir],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},

@@ -26,12 +26,13 @@ from itertools import starmap
 from operator import itemgetter
 from typing import Iterator, Mapping
 
-from . import layout, loader, plan as P
-from .bpfmap import Map, libbpf, obj_get, obj_pin, prog_id
-from .errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
-from .model import Prefix, rule_from_record
-from .stats import ClassStats, RuleCounters
-from .tc import FILTER_PREF, Tc, in_netns
+from shaper.datapath import abi, loader
+from shaper.core import plan as P
+from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
+from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
+from shaper.core.model import Prefix, rule_from_record
+from shaper.core.stats import ClassStats, RuleCounters
+from shaper.datapath.tc import FILTER_PREF, Tc, in_netns
 
 log = logging.getLogger("shaper")
 
@@ -234,14 +235,14 @@ def netns_id(netns: str | None) -> int:
     return os.stat(f"/run/netns/{netns}" if netns else "/proc/self/ns/net").st_ino
 
 
-def _pack_entries(entries: Mapping[Prefix, layout.LpmVal]) -> tuple[bytes, bytes]:
+def _pack_entries(entries: Mapping[Prefix, abi.LpmVal]) -> tuple[bytes, bytes]:
     """The trie keys and values of `entries` as two packed arrays, for one batch write.
 
     Iterated in C (map, starmap): 100,000 entries packed one by one in a Python loop took
     longer than the kernel takes to store them.  The plan shares one value object among a
     rule's entries, so each distinct value is packed once."""
     prefixes = list(entries)
-    keys = b"".join(starmap(layout.LPM_KEY.pack, zip(map(itemgetter(1), prefixes), map(itemgetter(0), prefixes))))
+    keys = b"".join(starmap(abi.LPM_KEY.pack, zip(map(itemgetter(1), prefixes), map(itemgetter(0), prefixes))))
     values = list(entries.values())
     packed = {id(v): v.pack() for v in dict(zip(map(id, values), values)).values()}
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
@@ -261,12 +262,12 @@ def _prog_id_at(pin_dir: str) -> int:
 
 def _record0(pin_dir: str) -> dict | None:
     """The controller's own record (rule_meta[0]) in a pin directory."""
-    meta = Map(os.path.join(pin_dir, "rule_meta"), 4, layout.RULE_META.size)
+    meta = Map(os.path.join(pin_dir, "rule_meta"), 4, abi.RULE_META.size)
     try:
         raw = meta.lookup(_SLOT.pack(0))
     finally:
         meta.close()
-    return json.loads(layout.unpack_meta(raw)) if raw else None
+    return json.loads(abi.unpack_meta(raw)) if raw else None
 
 
 INTENT_PIN = "intent"
@@ -340,19 +341,19 @@ class KernelDatapath:
         return _pins_complete_in(self.pin_dir)
 
     def open_maps(self) -> None:
-        self.lpm = Map(os.path.join(self.pin_dir, "dst_lpm"), layout.LPM_KEY.size, layout.LPM_VAL.size)
-        self.stats = Map(os.path.join(self.pin_dir, "rule_stats"), 4, layout.RULE_STATS.size, percpu=True)
-        self.meta = Map(os.path.join(self.pin_dir, "rule_meta"), 4, layout.RULE_META.size)
+        self.lpm = Map(os.path.join(self.pin_dir, "dst_lpm"), abi.LPM_KEY.size, abi.LPM_VAL.size)
+        self.stats = Map(os.path.join(self.pin_dir, "rule_stats"), 4, abi.RULE_STATS.size, percpu=True)
+        self.meta = Map(os.path.join(self.pin_dir, "rule_meta"), 4, abi.RULE_META.size)
 
     def read_record(self, slot: int) -> dict | None:
         assert self.meta is not None
         raw = self.meta.lookup(_SLOT.pack(slot))
-        return json.loads(layout.unpack_meta(raw)) if raw else None
+        return json.loads(abi.unpack_meta(raw)) if raw else None
 
     def _write_record(self, slot: int, record: dict) -> None:
         assert self.meta is not None
         payload = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
-        self.meta.update(_SLOT.pack(slot), layout.pack_meta(payload))
+        self.meta.update(_SLOT.pack(slot), abi.pack_meta(payload))
 
     def is_attached(self) -> bool:
         """Whether shaper's program is the one attached to the interface.
@@ -578,13 +579,13 @@ class KernelDatapath:
     # -- the datapath interface ------------------------------------------------
     def observe(self) -> P.Observed:
         assert self.lpm and self.meta
-        entries: dict[Prefix, layout.LpmVal] = {}
-        values: dict[bytes, layout.LpmVal] = {}  # a rule's entries share a value or two: decode each once
+        entries: dict[Prefix, abi.LpmVal] = {}
+        values: dict[bytes, abi.LpmVal] = {}  # a rule's entries share a value or two: decode each once
         for key, raw in self.lpm.items():
-            prefixlen, addr = layout.unpack_key(key)
+            prefixlen, addr = abi.unpack_key(key)
             value = values.get(raw)
             if value is None:
-                value = values[raw] = layout.LpmVal.unpack(raw)
+                value = values[raw] = abi.LpmVal.unpack(raw)
             entries[Prefix(addr, prefixlen)] = value
         dst_of: dict[int, list[Prefix]] = {}
         for prefix, val in entries.items():
@@ -606,7 +607,7 @@ class KernelDatapath:
         for key, raw in self.meta.items():
             (slot,) = _SLOT.unpack(key)
             if slot:
-                yield slot, json.loads(layout.unpack_meta(raw))
+                yield slot, json.loads(abi.unpack_meta(raw))
 
     def execute(self, ops: list[P.Operation]) -> None:
         assert self.lpm and self.meta and self.stats
@@ -628,7 +629,7 @@ class KernelDatapath:
             elif isinstance(op, P.UpsertEntries):
                 self.lpm.update_packed(*_pack_entries(op.entries))
             elif isinstance(op, P.DeleteEntries):
-                self.lpm.delete_many([layout.pack_key(p.prefixlen, p.addr) for p in op.prefixes])
+                self.lpm.delete_many([abi.pack_key(p.prefixlen, p.addr) for p in op.prefixes])
             elif isinstance(op, P.DeleteClass):
                 self.tc.del_class(op.slot)
             elif isinstance(op, P.DeleteRecord):
@@ -687,7 +688,7 @@ class KernelDatapath:
         for slot in slots:
             packets = nbytes = 0
             for cpu_value in self.stats.lookup_percpu(_SLOT.pack(slot)):
-                p, b = layout.RULE_STATS.unpack(cpu_value)
+                p, b = abi.RULE_STATS.unpack(cpu_value)
                 packets += p
                 nbytes += b
             out[slot] = RuleCounters(packets, nbytes)

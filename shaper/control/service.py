@@ -18,12 +18,13 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
-from . import layout, plan as P
-from .controller import Controller
-from .errors import InvalidInput, ShaperError
-from .metrics import Instruments, KernelCollector, RuleSample, Snapshot
-from .model import Rule, gc_paused, parse_rule
-from .stats import RuleStats
+from shaper.datapath import abi
+from shaper.core import plan as P
+from shaper.control.controller import Controller
+from shaper.errors import InvalidInput, ShaperError
+from shaper.control.metrics import Instruments, KernelCollector, RuleSample, Snapshot
+from shaper.core.model import Rule, gc_paused, parse_rule
+from shaper.core.stats import RuleStats
 
 log = logging.getLogger("shaper")
 
@@ -169,7 +170,7 @@ class Service:
             # a scrape never triggers observe()'s periodic re-read of the whole trie.
             observed = self._observed if self._observed is not None else self.observe()
             configs = {o.slot: o.rule for o in observed.rules.values()}
-        return Snapshot([RuleSample(names[slot], layout.classid_text(slot), counters[slot], classes.get(slot),
+        return Snapshot([RuleSample(names[slot], abi.classid_text(slot), counters[slot], classes.get(slot),
                                     configs.get(slot))
                          for slot in sorted(names, key=names.__getitem__)], entries)
 

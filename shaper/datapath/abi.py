@@ -20,8 +20,8 @@ _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 def bpf_dir() -> Path:
     """Where classifier.c and shaper.h are: $SHAPER_BPF_DIR, the source tree, or the package."""
     env = os.environ.get("SHAPER_BPF_DIR")
-    here = Path(__file__).resolve().parent
-    for candidate in ([Path(env)] if env else []) + [here.parent / "bpf", here / "bpf"]:
+    package = Path(__file__).resolve().parent.parent  # shaper/
+    for candidate in ([Path(env)] if env else []) + [package.parent / "bpf", package / "bpf"]:
         if (candidate / "shaper.h").is_file():
             return candidate
     raise FileNotFoundError("bpf/shaper.h not found: set SHAPER_BPF_DIR to the directory holding it")

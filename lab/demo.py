@@ -22,7 +22,7 @@ import time
 
 import yaml
 
-from .lab import (READY_TIMEOUT_S, V4, V6, Daemon, Lab, kernel_release, netem_available, run_in_vm, vm_kernel,
+from lab import (READY_TIMEOUT_S, V4, V6, Daemon, Lab, kernel_release, netem_available, run_in_vm, vm_kernel,
                   wait_until)
 
 RULES = f"""
@@ -210,7 +210,7 @@ def run_demo_in_vm() -> int:
         "follow as they come)")
     threading.Thread(target=still_booting, daemon=True).start()
     try:
-        proc = run_in_vm(f"{sys.executable} -m shaper.demo --in-vm", rw, on_line=on_line)
+        proc = run_in_vm(f"{sys.executable} -m lab.demo --in-vm", rw, on_line=on_line)
     except RuntimeError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

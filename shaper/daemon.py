@@ -1,0 +1,275 @@
+"""The daemon (`shaper run`): attach, serve the API and /metrics, clean up on exit.
+
+The main thread owns the signals.  It attaches the classifier, applies the
+initial rules, then waits for SIGTERM/SIGINT, waking once a second to remove
+rules whose TTL passed; SIGHUP re-reads --rules (ignored, with a log line,
+without it); SIGUSR1, SIGUSR2 and SIGALRM are ignored with a log line.  On
+exit the server stops accepting, lets requests in flight finish (GRACE_S), and
+then removes everything shaper created on the interface, unless --keep-on-exit.
+The HTTP server itself is shaper.http.server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from prometheus_client import disable_created_metrics
+
+from shaper import __version__
+from shaper.control.service import Service, audit
+from shaper.core.model import Rule
+from shaper.errors import InvalidInput, ShaperError
+from shaper.http.api import Api
+from shaper.http.client import DEFAULT_PORT
+from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
+
+log = logging.getLogger("shaper")
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    iface: str
+    netns: str | None = None
+    listen: str = f":{DEFAULT_PORT}"
+    rules: Sequence[Rule] | None = None  # None: keep what an adopted datapath holds
+    initial_rules: Sequence[Rule] | None = None  # applied only to a fresh datapath, never fatal
+    token: str | None = None
+    keep_on_exit: bool = False
+    insecure: bool = False  # serve changes to anyone beyond loopback, without a token
+    rules_file: str | None = None  # what `rules` came from: SIGHUP reads it again
+
+
+def load_initial_rules(path: str) -> Sequence[Rule] | None:
+    """Rules from a file that may be absent, empty or wrong (the shaper.io/rules annotation seen
+    through the downward API): wrong rules are logged, never fatal."""
+    from shaper.core.model import parse_ruleset_text
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("rules.invalid", extra={"fields": {"source": path, "error": exc.strerror,
+                                                       "action": "starting with no rules"}})
+        return None
+    if not text.strip():
+        return None
+    try:
+        return parse_ruleset_text(text, "--initial-rules", path)
+    except InvalidInput as exc:
+        log.warning("rules.invalid", extra={"fields": {"source": path, "error": str(exc),
+                                                       "action": "starting with no rules"}})
+        return None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What a supervisor, a terminal or a stray `kill -HUP` may send: each killed the daemon
+# silently (their default action), leaving shaping with no controller.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
+def reload_rules(service: Service, path: str) -> None:
+    """SIGHUP: apply --rules again as it is now; a file that is unreadable or wrong changes nothing."""
+    from shaper.core.model import parse_ruleset_text
+
+    try:
+        with open(path, "rb") as f:
+            rules = parse_ruleset_text(f.read(), "--rules", path)
+    except OSError as exc:
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "refused", "error": exc.strerror,
+                                                      "action": "kept the rules in place"}})
+        return
+    except InvalidInput as exc:
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "refused", "error": str(exc),
+                                                      "action": "kept the rules in place"}})
+        return
+    try:
+        service.replace(rules, who=f"SIGHUP ({path})")
+    except ShaperError as exc:  # logged by the service (rules.replace failed/rejected), rolled back
+        log.warning("rules.reload", extra={"fields": {"source": path, "result": "failed", "error": str(exc)}})
+
+
+def run(opts: DaemonOptions) -> None:
+    """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
+    stop = threading.Event()
+    caught: list[str] = []
+    pending: list[str] = []  # other signals, handled by the main loop (never inside a handler)
+
+    def on_stop(signum: int, _frame: object) -> None:
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    def on_other(signum: int, _frame: object) -> None:
+        pending.append(signal.Signals(signum).name)
+
+    # Before importing bcc, which takes seconds in a slow VM: a SIGTERM then
+    # killed the process instead of stopping it.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop)
+    for sig in (signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(sig, on_other)
+    from shaper.datapath.kernel import KernelDatapath, claim_interface, join_host_mounts
+
+    host, port = parse_listen(opts.listen)
+    check_exposure(host, opts.token, opts.insecure)
+    # The *_created series double the exposition for nothing Prometheus uses.
+    disable_created_metrics()
+    if stop.is_set():
+        audit("daemon.stop", signal=caught[0], before="start")
+        return
+
+    # setns() into the host's mounts needs a process with one thread: before the kernel thread.
+    join_host_mounts(os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf"))
+    kernel = KernelThread()
+    dp = kernel.run(KernelDatapath, opts.iface, opts.netns)
+    try:
+        claim = claim_interface(opts.iface, opts.netns)  # before anything is touched
+    except ShaperError:
+        kernel.run(dp.close)
+        kernel.close()
+        raise
+    service = Service(dp, opts.iface)
+    try:
+        httpd = make_server(host, port, Api(service, opts.token), kernel=kernel)
+        httpd.start()
+    except ShaperError:
+        kernel.run(dp.close)
+        kernel.close()
+        claim.close()
+        raise
+    bound = httpd.server_address
+    audit("daemon.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), version=__version__)
+    if not opts.token and not is_loopback(host):
+        log.warning("api.open", extra={"fields": {"reason": "--insecure: no token, anyone who can reach the port "
+                                                            "can change shaping"}})
+    try:
+        try:
+            how = kernel.run(dp.attach)
+        except ShaperError:
+            service.instruments.error("attach")
+            raise
+        if stop.is_set():
+            pass  # stopped during the compile: remove what was attached, apply nothing
+        elif opts.rules is None and opts.initial_rules and how == "attached":
+            try:
+                kernel.run(service.start, opts.initial_rules, "initial-rules")
+            except ShaperError as exc:
+                # Pod annotations are not worth a crash loop: start with none and say why.
+                log.warning("rules.refused", extra={"fields": {"source": "initial rules", "error": str(exc),
+                                                               "action": "started with no rules"}})
+                kernel.run(service.start, None, "startup")
+        else:
+            kernel.run(service.start, opts.rules, "startup")
+        if not stop.is_set():
+            audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
+                  rules=len(kernel.run(service.rules)))
+        while not stop.wait(1.0) or pending:
+            while pending:
+                _on_signal(pending.pop(0), service, opts, kernel)
+            if stop.is_set():
+                break
+            if not kernel.run(service.datapath.tc.link_present):
+                if not _follow_interface(service, opts, stop, kernel):
+                    break
+                continue
+            try:
+                kernel.run(service.expire)
+            except ShaperError as exc:  # counted and logged by the service; try again next second
+                log.debug("expire failed: %s", exc)
+        audit("daemon.stop", signal=caught[0] if caught else None)
+    finally:
+        httpd.stop()  # requests in flight finish first (a bulk PUT gets its status), still ready
+        service.ready = False
+        try:
+            kernel.run(_exit, service, opts)
+        finally:
+            kernel.close()
+            claim.close()
+
+
+def _on_signal(name: str, service: Service, opts: DaemonOptions, kernel: KernelThread) -> None:
+    if name == "SIGHUP" and opts.rules_file and service.ready:
+        log.info("signal.reload", extra={"fields": {"signal": name, "rules": opts.rules_file}})
+        kernel.run(reload_rules, service, opts.rules_file)
+        return
+    why = "no --rules file to re-read" if name == "SIGHUP" and not opts.rules_file else \
+        "not ready yet" if name == "SIGHUP" else "not used by shaper"
+    log.info("signal.ignored", extra={"fields": {"signal": name, "reason": why}})
+
+
+def _exit(service: Service, opts: DaemonOptions) -> None:
+    with service.lock:
+        try:
+            if opts.keep_on_exit:
+                audit("daemon.exit", interface=opts.iface, kept=True)
+            else:
+                removed = service.datapath.reset()
+                audit("daemon.exit", interface=opts.iface, kept=False, removed=removed)
+        except ShaperError as exc:
+            service.instruments.error("reset")
+            audit("daemon.exit", interface=opts.iface, result="failed", error=str(exc))
+            raise
+        finally:
+            service.datapath.close()
+
+
+STILL_WAITING_S = 30
+
+
+def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event, kernel: KernelThread) -> bool:
+    """The interface vanished (a pod's veth deleted, a link recreated): wait for one of
+    the same name, attach to it and put the rules back with the TTL they had left.
+
+    Returns False if asked to stop while waiting.  Never raises for a missing
+    interface, so a sidecar does not crash-loop; a vanished namespace is fatal.
+    """
+    from shaper.datapath.kernel import KernelDatapath
+
+    service.ready = False  # /readyz and mutations answer 503 meanwhile
+    old = service.datapath
+    try:
+        rules = kernel.run(service.rules_to_restore)  # the maps are pinned: still readable
+    except ShaperError as exc:
+        rules = []
+        log.warning("interface.rules_lost", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
+    audit("interface.gone", interface=opts.iface, rules=len(rules))
+    waited = failures = 0
+    while not stop.wait(min(30.0, 2.0 ** failures)):  # 1 s while absent; backs off while attach fails
+        waited += 1
+        if opts.netns and not os.path.exists(f"/run/netns/{opts.netns}"):
+            raise ShaperError(f"network namespace {opts.netns} is gone, and {opts.iface} with it")
+        try:
+            dp = kernel.run(KernelDatapath, opts.iface, opts.netns)
+        except InvalidInput:  # not back yet
+            if waited % STILL_WAITING_S == 0:
+                audit("interface.waiting", interface=opts.iface, seconds=waited)
+            continue
+        try:
+            how = kernel.run(_attach_new, service, dp, rules)
+        except ShaperError as exc:
+            service.instruments.error("attach")
+            log.warning("interface.attach_failed", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
+            kernel.run(_attach_undo, service, old, dp)
+            failures += 1
+            continue
+        kernel.run(old.close)
+        audit("interface.back", interface=opts.iface, ifindex=dp.tc.ifindex, datapath=how, rules=len(rules))
+        return True
+    return False
+
+
+def _attach_new(service: Service, dp, rules: list[Rule]) -> str:
+    how = dp.attach()
+    service.swap_datapath(dp)
+    service.start(rules, who="interface")
+    return how
+
+
+def _attach_undo(service: Service, old, dp) -> None:
+    service.swap_datapath(old)
+    dp.close()
