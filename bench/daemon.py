@@ -60,7 +60,7 @@ def change_latency(rule_counts=(10, 1000), changes: int = 1000, keepalive_change
                 slot = {}
                 for r in rules[:min(nrules, changes)]:
                     val = dp.lpm.lookup(_key(r["dst"][0]))
-                    slot[r["name"]] = abi.LpmVal.unpack(val).rule_id
+                    slot[r["name"]] = abi.unpack_entry(val).slot
 
                 def measure(count: int, keepalive: bool) -> tuple[list[float], int]:
                     lat: list[float] = []
@@ -83,7 +83,7 @@ def change_latency(rule_counts=(10, 1000), changes: int = 1000, keepalive_change
                         assert status == 200, status
                         while True:  # the kernel steers the new destination to the rule's class
                             val = dp.lpm.lookup(key)
-                            if val and abi.LpmVal.unpack(val).rule_id == slot[rule["name"]]:
+                            if val and abi.unpack_entry(val).slot == slot[rule["name"]]:
                                 break
                             polls += 1
                             if time.perf_counter() - t0 > 10:

@@ -79,8 +79,8 @@ int classify(struct __sk_buff *skb)
 		if (!val)
 			return TC_ACT_OK;
 		if (val->expires_ns == 0 || now < val->expires_ns) {
-			__u32 rule_id = val->rule_id;
-			struct shaper_rule_stats *st = rule_stats.lookup(&rule_id);
+			__u32 slot = val->slot;
+			struct shaper_rule_stats *st = rule_stats.lookup(&slot);
 
 			if (st) {
 				/* Per-CPU slot: no atomics needed.  GSO packets

@@ -2,7 +2,7 @@
 /*
  * Layouts shared by the tc classifier (classifier.c) and the Python controller.
  *
- * The Python side does not restate these: shaper/layout.py parses the structs
+ * The Python side does not restate these: shaper/datapath/abi.py parses the structs
  * and #defines below and builds its codec from them, and tests/unit checks the
  * result against gcc's sizeof/offsetof.  Keep to that parser's grammar: one
  * field per line, types __u8/__u16/__u32/__u64, optional [N] arrays, and lay
@@ -31,18 +31,18 @@ struct shaper_lpm_key {
 };
 
 /* LPM trie value.  classid goes to skb->priority as is (major<<16 | minor),
- * which HTB matches before running any filter.  expires_ns is
+ * which HTB matches before running any filter; slot indexes rule_stats.  expires_ns is
  * CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 means never.  prefixlen repeats the
  * key's so an expired entry can fall back to the next shorter prefix. */
 struct shaper_lpm_val {
 	__u32 classid;
-	__u32 rule_id;
+	__u32 slot;
 	__u64 expires_ns;
 	__u32 prefixlen;
-	__u32 flags;
+	__u32 pad;	/* zero; keeps the struct free of implicit padding */
 };
 
-/* Per-CPU counters, indexed by rule_id. */
+/* Per-CPU counters, indexed by slot. */
 struct shaper_rule_stats {
 	__u64 packets;
 	__u64 bytes;

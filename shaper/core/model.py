@@ -21,7 +21,6 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import yaml
 
-from shaper.datapath import abi
 from shaper.errors import InvalidInput
 from shaper.core.units import (
     format_bytes,
@@ -36,8 +35,10 @@ from shaper.core.units import (
     parse_size_bytes,
 )
 
-MAX_RULES = abi.CONSTANTS["SHAPER_MAX_RULES"]
-MAX_PREFIXES = abi.CONSTANTS["SHAPER_MAX_PREFIXES"]
+# The kernel maps' sizes: bpf/shaper.h's SHAPER_MAX_RULES and SHAPER_MAX_PREFIXES, which
+# shaper.datapath.abi checks against these at import (the pure core reads no C file).
+MAX_RULES = 16383
+MAX_PREFIXES = 262144
 MAX_DELAY_US = 3_600_000_000  # 1h: longer is a partition, not a delay
 MAX_TTL_US = 30 * 86_400_000_000
 MIN_RATE_BITS = 8_000  # 1 kB/s: below it one MTU takes over a second

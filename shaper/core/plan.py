@@ -47,9 +47,19 @@ from itertools import starmap
 from operator import attrgetter, itemgetter
 from typing import Iterable, Mapping, Union
 
-from shaper.datapath import abi
 from shaper.errors import InvalidInput
 from shaper.core.model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a trie entry says, as plain values (shaper.datapath.abi encodes it): the slot whose
+    class and counters the destination goes to, the deadline (CLOCK_MONOTONIC ns, 0: never), and
+    the entry's own prefix length, which the classifier falls back from past an expired entry."""
+
+    slot: int
+    expires_ns: int
+    prefixlen: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class ObservedRule:
 @dataclass(frozen=True)
 class Observed:
     rules: Mapping[str, ObservedRule] = field(default_factory=dict)
-    entries: Mapping[Prefix, abi.LpmVal] = field(default_factory=dict)
+    entries: Mapping[Prefix, Entry] = field(default_factory=dict)
     classes: Mapping[int, str] = field(default_factory=dict)  # slot -> leaf kind ("netem", "pfifo", ...)
 
     def expired(self, now_ns: int) -> set[str]:
@@ -104,7 +114,7 @@ class SetLeaf:
 
 @dataclass(frozen=True)
 class UpsertEntries:
-    entries: Mapping[Prefix, abi.LpmVal]
+    entries: Mapping[Prefix, Entry]
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ def allocate_slots(names: Iterable[str], used: Iterable[int],
 _RECORD_FIELDS = tuple(f.name for f in fields(Rule) if f.name != "dst")
 _PREFIXLEN = itemgetter(1)  # Prefix.prefixlen, without an attribute lookup per destination
 _ADDR = itemgetter(0)
-_RULE_ID = attrgetter("rule_id")
+_SLOT = attrgetter("slot")
 
 
 def _record_fields(rule: Rule) -> tuple:
@@ -244,14 +254,14 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
             if not leaf_ok or (name in resend and rule.has_netem):
                 ops.append(SetLeaf(slot, rule, kind))
 
-    wanted_entries: dict[Prefix, abi.LpmVal] = {}
+    wanted_entries: dict[Prefix, Entry] = {}
     for name, rule in want.items():
         slot = slot_of[name]
         # A rule's entries differ only by prefix length: one value per length, shared, and
         # the dict filled by C-level iteration (a Python loop per destination was most of
         # the plan's time for 100,000 of them).
         lengths = list(map(_PREFIXLEN, rule.dst))
-        values = {n: abi.LpmVal(abi.classid(slot), slot, expiry_of[name], n) for n in set(lengths)}
+        values = {n: Entry(slot, expiry_of[name], n) for n in set(lengths)}
         wanted_entries.update(zip(rule.dst, map(values.__getitem__, lengths)))
     if observed.entries:
         upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
@@ -343,7 +353,7 @@ def undo_of(ops: Iterable[Operation], observed: Observed, after: int = 0) -> Und
             touched = op.entries.keys() if isinstance(op, UpsertEntries) else op.prefixes
             entries.update(dict.fromkeys(touched, 0))
             present = old.keys() & touched
-            entries.update(zip(present, map(_RULE_ID, map(old.__getitem__, present))))
+            entries.update(zip(present, map(_SLOT, map(old.__getitem__, present))))
     return Undo(rules, entries, len(observed.rules), after)
 
 
@@ -356,7 +366,7 @@ def restore(undo: Undo, state: Observed) -> dict[str, ObservedRule]:
             by_slot.pop(slot, None)
         else:
             by_slot[slot] = o
-    steer = {p: v.rule_id for p, v in state.entries.items()}
+    steer = {p: v.slot for p, v in state.entries.items()}
     for p, slot in undo.entries.items():
         if slot:
             steer[p] = slot

@@ -1,9 +1,12 @@
-"""The map key/value codec, built from bpf/shaper.h.
+"""The map ABI: the key/value codec, built from bpf/shaper.h.
 
 The header is the one definition of the layouts: this module reads its
 #defines and structs (a deliberately small grammar, see the header) and turns
 each struct into a struct.Struct.  tests/unit/test_layout.py compiles the
-header with gcc and checks sizes and offsets agree.
+header with gcc and checks sizes and offsets agree.  The pure core never
+imports this module: it plans `plan.Entry` values and this module encodes them;
+the core's limits (model.MAX_RULES, MAX_PREFIXES) are checked against the
+header here, at import.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from shaper.core.model import MAX_PREFIXES, MAX_RULES
+from shaper.core.plan import Entry
 
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 
@@ -78,27 +84,26 @@ def _parse(text: str) -> tuple[dict[str, int], dict[str, CStruct]]:
 CONSTANTS, STRUCTS = _parse((bpf_dir() / "shaper.h").read_text())
 
 LPM_KEY = STRUCTS["shaper_lpm_key"].codec  # prefixlen, addr
-LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, rule_id, expires_ns, prefixlen, flags
+LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, slot, expires_ns, prefixlen, pad
 RULE_STATS = STRUCTS["shaper_rule_stats"].codec  # packets, bytes
 RULE_META = STRUCTS["shaper_rule_meta"].codec  # len, json
 META_LEN = CONSTANTS["SHAPER_META_LEN"]
 HTB_MAJOR = CONSTANTS["SHAPER_HTB_MAJOR"]
 
 
-@dataclass(frozen=True)
-class LpmVal:
-    classid: int
-    rule_id: int
-    expires_ns: int
-    prefixlen: int
-    flags: int = 0
+for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", MAX_PREFIXES)):
+    if CONSTANTS[_name] != _value:
+        raise ImportError(f"bpf/shaper.h: {_name} is {CONSTANTS[_name]}, shaper.core.model says {_value}")
 
-    def pack(self) -> bytes:
-        return LPM_VAL.pack(self.classid, self.rule_id, self.expires_ns, self.prefixlen, self.flags)
 
-    @classmethod
-    def unpack(cls, data: bytes) -> "LpmVal":
-        return cls(*LPM_VAL.unpack(data))
+def pack_entry(entry: Entry) -> bytes:
+    """A trie value: the slot's class (skb->priority as is), the slot, the deadline, the prefix length."""
+    return LPM_VAL.pack(classid(entry.slot), entry.slot, entry.expires_ns, entry.prefixlen, 0)
+
+
+def unpack_entry(data: bytes) -> Entry:
+    _classid, slot, expires_ns, prefixlen, _pad = LPM_VAL.unpack(data)
+    return Entry(slot, expires_ns, prefixlen)
 
 
 def pack_key(prefixlen: int, addr: bytes) -> bytes:

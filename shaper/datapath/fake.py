@@ -32,7 +32,7 @@ class Crashed(BaseException):
 @dataclass
 class FakeDatapath:
     records: dict[int, tuple[Rule, int]] = field(default_factory=dict)
-    entries: dict[Prefix, abi.LpmVal] = field(default_factory=dict)
+    entries: dict[Prefix, P.Entry] = field(default_factory=dict)
     classes: dict[int, ClassParams] = field(default_factory=dict)
     leaves: dict[int, Rule | None] = field(default_factory=dict)
     rule_counters: dict[int, RuleCounters] = field(default_factory=dict)
@@ -70,7 +70,7 @@ class FakeDatapath:
     def observe(self) -> P.Observed:
         dst_of: dict[int, list[Prefix]] = {}
         for prefix, val in self.entries.items():
-            dst_of.setdefault(val.rule_id, []).append(prefix)
+            dst_of.setdefault(val.slot, []).append(prefix)
         rules = {}
         for slot, (rule, expires) in self.records.items():
             rules[rule.name] = P.ObservedRule(slot, replace(rule, dst=tuple(sorted(dst_of.get(slot, ())))), expires)
@@ -145,9 +145,9 @@ class FakeDatapath:
 
     def check(self) -> None:
         for prefix, val in self.entries.items():
-            if val.rule_id not in self.classes:
-                raise InvariantBroken(f"{prefix} steers to class {val.rule_id}, which does not exist")
-            if val.classid != abi.classid(val.rule_id) or val.prefixlen != prefix.prefixlen:
+            if val.slot not in self.classes:
+                raise InvariantBroken(f"{prefix} steers to class {val.slot}, which does not exist")
+            if val.prefixlen != prefix.prefixlen:
                 raise InvariantBroken(f"{prefix}: inconsistent entry {val}")
 
     def steer(self, addr: bytes, now_ns: int) -> int | None:
@@ -160,7 +160,7 @@ class FakeDatapath:
                 return None
             val = self.entries[best]
             if val.expires_ns == 0 or now_ns < val.expires_ns:
-                return val.classid
+                return abi.classid(val.slot)
             if best.prefixlen == 0:
                 return None
             limit = best.prefixlen - 1

@@ -235,7 +235,7 @@ def netns_id(netns: str | None) -> int:
     return os.stat(f"/run/netns/{netns}" if netns else "/proc/self/ns/net").st_ino
 
 
-def _pack_entries(entries: Mapping[Prefix, abi.LpmVal]) -> tuple[bytes, bytes]:
+def _pack_entries(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     """The trie keys and values of `entries` as two packed arrays, for one batch write.
 
     Iterated in C (map, starmap): 100,000 entries packed one by one in a Python loop took
@@ -244,7 +244,7 @@ def _pack_entries(entries: Mapping[Prefix, abi.LpmVal]) -> tuple[bytes, bytes]:
     prefixes = list(entries)
     keys = b"".join(starmap(abi.LPM_KEY.pack, zip(map(itemgetter(1), prefixes), map(itemgetter(0), prefixes))))
     values = list(entries.values())
-    packed = {id(v): v.pack() for v in dict(zip(map(id, values), values)).values()}
+    packed = {id(v): abi.pack_entry(v) for v in dict(zip(map(id, values), values)).values()}
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
 
 
@@ -579,17 +579,17 @@ class KernelDatapath:
     # -- the datapath interface ------------------------------------------------
     def observe(self) -> P.Observed:
         assert self.lpm and self.meta
-        entries: dict[Prefix, abi.LpmVal] = {}
-        values: dict[bytes, abi.LpmVal] = {}  # a rule's entries share a value or two: decode each once
+        entries: dict[Prefix, P.Entry] = {}
+        values: dict[bytes, P.Entry] = {}  # a rule's entries share a value or two: decode each once
         for key, raw in self.lpm.items():
             prefixlen, addr = abi.unpack_key(key)
             value = values.get(raw)
             if value is None:
-                value = values[raw] = abi.LpmVal.unpack(raw)
+                value = values[raw] = abi.unpack_entry(raw)
             entries[Prefix(addr, prefixlen)] = value
         dst_of: dict[int, list[Prefix]] = {}
         for prefix, val in entries.items():
-            dst_of.setdefault(val.rule_id, []).append(prefix)
+            dst_of.setdefault(val.slot, []).append(prefix)
         rules = {}
         for slot, record in self._records():
             rule = rule_from_record(record["rule"], tuple(dst_of.get(slot, ())))

@@ -177,7 +177,7 @@ def test_plan_shares_values_and_matches_a_per_entry_plan():
     ops = P.plan(rules, P.Observed(), 1000)
     (upsert,) = [op for op in ops if isinstance(op, P.UpsertEntries)]
     slot = {op.rule.name: op.slot for op in ops if isinstance(op, P.CreateClass)}
-    expected = {p: abi.LpmVal(abi.classid(slot[r.name]), slot[r.name], 1000 + 3600 * 10**9, p.prefixlen)
+    expected = {p: P.Entry(slot[r.name], 1000 + 3600 * 10**9, p.prefixlen)
                 for r in rules for p in r.dst}
     assert upsert.entries == expected and list(upsert.entries) == sorted(expected)
     # Applied to the fake and planned again: nothing to do.
@@ -192,5 +192,5 @@ def test_packed_entries_match_one_by_one_packing():
     (upsert,) = [op for op in P.plan(rules, P.Observed(), 0) if isinstance(op, P.UpsertEntries)]
     keys, values = _pack_entries(upsert.entries)
     assert keys == b"".join(abi.pack_key(p.prefixlen, p.addr) for p in upsert.entries)
-    assert values == b"".join(v.pack() for v in upsert.entries.values())
+    assert values == b"".join(abi.pack_entry(v) for v in upsert.entries.values())
     assert len(keys) == 4 * abi.LPM_KEY.size and struct.unpack_from("=I", keys)[0] == 104

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from shaper.core.plan import Entry
 from shaper.datapath import abi
 
 
@@ -45,8 +46,10 @@ def test_expected_structs_present():
 
 
 def test_codec_round_trip():
-    v = abi.LpmVal(abi.classid(7), 7, 123456789, 120)
-    assert abi.LpmVal.unpack(v.pack()) == v
+    v = Entry(7, 123456789, 120)
+    assert abi.unpack_entry(abi.pack_entry(v)) == v
+    # What the classifier reads: skb->priority's classid, the slot for rule_stats, zero padding.
+    assert abi.LPM_VAL.unpack(abi.pack_entry(v)) == (0x53480007, 7, 123456789, 120, 0)
     key = abi.pack_key(120, bytes(range(16)))
     assert abi.unpack_key(key) == (120, bytes(range(16)))
     assert abi.unpack_meta(abi.pack_meta(b'{"a":1}')) == b'{"a":1}'

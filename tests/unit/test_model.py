@@ -215,6 +215,7 @@ from dataclasses import replace  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from shaper.core.plan import Entry  # noqa: E402
 from shaper.datapath import abi, netem  # noqa: E402
 from shaper.core.model import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_BURST_NS, MAX_DELAY_US, MAX_RATE_BITS,  # noqa: E402
                           MAX_RULES, MAX_TTL_US, MIN_BURST_BYTES, MIN_RATE_BITS, max_burst_bytes)
@@ -295,7 +296,7 @@ def test_every_rule_the_validator_accepts_encodes(body):
     del record["dst"]
     abi.pack_meta(json.dumps({"rule": record, "expires_ns": 2**63 - 1}, separators=(",", ":"),
                                 sort_keys=True).encode())
-    abi.LpmVal(abi.classid(MAX_RULES), MAX_RULES, (MAX_TTL_US + 10**9) * 1000, 128).pack()
+    abi.pack_entry(Entry(MAX_RULES, (MAX_TTL_US + 10**9) * 1000, 128))
 
 
 def test_burst_beyond_what_htb_holds_at_the_rate_is_refused_naming_the_range():

@@ -34,7 +34,7 @@ def desired_state_reached(dp, want):
         assert dp.classes[slot] == r.class_params()
         assert dp.leaves[slot] == r.leaf_params()
         for p in r.dst:
-            assert dp.entries[p].rule_id == slot
+            assert dp.entries[p].slot == slot
 
 
 def test_allocate_slots_lowest_free():
