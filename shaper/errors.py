@@ -1,9 +1,25 @@
-"""The exceptions shaper raises: one base, and classes that say what to do.
+"""Every exception shaper raises on purpose, and its policy, in one place.
 
-InvalidInput is the caller's to fix (CLI exit 2, HTTP 400/422) and names the
-field and the accepted form.  KernelError names the operation, the object and,
-where there is one, what to install or change.  `retryable` tells an API or a
-loop whether trying again can help (kopf's TemporaryError/PermanentError).
+Each class carries what its callers do with it: `exit_code` (the CLI's exit status),
+`http_status` (the API's answer; the API maps nothing else) and `retryable` (whether
+trying the same thing again can help: the daemon's interface loop retries only those).
+
+| class            | exit | HTTP | meaning                                                   |
+|------------------|------|------|-----------------------------------------------------------|
+| ShaperError      | 1    | 500  | the base; a failure with nothing more specific to say     |
+| InvalidInput     | 2    | 422  | the caller's to fix: names the field and the accepted form |
+| BadJson          | 2    | 400  | a body that is not one JSON object (or has a key twice)   |
+| NotFound         | 1    | 404  | no such rule                                              |
+| NotReady         | 1    | 503  | the classifier is not attached (yet, or any more)         |
+| Conflict         | 1    | 409  | state shaper did not create, or another controller's      |
+| NotSupported     | 1    | 501  | this host lacks something (sch_netem, headers, bpffs)     |
+| PermissionDenied | 1    | 500  | the process lacks a capability                            |
+| KernelError      | 1    | 500  | the kernel refused an operation (retryable: EBUSY/EAGAIN/EINTR) |
+| ApiError         | 1/2  | its own | a daemon's error answer, seen by the client            |
+
+InvariantBroken is deliberately not a ShaperError: the fake datapath raises it when a plan
+would leave the kernel inconsistent, a bug that must fail a test, never be reported as a
+refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ class ShaperError(Exception):
     """Base of every error shaper raises on purpose."""
 
     exit_code = 1
+    http_status = 500
     retryable = False
 
 
@@ -27,6 +44,7 @@ class InvalidInput(ShaperError):
     """A rule or rule set that cannot be applied; nothing was changed."""
 
     exit_code = 2
+    http_status = 422
 
     def __init__(self, field: str, problem: str, accepted: str | None = None):
         # Both quote the caller's input back: keep a hostile 30 MB value out of
@@ -39,6 +57,24 @@ class InvalidInput(ShaperError):
         if accepted:
             text += f" (expected {accepted})"
         super().__init__(text)
+
+
+class BadJson(InvalidInput):
+    """A request body that is not valid JSON, not an object, or has a key twice."""
+
+    http_status = 400
+
+
+class NotFound(ShaperError):
+    """No rule of that name."""
+
+    http_status = 404
+
+
+class NotReady(ShaperError):
+    """The datapath is not attached: the daemon is starting, or its interface is gone."""
+
+    http_status = 503
 
 
 class KernelError(ShaperError):
@@ -58,8 +94,17 @@ class KernelError(ShaperError):
         self.retryable = err in (_errno.EBUSY, _errno.EAGAIN, _errno.EINTR)
 
 
+class DumpError(KernelError):
+    """The kernel answered a tc dump with an error (tcdump's decoder; tc names the interface)."""
+
+    def __init__(self, err: int):
+        super().__init__("dump", "tc objects", err)
+
+
 class NotSupported(ShaperError):
     """Something shaper needs is missing on this host (a qdisc, headers, bpffs)."""
+
+    http_status = 501
 
 
 class PermissionDenied(ShaperError):
@@ -68,3 +113,18 @@ class PermissionDenied(ShaperError):
 
 class Conflict(ShaperError):
     """The interface holds state shaper did not create, or another controller owns it."""
+
+    http_status = 409
+
+
+class ApiError(ShaperError):
+    """An error answer from a daemon, as the client sees it: its status, its message."""
+
+    def __init__(self, status: int, message: str):
+        self.status = self.http_status = status
+        self.exit_code = 2 if status in (400, 413, 422) else 1
+        super().__init__(message)
+
+
+class InvariantBroken(AssertionError):
+    """The fake datapath's check failed: a plan would leave the kernel inconsistent (a bug)."""

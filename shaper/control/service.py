@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from shaper.datapath import abi
 from shaper.core import plan as P
 from shaper.control.controller import Controller
-from shaper.errors import InvalidInput, ShaperError
+from shaper.errors import InvalidInput, NotFound, NotReady
 from shaper.control.metrics import Instruments, KernelCollector, RuleSample, Snapshot
 from shaper.core.model import Rule, gc_paused, parse_rule
 from shaper.core.stats import RuleStats
@@ -33,14 +33,6 @@ log = logging.getLogger("shaper")
 LATENCY_RULE = "latency"
 LATENCY_DST = ("0.0.0.0/0", "::/0")
 REREAD_S = 30.0
-
-
-class NotFound(ShaperError):
-    pass
-
-
-class NotReady(ShaperError):
-    pass
 
 
 def audit(event: str, **fields: object) -> None:

@@ -16,13 +16,9 @@ from typing import Callable
 
 from shaper.datapath import abi
 from shaper.core import plan as P
-from shaper.errors import KernelError
+from shaper.errors import InvariantBroken, KernelError
 from shaper.core.model import ClassParams, Prefix, Rule
 from shaper.core.stats import ClassStats, RuleCounters
-
-
-class InvariantBroken(AssertionError):
-    pass
 
 
 class Crashed(BaseException):

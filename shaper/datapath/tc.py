@@ -26,7 +26,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, sched_htb, tcmsg
 
 from shaper.datapath import netem, tcdump
-from shaper.errors import Conflict, InvalidInput, KernelError, NotSupported, PermissionDenied
+from shaper.errors import Conflict, DumpError, InvalidInput, KernelError, NotSupported, PermissionDenied
 from shaper.datapath.abi import HTB_MAJOR, classid_text
 from shaper.core.model import ClassParams, Rule
 from shaper.core.stats import ClassStats
@@ -357,7 +357,7 @@ class Tc:
                 out.extend(o for o in objects if o.ifindex == self.ifindex)
                 if done:
                     return out
-        except tcdump.DumpError as exc:
+        except DumpError as exc:
             raise KernelError("dump the tc objects of", self.ifname, exc.errno) from None
 
     def class_stats(self) -> dict[int, ClassStats]:

@@ -9,9 +9,10 @@ socket.  Layouts: linux/netlink.h, linux/rtnetlink.h, linux/gen_stats.h.
 
 from __future__ import annotations
 
-import errno as _errno
 import struct
 from dataclasses import dataclass
+
+from shaper.errors import DumpError
 
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
@@ -44,11 +45,6 @@ class TcObject:
     requeues: int = 0
     overlimits: int = 0
 
-
-class DumpError(Exception):
-    def __init__(self, err: int):
-        self.errno = err
-        super().__init__(_errno.errorcode.get(err, str(err)))
 
 
 def dump_request(msg_type: int, ifindex: int, seq: int) -> bytes:

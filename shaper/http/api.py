@@ -30,9 +30,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shaper import __version__
 from shaper.core import changes, plan as P
 from shaper.http import openapi
-from shaper.errors import Conflict, InvalidInput, NotSupported, ShaperError
+from shaper.errors import BadJson, InvalidInput, NotFound, ShaperError
 from shaper.core.model import FIELD_NAMES, NAME_FORM, NAME_RE, Rule, gc_paused, parse_rule, parse_ruleset, unknown_field
-from shaper.control.service import LATENCY_DST, LATENCY_RULE, NotFound, NotReady, Service
+from shaper.control.service import LATENCY_DST, LATENCY_RULE, Service
 
 log = logging.getLogger("shaper")
 
@@ -169,20 +169,10 @@ class Api:
         """Run a prepared request; every error becomes its status and a JSON body."""
         try:
             return call.route.handler(body=body, query=call.query, who=call.who, **call.params)
-        except BadJson as exc:
-            return error(400, str(exc), field=exc.field, expected=exc.accepted)
-        except InvalidInput as exc:
-            return error(422, str(exc), field=exc.field, expected=exc.accepted)
-        except NotFound as exc:
-            return error(404, str(exc))
-        except NotReady as exc:
-            return error(503, str(exc))
-        except Conflict as exc:
-            return error(409, str(exc))
-        except NotSupported as exc:  # this kernel lacks what the request needs (sch_netem)
-            return error(501, str(exc))
-        except ShaperError as exc:
-            return error(500, str(exc))
+        except InvalidInput as exc:  # BadJson (400) too: the field and the accepted form go with it
+            return error(exc.http_status, str(exc), field=exc.field, expected=exc.accepted)
+        except ShaperError as exc:  # its class says its status (shaper.errors)
+            return error(exc.http_status, str(exc))
         except Exception as exc:  # a bug: say so, keep serving
             log.exception("internal error on %s %s", call.route.method, call.route.path)
             return error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -376,10 +366,6 @@ def _object(document: Any, form: str) -> dict:
     if not isinstance(document, dict):
         raise InvalidInput("body", f"expected an object, got {type(document).__name__}", form)
     return document
-
-
-class BadJson(InvalidInput):
-    pass
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:

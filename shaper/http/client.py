@@ -14,20 +14,13 @@ import socket
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-from shaper.errors import InvalidInput, ShaperError
+from shaper.errors import ApiError, InvalidInput, ShaperError
 
 DEFAULT_PORT = 2332  # the port of the latency agent people already call
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 # (client, method, path, headers, body) -> (status, body): set on the class in tests to reach an
 # in-process Api instead of a socket.
 Transport = Callable[["Client", str, str, dict, bytes], tuple[int, bytes]]
-
-
-class ApiError(ShaperError):
-    def __init__(self, status: int, message: str):
-        self.status = status
-        self.exit_code = 2 if status in (400, 413, 422) else 1
-        super().__init__(message)
 
 
 def read_token(token_file: str | None) -> str | None:
