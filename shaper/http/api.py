@@ -1,16 +1,17 @@
 """The HTTP API, as a function from a request to a response (no sockets here).
 
 `Api.handle(method, path, headers, body, client)` routes a request, parses
-its JSON into the model, calls the service and maps errors to statuses:
-400 malformed JSON, 401 missing or wrong token, 404 unknown rule or route,
-405 wrong method, 409 state shaper does not own, 413 body too large,
-422 a rule that cannot be applied, 500 the kernel refused, 501 this kernel
-lacks what the rule needs (sch_netem), 503 not ready.
+its JSON into the model, calls the service and answers an error with the
+status its class carries (shaper.errors): 400 malformed JSON, 404 unknown
+rule, 422 a rule that cannot be applied, 500 the kernel refused, 501 this
+kernel lacks what the rule needs (sch_netem), 503 not ready.  Routing and the
+server add 401 missing or wrong token, 404 unknown route, 405 wrong method,
+408/413/414/431 for requests too slow or too large.
 
 A request is taken in two steps so that a server can refuse it before reading
 a byte of its body: `prepare` routes it and checks the token and the query
 from the headers alone (401, 404, 405, 422), `call` runs it with the body.
-`handle` does both; server.py serves them, the unit tests call them directly.
+`handle` does both; shaper.http.server serves them, the unit tests call them directly.
 Every route that changes state takes `?dry_run=1` (plans, applies nothing) and
 no other query parameter; an unknown one is a 422 naming it.
 """
