@@ -1,4 +1,25 @@
-import sys
+"""Marks each test with its tier's marker (pyproject declares them), so a tier can be selected or left
+out by marker as well as by path: `pytest tests -m "not kernel and not vm"` runs what needs no root."""
+
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+# Tier directory -> markers. The container and fresh tiers run as root on this kernel too, so they
+# carry `kernel` as well as their own marker; tests/unit carries none.
+TIER_MARKERS = {
+    "kernel": ("kernel",),
+    "container": ("kernel", "container"),
+    "fresh": ("kernel", "fresh"),
+    "vm": ("vm",),
+}
+
+
+def pytest_collection_modifyitems(items):
+    # A hook in a tier's own conftest would see every tier's items too, so the table lives here.
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(TESTS).parts
+        for name in TIER_MARKERS.get(parts[0], ()) if len(parts) > 1 else ():
+            item.add_marker(getattr(pytest.mark, name))

@@ -4,15 +4,12 @@ run as the webhook would inject it, in a "pod" network namespace."""
 import os
 import shutil
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lab import ROOT, Lab  # noqa: E402
-from tiers import kernel_tier_problem, require_tier  # noqa: E402
+from lab import ROOT, Lab
+from tests.support.tiers import kernel_tier_problem, require_tier
 
 IMAGE = os.environ.get("SHAPER_IMAGE", "localhost/shaper:dev")
 CONTAINERS_CONF = str(ROOT / "scripts" / "containers.conf")

@@ -5,20 +5,16 @@ kernel; and the webhook served by the same image as its non-root default user.""
 
 import http.client
 import json
-import sys
 import re
 import ssl
 import subprocess
 import time
 from pathlib import Path
 
-from conftest import podman
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import k8s_pods as K  # noqa: E402
-
-from shaper.k8s import webhook as W
 from lab import POD_IF, ROOT, V4, NetnsHTTPConnection, netns_connect, sh, wait_until
+from shaper.k8s import webhook as W
+from tests.container.conftest import podman
+from tests.support import k8s_pods as K
 
 TOKEN = "container-tier-token-5f1c2e"
 

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from fresh_machine import (INDIRECT, ROOT, check, fresh_rootfs, host_providers, installed, pip_programs,
-                           repo_uses, setup_closure, setup_packages, unknown_packages)
-from tiers import require_tier
+from tests.support.fresh_machine import (INDIRECT, ROOT, check, fresh_rootfs, host_providers, installed,
+                                         pip_programs, repo_uses, setup_closure, setup_packages, unknown_packages)
+from tests.support.tiers import require_tier
 
 
 def fresh_tier_problem() -> str | None:

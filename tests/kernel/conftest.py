@@ -1,7 +1,7 @@
 import pytest
 
 from lab import Lab
-from tiers import kernel_tier_problem, require_tier
+from tests.support.tiers import kernel_tier_problem, require_tier
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 from bench import __main__ as bench_main
 from bench import accuracy, apply, classify, daemon, profile, report
 from bench.common import sender_binary
-from tiers import require_tier
+from tests.support.tiers import require_tier
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 
 from lab import V4, V6, NetnsHTTPConnection, wait_until
-from tiers import require_tier
+from tests.support.tiers import require_tier
 
 PROM_PORT = 9090
 UDP_OVERHEAD_V4 = 14 + 20 + 8  # Ethernet, IPv4, UDP: what tc egress counts beyond the payload

@@ -9,13 +9,10 @@ import ssl
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import k8s_pods as K  # noqa: E402
-
-from lab import ROOT, netns_connect, sh, wait_until  # noqa: E402
-from shaper.http.server import TLS_HANDSHAKE_S  # noqa: E402
+from lab import ROOT, netns_connect, sh, wait_until
+from shaper.http.server import TLS_HANDSHAKE_S
+from tests.support import k8s_pods as K
 
 HOST = "shaper-webhook.shaper-system.svc"
 

@@ -4,22 +4,19 @@ queries only metrics the daemon exports."""
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import k8s_pods as K  # noqa: E402
-
 from shaper import cli
-from shaper.k8s import webhook as W  # noqa: E402
-from shaper.http.api import Api  # noqa: E402
-from shaper.datapath.fake import FakeDatapath  # noqa: E402
-from shaper.core.model import parse_rule, parse_ruleset_text  # noqa: E402
-from shaper.control.service import Service  # noqa: E402
+from shaper.control.service import Service
+from shaper.core.model import parse_rule, parse_ruleset_text
+from shaper.datapath.fake import FakeDatapath
+from shaper.http.api import Api
+from shaper.k8s import webhook as W
+from tests.support import k8s_pods as K
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")

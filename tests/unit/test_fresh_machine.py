@@ -6,8 +6,8 @@ import ast
 import struct
 import sys
 
-from fresh_machine import (ROOT, Need, Use, _usr_merge, check, is_static, python_uses, repo_uses, runners,
-                           setup_packages, shell_commands, visible_helpers)
+from tests.support.fresh_machine import (ROOT, Need, Use, _usr_merge, check, is_static, python_uses, repo_uses,
+                                         runners, setup_packages, shell_commands, visible_helpers)
 
 PYTHON = '''
 import shutil, subprocess, sys

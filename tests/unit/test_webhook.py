@@ -3,17 +3,13 @@ after its JSONPatch validated against the Kubernetes Pod schema."""
 
 import base64
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import k8s_pods as K  # noqa: E402
-
 from shaper import cli
-from shaper.k8s import webhook as W  # noqa: E402
-from shaper.core.model import parse_ruleset_text  # noqa: E402
+from shaper.core.model import parse_ruleset_text
+from shaper.k8s import webhook as W
+from tests.support import k8s_pods as K
 
 CFG = W.SidecarConfig(image="registry.example/shaper:0.1.0")
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from lab import kernel_release, run_in_vm, vm_kernels
-from tiers import require_tier, vm_tier_problem
+from tests.support.tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()
 FULL = "tests/vm/guest"

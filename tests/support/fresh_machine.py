@@ -10,7 +10,7 @@ our code, so it is declared in INDIRECT, each entry naming the code that causes 
 A fresh machine is a `debootstrap --variant=minbase bookworm` root filesystem (cached in FRESH_CACHE); what
 setup adds to it is apt's simulated install of setup's package list onto that root's dpkg status, plus the
 console scripts of what pip installs into .venv. Each program is mapped to the Debian package that provides it
-here (`dpkg -S`, across the /usr merge and symlinks). `python tests/fresh_machine.py` prints the report.
+here (`dpkg -S`, across the /usr merge and symlinks). `python -m tests.support.fresh_machine` prints the report.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FRESH_CACHE = Path(os.environ.get("SHAPER_FRESH_CACHE", "/var/cache/shaper-fresh"))
 SUITE = "bookworm"
 PYTHON_DIRS = ("shaper", "lab", "tests", "bench")

@@ -1,0 +1,1 @@
+"""Helpers shared by more than one test module or tier (never shipped: see pyproject's packages)."""
