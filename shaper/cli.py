@@ -29,8 +29,8 @@ import yaml
 from shaper.core.changes import changes_from, describe as describe_change, natural_key, rule_changes
 from shaper.http.client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from shaper.errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
-from shaper.core.model import FIELD_NAMES, gc_paused, parse_rule, parse_ruleset_text, unknown_field
-from shaper.http.openapi import RULE_FIELDS
+from shaper.core.fields import OPTIONAL_FIELDS, Field, unknown_field
+from shaper.core.model import gc_paused, parse_rule, parse_ruleset_text
 from shaper.core.stats import format_remaining
 from shaper.core.units import format_bits_per_s, format_bytes, format_count, parse_duration_us
 
@@ -304,47 +304,32 @@ def rule() -> None:
     """
 
 
-def _field_options(fn):
-    """One option per rule field (--delay, --loss, ...), described as in the API document."""
-    for key in reversed(FIELD_NAMES):
-        if key in ("name", "dst"):
-            continue
-        spec = RULE_FIELDS[key]
-        help_text = spec.get("description", "")
-        kind: object = str
-        if spec.get("type") == "integer":
-            kind, metavar = int, "N"
-        elif "enum" in spec:
-            kind, metavar = click.Choice(spec["enum"]), None
-        elif spec.get("pattern", "").endswith("%$"):
-            metavar = "PCT"
-        else:
-            metavar = {"rate": "RATE", "burst": "SIZE", "loss_ge": "P=PCT,..."}.get(key, "DURATION")
-        if key == "loss_ge":
-            help_text += " Written p=1%,r=20%[,loss_bad=100%,loss_good=0%]."
-        elif key == "rate":
-            help_text += " As in tc, 10mbps is 10 megaBYTES/s (80 Mbit/s): write 10mbit for megabits."
-        elif key.endswith("_corr") and "needs" not in help_text:
-            help_text = f"Correlation of successive {key[:-5]} decisions (needs {key[:-5]})."
-        fn = click.option("--" + key.replace("_", "-"), key, type=kind, metavar=metavar, default=None,
-                          help=help_text)(fn)
-    return fn
+def field_options(fields: tuple[Field, ...]) -> Callable:
+    """A decorator adding one option per rule field (--delay, --loss, ...), as shaper.core.fields describes it."""
+    def decorate(fn):
+        for spec in reversed(fields):
+            kind: object = str
+            if spec.schema.get("type") == "integer":
+                kind = int
+            elif "enum" in spec.schema:
+                kind = click.Choice(spec.schema["enum"])
+            fn = click.option(spec.flag, spec.key, type=kind, metavar=spec.option.metavar, default=None,
+                              help=spec.help())(fn)
+        return fn
+    return decorate
 
 
-def _parse_loss_ge(text: str) -> dict[str, str]:
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise InvalidInput("--loss-ge", f"cannot parse {text!r}", "p=1%,r=20%[,loss_bad=100%,loss_good=0%]")
-        out[key.strip()] = value.strip()
-    return out
+_field_options = field_options(OPTIONAL_FIELDS)
 
 
 def _field_values(fields: dict) -> dict:
     """The rule fields given as options, in the API's form."""
-    return {key: _parse_loss_ge(value) if key == "loss_ge" else value
-            for key, value in fields.items() if value is not None}
+    out = {}
+    for spec in OPTIONAL_FIELDS:
+        value = fields.get(spec.key)
+        if value is not None:
+            out[spec.key] = spec.option.to_json(value) if spec.option.to_json else value
+    return out
 
 
 def _stored_table(stored: dict) -> str:
@@ -381,7 +366,7 @@ def rule_set(name: str, dst: tuple[str, ...], output: str, server: str, token_fi
         _emit({"rules": [stored]}, output, lambda: _stored_table(stored))
 
 
-_CLEARABLE = tuple(k for k in FIELD_NAMES if k not in ("name", "dst"))
+_CLEARABLE = tuple(spec.key for spec in OPTIONAL_FIELDS)
 
 
 @rule.command("patch")

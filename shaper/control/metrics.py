@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shaper.errors import ShaperError
+from shaper.core.fields import FIELDS
 from shaper.core.model import Rule
 from shaper.core.stats import ClassStats, RuleCounters
 
@@ -36,7 +37,7 @@ class RuleSample:
     classid: str
     matched: RuleCounters
     cls: ClassStats | None
-    config: Rule | None = None  # its configuration, for the shaper_rule_{delay,jitter,loss,rate} gauges
+    config: Rule | None = None  # its configuration, for the gauges of shaper.core.fields (delay, loss, ...)
 
 
 @dataclass(frozen=True)
@@ -123,17 +124,8 @@ class KernelCollector:
                                "Bytes the classifier matched to the rule's destinations.")
         # The configuration, for dashboards: a series only where the rule sets the field
         # (a rule with no rate has no rate series), which keeps a 1,000-rule scrape lean.
-        config = {
-            "delay": (family(GaugeMetricFamily, "shaper_rule_delay_seconds", "The rule's configured delay."),
-                      lambda r: r.delay_us / 1e6),
-            "jitter": (family(GaugeMetricFamily, "shaper_rule_jitter_seconds", "The rule's configured jitter."),
-                       lambda r: r.jitter_us / 1e6),
-            "loss": (family(GaugeMetricFamily, "shaper_rule_loss_ratio",
-                            "The rule's configured random loss, 0 to 1."), lambda r: r.loss_pct / 100),
-            "rate": (family(GaugeMetricFamily, "shaper_rule_rate_bytes_per_second",
-                            "The rule's configured rate (HTB ceiling)."),
-                     lambda r: (r.rate_bits or 0) / 8),
-        }
+        config = [(family(GaugeMetricFamily, f.gauge.metric, f.gauge.help), f.gauge.value)
+                  for f in FIELDS if f.gauge is not None]
         for rs in snap.rules:
             values = [iface, rs.rule, rs.classid]
             matched_packets.add_metric(values, rs.matched.packets)
@@ -142,14 +134,14 @@ class KernelCollector:
                 for attr, fam in cls.items():
                     fam.add_metric(values, getattr(rs.cls, attr))
             if rs.config is not None:
-                for fam, value in config.values():
+                for fam, value in config:
                     v = value(rs.config)
                     if v:
                         fam.add_metric(values, v)
         yield from cls.values()
         yield matched_packets
         yield matched_bytes
-        for fam, _ in config.values():
+        for fam, _ in config:
             yield fam
         rules = GaugeMetricFamily("shaper_rules", "Rules installed (expired ones until they are removed).",
                                   labels=["interface"])

@@ -1,15 +1,14 @@
 """The rule model: parsing, validation and the canonical form of rules.
 
-A Rule is frozen and holds integers in base units (`delay_us`, `rate_bits`,
-`loss_pct`).  `parse_rule` takes the field names users write in YAML and JSON
-(the same for the rules file, the CLI and the HTTP API) and refuses unknown
-fields; `parse_ruleset` also checks the set as a whole (unique names, no
+A Rule is frozen and holds integers in base units (`delay_us`,
+`rate_bits_per_s`, `loss_pct`).  `parse_rule` takes the field names users write
+in YAML and JSON (the same for the rules file, the CLI and the HTTP API; each
+field is described once, in shaper.core.fields) and refuses unknown fields; `parse_ruleset` also checks the set as a whole (unique names, no
 destination in two rules, capacity).  No I/O here.
 """
 
 from __future__ import annotations
 
-import difflib
 import gc
 import ipaddress
 import math
@@ -22,40 +21,26 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import yaml
 
 from shaper.errors import InvalidInput
-from shaper.core.units import (
-    format_bytes,
-    format_duration_us,
-    format_percent,
-    format_rate_bits,
-    format_size_bytes,
-    parse_duration_us,
-    parse_int,
-    parse_percent,
-    parse_rate_bits,
-    parse_size_bytes,
+from shaper.core.fields import (
+    ASSUMED_RATE_BITS_PER_S,
+    DST_FORM,
+    FIELD_NAMES,
+    MAX_BURST_BYTES,
+    MAX_NETEM_LIMIT,
+    MIN_BURST_BYTES,
+    MIN_NETEM_LIMIT,
+    NAME,
+    OPTIONAL_FIELDS,
+    LossGE,
+    unknown_field,
 )
+from shaper.core.units import format_bytes, format_rate_bits_per_s, format_size_bytes
 
 # The kernel maps' sizes: bpf/shaper.h's SHAPER_MAX_RULES and SHAPER_MAX_PREFIXES, which
 # shaper.datapath.abi checks against these at import (the pure core reads no C file).
 MAX_RULES = 16383
 MAX_PREFIXES = 262144
-MAX_DELAY_US = 3_600_000_000  # 1h: longer is a partition, not a delay
-MAX_TTL_US = 30 * 86_400_000_000
-MIN_RATE_BITS = 8_000  # 1 kB/s: below it one MTU takes over a second
-MAX_RATE_BITS = 10**13  # 10 tbit
-DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-NAME_FORM = "1-63 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
-DST_FORM = "IPv4 or IPv6 addresses or CIDRs, e.g. 10.0.0.5, 10.0.0.0/24, fd00::/64"
-
-# Queue sizing (PEERS: netem's default 1000-packet limit silently tail-drops at
-# high delay x rate).  Rules without a rate are sized for this rate.
-ASSUMED_RATE_BITS = 1_000_000_000
 MTU_BYTES = 1500
-MIN_NETEM_LIMIT = 1000
-MAX_NETEM_LIMIT = 1_000_000
-MIN_BURST_BYTES = 1600
-MAX_BURST_BYTES = 2**30
 # HTB takes a class's burst as the time it lasts at the rate, in the kernel's
 # 64 ns scheduler ticks, in a u32: a burst longer than ~274.9 s at its rate
 # does not fit (1gb at 1mbit would be 8,590 s) and must be refused here, not
@@ -64,9 +49,9 @@ PSCHED_TICK_NS = 64
 MAX_BURST_NS = 0xFFFF_FFFF * PSCHED_TICK_NS
 
 
-def max_burst_bytes(rate_bits: int) -> int:
+def max_burst_bytes(rate_bits_per_s: int) -> int:
     """The largest burst HTB can hold at a rate: MAX_BURST_NS of sending, and MAX_BURST_BYTES."""
-    return min(MAX_BURST_BYTES, max(1, rate_bits // 8) * MAX_BURST_NS // 10**9)
+    return min(MAX_BURST_BYTES, max(1, rate_bits_per_s // 8) * MAX_BURST_NS // 10**9)
 
 
 # The destinations people write by the hundred thousand, parsed without building
@@ -149,16 +134,6 @@ class Prefix(NamedTuple):
 
 
 @dataclass(frozen=True)
-class LossGE:
-    """Gilbert-Elliott loss: p (good->bad), r (bad->good), loss in each state."""
-
-    p_pct: float
-    r_pct: float
-    loss_bad_pct: float = 100.0
-    loss_good_pct: float = 0.0
-
-
-@dataclass(frozen=True)
 class Rule:
     name: str
     dst: tuple[Prefix, ...]
@@ -176,7 +151,7 @@ class Rule:
     reorder_pct: float = 0.0
     reorder_corr_pct: float = 0.0
     gap: int = 0
-    rate_bits: int | None = None
+    rate_bits_per_s: int | None = None
     burst_bytes: int | None = None
     limit: int | None = None
     ttl_us: int | None = None
@@ -195,9 +170,9 @@ class Rule:
         )
 
     def class_params(self) -> "ClassParams":
-        if self.rate_bits is None:
+        if self.rate_bits_per_s is None:
             return ClassParams(rate_bytes=UNLIMITED_RATE_BYTES, burst_bytes=UNLIMITED_BURST_BYTES)
-        rate_bytes = max(1, self.rate_bits // 8)
+        rate_bytes = max(1, self.rate_bits_per_s // 8)
         burst = self.burst_bytes or default_burst_bytes(rate_bytes)
         return ClassParams(rate_bytes=rate_bytes, burst_bytes=burst)
 
@@ -205,7 +180,7 @@ class Rule:
         """The netem queue limit: explicit, or sized so the delay never tail-drops."""
         if self.limit is not None:
             return self.limit
-        rate_bytes = (self.rate_bits or ASSUMED_RATE_BITS) / 8
+        rate_bytes = (self.rate_bits_per_s or ASSUMED_RATE_BITS_PER_S) / 8
         held_s = (self.delay_us + self.jitter_us) / 1e6
         need = math.ceil(rate_bytes * held_s / MTU_BYTES * 1.5)
         return min(MAX_NETEM_LIMIT, max(MIN_NETEM_LIMIT, need))
@@ -214,13 +189,13 @@ class Rule:
         """What the leaf depends on (None: HTB's default pfifo leaf)."""
         if not self.has_netem:
             return None
-        return replace(self, name="", dst=(), rate_bits=None, burst_bytes=None, ttl_us=None,
+        return replace(self, name="", dst=(), rate_bits_per_s=None, burst_bytes=None, ttl_us=None,
                        limit=self.netem_limit())
 
     def to_dict(self) -> dict[str, Any]:
         """The user-facing form: the fields people write, defaults left out."""
         out: dict[str, Any] = {"name": self.name, "dst": [str(p) for p in self.dst]}
-        for spec in _FIELDS:
+        for spec in OPTIONAL_FIELDS:
             value = getattr(self, spec.attr)
             if value != spec.default:
                 out[spec.key] = spec.fmt(value)
@@ -244,92 +219,9 @@ def default_burst_bytes(rate_bytes: int) -> int:
     return max(2 * (MTU_BYTES + 100), rate_bytes // 500)
 
 
-@dataclass(frozen=True)
-class _Field:
-    key: str
-    attr: str
-    parse: Any
-    fmt: Any
-    default: Any = None
-
-
-def _pct(key: str, attr: str) -> _Field:
-    return _Field(key, attr, lambda v, f: parse_percent(v, f), format_percent, 0.0)
-
-
-def _parse_distribution(value: object, fld: str) -> str:
-    if value not in DISTRIBUTIONS:
-        raise InvalidInput(fld, f"unknown distribution {value!r}", "one of " + ", ".join(DISTRIBUTIONS))
-    return value  # type: ignore[return-value]
-
-
-def _parse_loss_ge(value: object, fld: str) -> LossGE:
-    form = "a mapping with p and optionally r, loss_bad, loss_good, each a percentage"
-    if not isinstance(value, Mapping):
-        raise InvalidInput(fld, f"expected a mapping, got {type(value).__name__}", form)
-    unknown = sorted(map(str, set(value) - {"p", "r", "loss_bad", "loss_good"}))
-    if unknown:
-        raise unknown_field(f"{fld}.{unknown[0]}", unknown[0], ("p", "r", "loss_bad", "loss_good"), form)
-    if "p" not in value:
-        raise InvalidInput(fld + ".p", "is required", form)
-    p = parse_percent(value["p"], fld + ".p")
-    # tc-netem(8)'s defaults: r = 1 - p, all loss in the bad state.
-    r = parse_percent(value["r"], fld + ".r") if "r" in value else 100.0 - p
-    bad = parse_percent(value["loss_bad"], fld + ".loss_bad") if "loss_bad" in value else 100.0
-    good = parse_percent(value["loss_good"], fld + ".loss_good") if "loss_good" in value else 0.0
-    return LossGE(p, r, bad, good)
-
-
-def _format_loss_ge(ge: LossGE) -> dict[str, str]:
-    return {
-        "p": format_percent(ge.p_pct),
-        "r": format_percent(ge.r_pct),
-        "loss_bad": format_percent(ge.loss_bad_pct),
-        "loss_good": format_percent(ge.loss_good_pct),
-    }
-
-
-_FIELDS: tuple[_Field, ...] = (
-    _Field("delay", "delay_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_DELAY_US), format_duration_us, 0),
-    _Field("jitter", "jitter_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_DELAY_US), format_duration_us, 0),
-    _pct("delay_corr", "delay_corr_pct"),
-    _Field("distribution", "distribution", _parse_distribution, str, "uniform"),
-    _pct("loss", "loss_pct"),
-    _pct("loss_corr", "loss_corr_pct"),
-    _Field("loss_ge", "loss_ge", _parse_loss_ge, _format_loss_ge, None),
-    _pct("duplicate", "duplicate_pct"),
-    _pct("duplicate_corr", "duplicate_corr_pct"),
-    _pct("corrupt", "corrupt_pct"),
-    _pct("corrupt_corr", "corrupt_corr_pct"),
-    _pct("reorder", "reorder_pct"),
-    _pct("reorder_corr", "reorder_corr_pct"),
-    _Field("gap", "gap", lambda v, f: parse_int(v, f, lo=1, hi=2**31 - 1), int, 0),
-    _Field(
-        "rate",
-        "rate_bits",
-        lambda v, f: parse_rate_bits(v, f, min_bits=MIN_RATE_BITS, max_bits=MAX_RATE_BITS),
-        format_rate_bits,
-    ),
-    _Field("burst", "burst_bytes",
-           lambda v, f: parse_size_bytes(v, f, min_bytes=MIN_BURST_BYTES, max_bytes=MAX_BURST_BYTES),
-           format_size_bytes),
-    _Field("limit", "limit", lambda v, f: parse_int(v, f, lo=1, hi=MAX_NETEM_LIMIT), int),
-    _Field("ttl", "ttl_us", lambda v, f: parse_duration_us(v, f, max_us=MAX_TTL_US), format_duration_us),
-)
-FIELD_NAMES = ("name", "dst") + tuple(f.key for f in _FIELDS)
-
-# Cross-field requirements: (field, needs, why).
-_REQUIRES = (
-    ("jitter", "delay", "jitter varies a delay"),
-    ("delay_corr", "jitter", "correlation applies to the jitter"),
-    ("loss_corr", "loss", "correlation applies to random loss"),
-    ("duplicate_corr", "duplicate", "correlation applies to duplication"),
-    ("corrupt_corr", "corrupt", "correlation applies to corruption"),
-    ("reorder", "delay", "netem reorders by sending some packets without the delay"),
-    ("reorder_corr", "reorder", "correlation applies to reordering"),
-    ("gap", "reorder", "gap spaces reordered packets"),
-    ("burst", "rate", "burst shapes a rate"),
-)
+# The cross-field checks, in the order their errors were always reported: those with a
+# reason first, then distribution's (jitter with it).
+_NEEDING = tuple(sorted((f for f in OPTIONAL_FIELDS if f.needs), key=lambda f: not f.needs[1]))
 
 
 def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rule:
@@ -348,8 +240,7 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
     body_name = data.get("name", name)
     if name is not None and body_name != name:
         raise InvalidInput(prefix + "name", f"{body_name!r} differs from {name!r} in the path", "the same name")
-    if not isinstance(body_name, str) or not NAME_RE.fullmatch(body_name):
-        raise InvalidInput(prefix + "name", f"invalid name {body_name!r}", NAME_FORM)
+    body_name = NAME.parse(body_name, prefix + "name")
 
     raw_dst = data.get("dst")
     if isinstance(raw_dst, str):
@@ -361,26 +252,27 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
     dst = _parse_dst(raw_dst, prefix)
 
     values: dict[str, Any] = {}
-    for spec in _FIELDS:
+    for spec in OPTIONAL_FIELDS:
         if spec.key in data and data[spec.key] is not None:
             values[spec.attr] = spec.parse(data[spec.key], prefix + spec.key)
     rule = Rule(name=body_name, dst=dst, **values)
 
-    present = {spec.key for spec in _FIELDS if getattr(rule, spec.attr) != spec.default}
-    for fld, needs, why in _REQUIRES:
-        if fld in present and needs not in present:
-            raise InvalidInput(prefix + fld, f"needs {needs} to be set too ({why})", f"{needs} with {fld}")
-    if "distribution" in present and "jitter" not in present:
-        raise InvalidInput(prefix + "distribution", "needs jitter to be set too", "jitter with distribution")
+    present = {spec.key for spec in OPTIONAL_FIELDS if getattr(rule, spec.attr) != spec.default}
+    for spec in _NEEDING:
+        needs, why = spec.needs
+        if spec.key in present and needs not in present:
+            raise InvalidInput(prefix + spec.key, f"needs {needs} to be set too" + (f" ({why})" if why else ""),
+                               f"{needs} with {spec.key}")
     if rule.loss_pct and rule.loss_ge:
         raise InvalidInput(prefix + "loss_ge", "cannot be combined with loss", "either loss or loss_ge")
     if rule.ttl_us == 0:
         raise InvalidInput(prefix + "ttl", "must be longer than 0", "a positive duration")
-    if rule.burst_bytes is not None and rule.rate_bits and rule.burst_bytes > max_burst_bytes(rule.rate_bits):
-        most, rate = max_burst_bytes(rule.rate_bits), format_rate_bits(rule.rate_bits)
+    bits_per_s = rule.rate_bits_per_s
+    if rule.burst_bytes is not None and bits_per_s and rule.burst_bytes > max_burst_bytes(bits_per_s):
+        most, rate = max_burst_bytes(bits_per_s), format_rate_bits_per_s(bits_per_s)
         raise InvalidInput(
             prefix + "burst",
-            f"{format_size_bytes(rule.burst_bytes)} lasts {rule.burst_bytes / (rule.rate_bits / 8):,.0f} s at "
+            f"{format_size_bytes(rule.burst_bytes)} lasts {rule.burst_bytes / (bits_per_s / 8):,.0f} s at "
             f"{rate}; HTB holds a burst of at most {MAX_BURST_NS / 1e9:.1f} s at its rate",
             f"a size from {MIN_BURST_BYTES} to {most} bytes ({format_bytes(most)}) at rate {rate}",
         )
@@ -506,16 +398,6 @@ def parse_ruleset_text(text: str | bytes, field: str, source: str) -> tuple[Rule
             return parse_ruleset(data)
     except InvalidInput as exc:
         raise with_line(exc, text, source) from None
-
-
-def unknown_field(fld: str, key: str, known: Iterable[str], accepted: str | None = None, *,
-                  what: str = "unknown field") -> InvalidInput:
-    """The error for a field name shaper does not know, with the closest known one (a typo, "dely")."""
-    known = tuple(known)
-    norm = key.strip().lower().replace("-", "_")
-    close = [norm] if norm in known else difflib.get_close_matches(norm, known, n=1, cutoff=0.6)
-    problem = f"{what}; did you mean {close[0]!r}?" if close else what
-    return InvalidInput(fld, problem, accepted or "one of " + ", ".join(known))
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -16,7 +16,8 @@ from shaper.errors import InvalidInput
 
 log = logging.getLogger("shaper")
 
-_NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+_NUMBER_TEXT = r"[0-9]+(\.[0-9]+)?|\.[0-9]+"  # a group JSON Schema's patterns can write too
+_NUMBER = rf"(?P<num>{_NUMBER_TEXT})"
 
 _DURATION_US = {
     "us": 1,
@@ -31,26 +32,36 @@ _DURATION_US = {
     "d": 86_400_000_000,  # a TTL of "30d", the documented maximum
 }
 DURATION_FORM = "a number with a unit: us, ms, s, m, h or d (e.g. 20ms, 1.5s, 500us, 7d)"
+# The JSON Schema patterns (ECMA 262) of the forms the parsers below take, built from
+# their own units; as in the documents people write: lower case, at most one space.
+# They say nothing of ranges (a percentage's 100 aside), which the parsers check.
+DURATION_PATTERN = f"^(0|({_NUMBER_TEXT}) ?({'|'.join(_DURATION_US)}))$"
 
 # tc(8): bit/kbit/mbit/gbit/tbit are bits per second (SI), the "bps" family
 # bytes per second; IEC prefixes (kibit, mibps, ...) are powers of 1024.
-_RATE_BITS = {}
+_RATE_BITS_PER_S = {}  # unit -> bits per second of one of it
 for _si, _iec, _mult in (("", "", 0), ("k", "ki", 1), ("m", "mi", 2), ("g", "gi", 3), ("t", "ti", 4)):
-    _RATE_BITS[_si + "bit"] = 1000**_mult
-    _RATE_BITS[_si + "bps"] = 8 * 1000**_mult
+    _RATE_BITS_PER_S[_si + "bit"] = 1000**_mult
+    _RATE_BITS_PER_S[_si + "bps"] = 8 * 1000**_mult
     if _iec:
-        _RATE_BITS[_iec + "bit"] = 1024**_mult
-        _RATE_BITS[_iec + "bps"] = 8 * 1024**_mult
-_BYTE_RATE_UNITS = frozenset(u for u in _RATE_BITS if u.endswith("bps"))
+        _RATE_BITS_PER_S[_iec + "bit"] = 1024**_mult
+        _RATE_BITS_PER_S[_iec + "bps"] = 8 * 1024**_mult
+_BYTE_RATE_UNITS = frozenset(u for u in _RATE_BITS_PER_S if u.endswith("bps"))
 _PREFIX_NAMES = {"": "", "k": "kilo", "m": "mega", "g": "giga", "t": "tera",
                  "ki": "kibi", "mi": "mebi", "gi": "gibi", "ti": "tebi"}
 _warned_byte_rate = False  # once per process: a rules file may use the unit a thousand times
 RATE_FORM = "a number with a tc unit: bit, kbit, mbit, gbit, tbit (bits/s) or bps, kbps, mbps, gbps (bytes/s)"
+# Listed SI before IEC, bits before bytes, smallest first: the order RATE_FORM reads in.
+_RATE_UNITS_LISTED = sorted(_RATE_BITS_PER_S, key=lambda u: (u[:-3].endswith("i"), u in _BYTE_RATE_UNITS,
+                                                               _RATE_BITS_PER_S[u]))
+RATE_PATTERN = f"^({_NUMBER_TEXT}) ?({'|'.join(_RATE_UNITS_LISTED)})$"
 
 # tc(8) sizes are powers of 1024: "kb" is KiB.
 _SIZE_BYTES = {"b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 SIZE_FORM = "bytes as an integer, or a number with a unit: b, kb, mb, gb (powers of 1024)"
+SIZE_PATTERN = f"^({_NUMBER_TEXT}) ?({'|'.join(_SIZE_BYTES)})$"
 PERCENT_FORM = "a percentage from 0% to 100% written with the % sign (e.g. 1%, 0.5%)"
+PERCENT_PATTERN = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?|\.[0-9]+) ?%$"  # 0 to 100 (parse_percent's range)
 
 
 def _split(value: object, field: str, form: str) -> tuple[float, str]:
@@ -91,24 +102,24 @@ def parse_percent(value: object, field: str) -> float:
     return num
 
 
-def parse_rate_bits(value: object, field: str, *, min_bits: int, max_bits: int) -> int:
+def parse_rate_bits_per_s(value: object, field: str, *, min_bits_per_s: int, max_bits_per_s: int) -> int:
     """'10mbit' -> 10_000_000 bits per second."""
     num, unit = _split(value, field, RATE_FORM)
-    if unit not in _RATE_BITS:
+    if unit not in _RATE_BITS_PER_S:
         raise InvalidInput(field, f"unknown or missing unit in {value!r}", RATE_FORM)
-    bits = round(num * _RATE_BITS[unit])
+    bits_per_s = round(num * _RATE_BITS_PER_S[unit])
     if unit in _BYTE_RATE_UNITS:
-        _warn_byte_rate(value, bits)
-    if not min_bits <= bits <= max_bits:
+        _warn_byte_rate(value, bits_per_s)
+    if not min_bits_per_s <= bits_per_s <= max_bits_per_s:
         raise InvalidInput(
             field,
-            f"{value!r} is outside {format_rate_bits(min_bits)}..{format_rate_bits(max_bits)}",
+            f"{value!r} is outside {format_rate_bits_per_s(min_bits_per_s)}..{format_rate_bits_per_s(max_bits_per_s)}",
             RATE_FORM,
         )
-    return bits
+    return bits_per_s
 
 
-def _warn_byte_rate(value: str, bits: int) -> None:
+def _warn_byte_rate(value: str, bits_per_s: int) -> None:
     """tcconfig and most people read "10Mbps" as megabits; tc (and shaper) as megabytes."""
     global _warned_byte_rate
     if _warned_byte_rate:
@@ -121,9 +132,9 @@ def _warn_byte_rate(value: str, bits: int) -> None:
     # (they are applied after the message), so there it is an event name like the others.
     log.warning("rate %r is %s %sbytes per second in tc's units (%s), not %sbits as tcconfig reads it; "
                 "for %s %sbits per second write %s (this warning is shown once)",
-                value.strip(), _trim(num), prefix, format_bits_per_s(bits), prefix, _trim(num), prefix, bit_form,
+                value.strip(), _trim(num), prefix, format_bits_per_s(bits_per_s), prefix, _trim(num), prefix, bit_form,
                 extra={"fields": {"event": "rate.bytes_unit", "rate": value.strip(),
-                                  "means": format_bits_per_s(bits), "bits_would_be": bit_form}})
+                                  "means": format_bits_per_s(bits_per_s), "bits_would_be": bit_form}})
 
 
 def parse_size_bytes(value: object, field: str, *, min_bytes: int, max_bytes: int) -> int:
@@ -174,11 +185,12 @@ def format_percent(pct: float) -> str:
     return _trim(pct) + "%"
 
 
-def format_rate_bits(bits: int) -> str:
+def format_rate_bits_per_s(bits_per_s: int) -> str:
+    """A rate in tc's units that parses back to the same value: '10mbit', '1.5gbit', '8kbit'."""
     for unit, mult in (("tbit", 10**12), ("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bits >= mult and bits % (mult // 1000) == 0:
-            return _trim(bits / mult) + unit
-    return f"{bits}bit"
+        if bits_per_s >= mult and bits_per_s % (mult // 1000) == 0:
+            return _trim(bits_per_s / mult) + unit
+    return f"{bits_per_s}bit"
 
 
 def format_size_bytes(size: int) -> str:

@@ -32,7 +32,8 @@ from shaper import __version__
 from shaper.core import changes, plan as P
 from shaper.http import openapi
 from shaper.errors import BadJson, InvalidInput, NotFound, ShaperError
-from shaper.core.model import FIELD_NAMES, NAME_FORM, NAME_RE, Rule, gc_paused, parse_rule, parse_ruleset, unknown_field
+from shaper.core.fields import FIELD_NAMES, NAME, unknown_field
+from shaper.core.model import Rule, gc_paused, parse_rule, parse_ruleset
 from shaper.control.service import LATENCY_DST, LATENCY_RULE, Service
 
 log = logging.getLogger("shaper")
@@ -347,9 +348,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def _name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        raise InvalidInput("name", f"invalid name {name!r}", NAME_FORM)
-    return name
+    return NAME.parse(name, "name")
 
 
 def _flag(query: dict, key: str) -> bool:

@@ -1,56 +1,32 @@
 """The OpenAPI 3.0 document of the daemon's HTTP API (served at /openapi.json).
 
-Written by hand next to the routes in api.py; a unit test checks that the
-two list the same endpoints and that the rule schema lists every field the
-model accepts.
+The paths are written by hand next to the routes in api.py (a unit test checks
+that the two list the same endpoints); the rule schema is made from the field
+descriptions in shaper.core.fields, as the model's parsing is.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from shaper.core.model import NAME_FORM
-from shaper.core.units import DURATION_FORM, PERCENT_FORM, RATE_FORM, SIZE_FORM
+from shaper.core.fields import FIELDS, NAME, OPTIONAL_FIELDS, Field
+from shaper.core.units import DURATION_FORM, DURATION_PATTERN
 
-_NUM = r"([0-9]+(\.[0-9]+)?|\.[0-9]+)"
 # Patterns say as much of the accepted forms as JSON Schema can; ranges inside strings
 # (a rate's minimum) and cross-field needs (jitter needs delay) are checked by shaper.
-_PCT = {"type": "string", "pattern": r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]+)?|\.[0-9]+) ?%$",
-        "description": PERCENT_FORM}
-_DURATION = {"type": "string", "pattern": "^(0|" + _NUM + " ?(us|usec|ms|msec|s|sec|m|min|h|d))$",
-             "description": DURATION_FORM}
-NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_DURATION = {"type": "string", "pattern": DURATION_PATTERN, "description": DURATION_FORM}
+NAME_PATTERN = NAME.schema["pattern"]
 
-RULE_FIELDS: dict[str, dict[str, Any]] = {
-    "name": {"type": "string", "pattern": NAME_PATTERN,
-             "description": NAME_FORM + ". In /rules/{name} it comes from the path."},
-    "dst": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-            "description": "Destinations: IPv4/IPv6 addresses or CIDRs. The longest matching prefix wins."},
-    "delay": {**_DURATION, "description": "Added delay: " + DURATION_FORM + "."},
-    "jitter": {**_DURATION, "description": "Delay variation (needs delay)."},
-    "delay_corr": {**_PCT, "description": "Correlation of successive jitter values (needs jitter)."},
-    "distribution": {"type": "string", "enum": ["uniform", "normal", "pareto", "paretonormal"],
-                     "description": "Shape of the jitter (default uniform)."},
-    "loss": {**_PCT, "description": "Random loss."},
-    "loss_corr": {**_PCT, "description": "Correlation of successive losses."},
-    "loss_ge": {"type": "object", "additionalProperties": False,
-                "properties": {k: _PCT for k in ("p", "r", "loss_bad", "loss_good")}, "required": ["p"],
-                "description": "Gilbert-Elliott bursty loss (instead of loss)."},
-    "duplicate": {**_PCT, "description": "Packets sent twice."},
-    "duplicate_corr": _PCT,
-    "corrupt": {**_PCT, "description": "Packets with one flipped bit."},
-    "corrupt_corr": _PCT,
-    "reorder": {**_PCT, "description": "Packets sent at once, ahead of delayed ones (needs delay)."},
-    "reorder_corr": _PCT,
-    "gap": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1, "description": "Reorder every gap-th packet (default 1)."},
-    "rate": {"type": "string", "pattern": "^" + _NUM + " ?(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps|tbps|kibit|mibit|"
-                                                        "gibit|tibit|kibps|mibps|gibps|tibps)$",
-             "description": "Rate limit (HTB): " + RATE_FORM + "."},
-    "burst": {"type": "string", "pattern": "^" + _NUM + " ?(b|k|kb|m|mb|g|gb)$", "description": "HTB burst (needs rate; default 2 ms at the rate): " + SIZE_FORM + "."},
-    "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000,
-              "description": "netem queue limit in packets (default: sized from delay x rate)."},
-    "ttl": {**_DURATION, "description": "Remove the rule after this long (restarted by each PUT of it)."},
-}
+
+
+def rule_fields(fields: tuple[Field, ...] = FIELDS) -> dict[str, dict[str, Any]]:
+    """The Rule schema's properties: each field's schema, with its description."""
+    return {f.key: {**f.schema, "description": f.api_description()} for f in fields}
+
+
+RULE_FIELDS = rule_fields()
+_REQUIRED = [f.key for f in FIELDS if f.required]
+_CLEARABLE = {f.key for f in OPTIONAL_FIELDS}  # a merge patch's null removes them
 
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _RULE = {"application/json": {"schema": {"$ref": "#/components/schemas/Rule"}}}
@@ -153,12 +129,12 @@ def document(version: str) -> dict[str, Any]:
                                            "description": "Needed by requests that change state when the daemon "
                                                           "runs with --token-file."}},
             "schemas": {
-                "Rule": {"type": "object", "additionalProperties": False, "required": ["dst"],
+                "Rule": {"type": "object", "additionalProperties": False, "required": _REQUIRED,
                          "properties": RULE_FIELDS},
-                "RulePreview": {"type": "object", "additionalProperties": False, "required": ["dst", "dry_run"],
+                "RulePreview": {"type": "object", "additionalProperties": False, "required": [*_REQUIRED, "dry_run"],
                                 "properties": {**RULE_FIELDS, **_PREVIEW}},
                 "RulePatch": {"type": "object", "additionalProperties": False, "minProperties": 1,
-                              "properties": {k: ({**v, "nullable": True} if k not in ("name", "dst") else v)
+                              "properties": {k: ({**v, "nullable": True} if k in _CLEARABLE else v)
                                              for k, v in RULE_FIELDS.items()}},
                 "RuleSet": {"type": "object", "additionalProperties": False, "required": ["rules"],
                             "properties": {"rules": {

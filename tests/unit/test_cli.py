@@ -58,7 +58,7 @@ def test_rule_set_get_list_del(daemon):
     assert "db" in out and "delay=50ms" in out and "1h0m0s left" in out
     assert seen[-1] == ("http://127.0.0.1:2332", "PUT", "/rules/db", f"Bearer {TOKEN}")
     rule = fake.observe().rules["db"].rule
-    assert rule.delay_us == 50_000 and rule.loss_ge.p_pct == 1 and rule.gap == 2 and rule.rate_bits == 2_000_000
+    assert rule.delay_us == 50_000 and rule.loss_ge.p_pct == 1 and rule.gap == 2 and rule.rate_bits_per_s == 2_000_000
     code, out, _ = run("rule", "get", "db", "-o", "json")
     assert code == 0 and json.loads(out)["loss_ge"] == {"p": "1%", "r": "20%", "loss_bad": "100%",
                                                        "loss_good": "0%"}

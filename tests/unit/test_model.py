@@ -40,7 +40,7 @@ def test_full_rule_and_round_trip():
             "duplicate_corr": "5%", "corrupt": "0.1%", "corrupt_corr": "1%", "reorder": "25%",
             "reorder_corr": "50%", "gap": 5, "rate": "10mbit", "burst": "32kb", "limit": 5000, "ttl": "10m"}
     r = parse_rule(data)
-    assert (r.delay_us, r.jitter_us, r.loss_pct, r.rate_bits, r.ttl_us) == (50_000, 5_000, 1.0, 10**7, 600_000_000)
+    assert (r.delay_us, r.jitter_us, r.loss_pct, r.rate_bits_per_s, r.ttl_us) == (50_000, 5_000, 1.0, 10**7, 600_000_000)
     assert r.has_netem
     out = r.to_dict()
     assert out["dst"] == ["10.0.0.5/32", "fd00::5/128"]
@@ -217,10 +217,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 from shaper.core.plan import Entry  # noqa: E402
 from shaper.datapath import abi, netem  # noqa: E402
-from shaper.core.model import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_BURST_NS, MAX_DELAY_US, MAX_RATE_BITS,  # noqa: E402
-                          MAX_RULES, MAX_TTL_US, MIN_BURST_BYTES, MIN_RATE_BITS, max_burst_bytes)
+from shaper.core.fields import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_DELAY_US, MAX_RATE_BITS_PER_S,  # noqa: E402
+                               MAX_TTL_US, MIN_BURST_BYTES, MIN_RATE_BITS_PER_S)
+from shaper.core.model import MAX_BURST_NS, MAX_RULES, max_burst_bytes  # noqa: E402
 from shaper.datapath.tc import _htb_class_options  # noqa: E402
-from shaper.core.units import format_duration_us, format_percent, format_rate_bits  # noqa: E402
+from shaper.core.units import format_duration_us, format_percent, format_rate_bits_per_s  # noqa: E402
 
 _PCT = st.integers(0, 100_000_000).map(lambda micro: format_percent(micro / 1_000_000))
 _US = st.integers(1, MAX_DELAY_US).map(format_duration_us)
@@ -232,7 +233,7 @@ def _user_rules(draw) -> dict:
     with the fields a field needs present, so most are accepted."""
     body: dict = {"name": "r", "dst": ["10.0.0.0/8", "fd00::/64"]}
     if draw(st.booleans()):
-        body["rate"] = format_rate_bits(draw(st.integers(MIN_RATE_BITS, MAX_RATE_BITS)))
+        body["rate"] = format_rate_bits_per_s(draw(st.integers(MIN_RATE_BITS_PER_S, MAX_RATE_BITS_PER_S)))
         if draw(st.booleans()):
             body["burst"] = draw(st.integers(MIN_BURST_BYTES, MAX_BURST_BYTES))
     if draw(st.booleans()):

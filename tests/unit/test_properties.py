@@ -10,9 +10,10 @@ from shaper.datapath import tcdump
 from shaper.control.controller import Controller
 from shaper.errors import InvalidInput
 from shaper.datapath.fake import FakeDatapath
-from shaper.core.model import FIELD_NAMES, MAX_DELAY_US, MAX_RATE_BITS, MIN_RATE_BITS, Prefix, parse_rule
-from shaper.core.units import (format_duration_us, format_percent, format_rate_bits, parse_duration_us, parse_percent,
-                          parse_rate_bits)
+from shaper.core.fields import MAX_DELAY_US, MAX_RATE_BITS_PER_S, MIN_RATE_BITS_PER_S
+from shaper.core.model import FIELD_NAMES, Prefix, parse_rule
+from shaper.core.units import (format_duration_us, format_percent, format_rate_bits_per_s, parse_duration_us,
+                          parse_percent, parse_rate_bits_per_s)
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,9 +25,10 @@ def test_durations_round_trip(us):
 
 
 @SETTINGS
-@given(st.integers(MIN_RATE_BITS, MAX_RATE_BITS))
+@given(st.integers(MIN_RATE_BITS_PER_S, MAX_RATE_BITS_PER_S))
 def test_rates_round_trip(bits):
-    assert parse_rate_bits(format_rate_bits(bits), "r", min_bits=MIN_RATE_BITS, max_bits=MAX_RATE_BITS) == bits
+    assert parse_rate_bits_per_s(format_rate_bits_per_s(bits), "r", min_bits_per_s=MIN_RATE_BITS_PER_S,
+                                 max_bits_per_s=MAX_RATE_BITS_PER_S) == bits
 
 
 @SETTINGS

@@ -47,19 +47,19 @@ def test_percent():
                                        ("100kbit", 10**5), ("1mbps", 8 * 10**6), ("1kibit", 1024),
                                        ("1.5mbit", 1_500_000), ("10MBit", 10**7)])
 def test_rate(text, bits):
-    assert U.parse_rate_bits(text, "rate", min_bits=1, max_bits=10**13) == bits
+    assert U.parse_rate_bits_per_s(text, "rate", min_bits_per_s=1, max_bits_per_s=10**13) == bits
 
 
 @pytest.mark.parametrize("text", ["10", "10mb", "fast", "10 mbit/s", "0mbit"])
 def test_rate_rejects(text):
     with pytest.raises(InvalidInput) as err:
-        U.parse_rate_bits(text, "rate", min_bits=8000, max_bits=10**13)
+        U.parse_rate_bits_per_s(text, "rate", min_bits_per_s=8000, max_bits_per_s=10**13)
     assert err.value.field == "rate"
 
 
 @pytest.mark.parametrize("bits", [8000, 10**5, 2 * 10**6, 10**7, 1_500_000, 10**9, 123_456])
 def test_rate_round_trip(bits):
-    assert U.parse_rate_bits(U.format_rate_bits(bits), "r", min_bits=1, max_bits=10**13) == bits
+    assert U.parse_rate_bits_per_s(U.format_rate_bits_per_s(bits), "r", min_bits_per_s=1, max_bits_per_s=10**13) == bits
 
 
 def test_size():
@@ -74,8 +74,8 @@ def test_size():
 
 
 def test_bare_bit_units():
-    assert U.parse_rate_bits("8000bit", "rate", min_bits=1, max_bits=10**13) == 8000
-    assert U.parse_rate_bits("1000bps", "rate", min_bits=1, max_bits=10**13) == 8000
+    assert U.parse_rate_bits_per_s("8000bit", "rate", min_bits_per_s=1, max_bits_per_s=10**13) == 8000
+    assert U.parse_rate_bits_per_s("1000bps", "rate", min_bits_per_s=1, max_bits_per_s=10**13) == 8000
 
 
 @pytest.mark.parametrize("bits,text", [(0, "0 bit/s"), (999, "999 bit/s"), (1500, "1.5 kbit/s"),
@@ -99,17 +99,17 @@ def test_format_count(count, text):
 
 def test_a_bytes_per_second_unit_warns_once_per_process(monkeypatch, caplog):
     monkeypatch.setattr(U, "_warned_byte_rate", False)
-    assert U.parse_rate_bits("10mbit", "rate", min_bits=1, max_bits=10**13) == 10**7
+    assert U.parse_rate_bits_per_s("10mbit", "rate", min_bits_per_s=1, max_bits_per_s=10**13) == 10**7
     assert not caplog.records  # bits: nothing to say
-    assert U.parse_rate_bits("10Mbps", "rate", min_bits=1, max_bits=10**13) == 8 * 10**7
-    assert U.parse_rate_bits("1kbps", "rate", min_bits=1, max_bits=10**13) == 8000
+    assert U.parse_rate_bits_per_s("10Mbps", "rate", min_bits_per_s=1, max_bits_per_s=10**13) == 8 * 10**7
+    assert U.parse_rate_bits_per_s("1kbps", "rate", min_bits_per_s=1, max_bits_per_s=10**13) == 8000
     assert [r.getMessage() for r in caplog.records] == [
         "rate '10Mbps' is 10 megabytes per second in tc's units (80 Mbit/s), not megabits as tcconfig reads it; "
         "for 10 megabits per second write 10mbit (this warning is shown once)"]
     for unit, said in (("bps", "100 bytes per second"), ("gibps", "100 gibibytes per second")):
         monkeypatch.setattr(U, "_warned_byte_rate", False)
         caplog.clear()
-        U.parse_rate_bits(f"100{unit}", "rate", min_bits=1, max_bits=10**15)
+        U.parse_rate_bits_per_s(f"100{unit}", "rate", min_bits_per_s=1, max_bits_per_s=10**15)
         assert said in caplog.records[0].getMessage(), caplog.records[0].getMessage()
         assert f"write 100{unit[:-3]}bit" in caplog.records[0].getMessage()
 
@@ -128,7 +128,7 @@ def test_the_bytes_rate_warning_is_an_event_in_the_daemons_json_log(monkeypatch)
     logger = logging.getLogger("shaper")
     logger.addHandler(handler)
     try:
-        U.parse_rate_bits("10mbps", "rate", min_bits=1, max_bits=10**13)
+        U.parse_rate_bits_per_s("10mbps", "rate", min_bits_per_s=1, max_bits_per_s=10**13)
     finally:
         logger.removeHandler(handler)
     line = json.loads(stream.getvalue())
