@@ -12,6 +12,7 @@ from shaper.control.controller import Controller
 from shaper.errors import InvalidInput
 from shaper.datapath.fake import Crashed, FakeDatapath
 from shaper.core.model import MAX_RULES, parse_rule, parse_ruleset
+from tests.support.rule_sets import random_rule_set
 
 NOW = 10**12
 
@@ -25,27 +26,12 @@ def state(dp):
     return dp.observe(), dict(dp.classes), dict(dp.leaves)
 
 
-def random_set(rnd, names, addrs):
-    pool = addrs[:]
-    rnd.shuffle(pool)
-    specs = []
-    for name in rnd.sample(names, rnd.randint(0, len(names))):
-        dst = [pool.pop() for _ in range(rnd.randint(1, 4)) if pool]
-        if not dst:
-            break
-        spec = {"name": name, "dst": dst}
-        if rnd.random() < 0.6:
-            spec["delay"] = f"{rnd.randint(1, 50)}ms"
-        if rnd.random() < 0.5:
-            spec["rate"] = f"{rnd.choice([1, 2, 10])}mbit"
-        if rnd.random() < 0.2:
-            spec["ttl"] = f"{rnd.randint(100, 300)}s"
-        specs.append(spec)
-    return rules(*specs)
-
-
 NAMES = [f"r{i}" for i in range(10)]
 ADDRS = [f"10.{i}.0.0/16" for i in range(6)] + [f"10.0.0.{i}" for i in range(16)] + ["fd00::/64", "fd00::1", "::/0"]
+
+
+def random_set(rnd):
+    return random_rule_set(rnd, NAMES, ADDRS, max_dst=4, ttl_s=(100, 300))
 
 
 def crash_matrix(old, new, *, second_crash=None):
@@ -92,7 +78,7 @@ def test_every_crash_point_of_random_changes_leaves_old_or_new():
     rnd = random.Random(7)
     points = 0
     for _ in range(60):
-        old, new = random_set(rnd, NAMES, ADDRS), random_set(rnd, NAMES, ADDRS)
+        old, new = random_set(rnd), random_set(rnd)
         points += crash_matrix(old, new)
     assert points > 300  # the matrix really ran through many crash points
 
@@ -101,7 +87,7 @@ def test_every_crash_point_of_random_changes_leaves_old_or_new():
 def test_a_crash_during_the_roll_back_is_rolled_back_by_the_next_controller(second):
     rnd = random.Random(second)
     for _ in range(15):
-        crash_matrix(random_set(rnd, NAMES, ADDRS), random_set(rnd, NAMES, ADDRS), second_crash=second)
+        crash_matrix(random_set(rnd), random_set(rnd), second_crash=second)
 
 
 def test_full_replace_with_other_names_crash_points():

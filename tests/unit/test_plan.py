@@ -8,6 +8,7 @@ from shaper.control.controller import Controller
 from shaper.errors import InvalidInput, KernelError
 from shaper.datapath.fake import FakeDatapath
 from shaper.core.model import Prefix, parse_rule, parse_ruleset
+from tests.support.rule_sets import random_rule_set
 
 NOW = 10**12
 
@@ -183,22 +184,7 @@ def test_random_sequences_reach_desired_state_and_keep_invariants():
     names = [f"r{i}" for i in range(12)]
     addrs = [f"10.{i}.0.0/16" for i in range(6)] + [f"10.0.0.{i}" for i in range(20)] + ["fd00::/64", "fd00::1", "::/0"]
     for _ in range(200):
-        pool = addrs[:]
-        rnd.shuffle(pool)
-        specs = []
-        for name in rnd.sample(names, rnd.randint(0, len(names))):
-            dst = [pool.pop() for _ in range(rnd.randint(1, 3)) if pool]
-            if not dst:
-                break
-            spec = {"name": name, "dst": dst}
-            if rnd.random() < 0.6:
-                spec["delay"] = f"{rnd.randint(1, 50)}ms"
-            if rnd.random() < 0.5:
-                spec["rate"] = f"{rnd.choice([1, 2, 10])}mbit"
-            if rnd.random() < 0.2:
-                spec["ttl"] = f"{rnd.randint(1, 30)}s"
-            specs.append(spec)
-        want = rules(*specs)
+        want = random_rule_set(rnd, names, addrs, max_dst=3, ttl_s=(1, 30))  # TTLs short enough to expire here
         c.apply(want)
         desired_state_reached(dp, want)
         assert c.apply(want) == []
