@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    results: dict = {"meta": {**machine(), "smoke": args.smoke}}
+    results: dict = {"meta": {**machine(), "smoke": args.smoke, "loadavg_start": os.getloadavg()[0]}}
     t0 = time.monotonic()
     for section in args.sections:
         log(f"bench: {section}")
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         results[section] = (smoke if args.smoke else full)(section, log)
         log(f"bench: {section} done in {time.monotonic() - s0:.0f}s")
     results["meta"]["duration_s"] = time.monotonic() - t0
+    results["meta"]["loadavg_end"] = os.getloadavg()[0]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1))
     verdicts = report.write(results, args.out, args.out.parent / args.out.stem)

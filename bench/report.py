@@ -170,6 +170,14 @@ def _doc(mod) -> str:
     return text[1].strip() if len(text) > 1 else ""
 
 
+def _load(meta: dict) -> str:
+    """The run's load, as measured (results from before it was recorded have none)."""
+    if "loadavg_start" not in meta:
+        return ""
+    return (f"Load average (1 min) {meta['loadavg_start']:.1f} at the start of the run and {meta['loadavg_end']:.1f} "
+            "at its end. ")
+
+
 def write(results: dict, md: Path, figdir: Path) -> list[str]:
     """Write the document and figures; returns the goal verdict lines."""
     figdir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +187,8 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
     w = out.append
     w("# Benchmarks\n")
     w(f"Produced by `make bench` (`python -m bench`) on {meta['date']}: kernel {meta['kernel']}, "
-      f"{meta['cpus']} CPUs ({meta['cpu']}), {meta['os']}. The machine was **shared** with another engineer "
-      "working at the same time, so absolute numbers are noisy: every comparison below was measured side by side "
+      f"{meta['cpus']} CPUs ({meta['cpu']}), {meta['os']}. {_load(meta)}Other work may share the machine, so "
+      "absolute numbers are noisy: every comparison below was measured side by side "
       "in the same run and is given as a ratio, with min/median/max over the repeats. "
       f"The whole run took {meta['duration_s'] / 60:.1f} minutes. Raw results: `bench/results/latest.json` "
       "(not committed).\n")
@@ -352,8 +360,9 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
           f"| {nd['direct_queue_packets']} |")
         w("")
         w("The direct-queue column counts anything else the pod's interface sent unclassified in that time "
-          "(not identified; the lab has IPv6 addresses, so neighbour or router solicitations are likely); `a` and "
-          "`b`'s packets are all accounted for in their classes.\n")
+          "(not identified; the lab has IPv6 addresses, so neighbour or router solicitations are likely); "
+          + ("`a` and `b`'s packets are all accounted for in their classes.\n" if nd["unshaped"] == 0 else
+             f"{nd['unshaped']:,} of `a` and `b`'s packets are not in their classes.\n"))
         verdicts.append(f"| no disruption: zero loss and no unshaped packet for other rules during {ch['put'] + ch['delete']} "
                         f"changes | lost {nd['lost']}, unshaped {nd['unshaped']} of {nd['sent']:,} | "
                         f"{_ok(nd['lost'] == 0 and nd['unshaped'] == 0)} |")
