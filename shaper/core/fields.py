@@ -48,7 +48,7 @@ MAX_TTL_US = 30 * 86_400_000_000
 MIN_RATE_BITS_PER_S = 8_000  # 1 kB/s: below it one MTU takes over a second
 MAX_RATE_BITS_PER_S = 10**13  # 10 tbit
 DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
-MAX_GAP = 2**31 - 1  # netem's gap is a u32 the kernel reads as an int
+MAX_GAP = 2**31 - 1  # tc_netem_qopt.gap is a u32; the range stays within a signed 32-bit int
 MIN_BURST_BYTES = 1600
 MAX_BURST_BYTES = 2**30
 # Queue sizing (PEERS: netem's default 1000-packet limit silently tail-drops at
