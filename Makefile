@@ -1,7 +1,7 @@
 # make demo: the per-destination lab; make test: every test tier; make bench: docs/benchmarks.md. All set up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-kernel test-container test-vm test-fresh image bench soak clean
+.PHONY: setup demo test test-unit test-kernel test-container test-vm test-fresh image bench soak readme clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,10 @@ test-fresh: setup
 
 bench: setup
 	$(PY) -m bench
+
+# README.md's rule-field table, generated from shaper/core/fields.py (a unit test fails when it is stale).
+readme: setup
+	$(PY) scripts/readme_fields.py
 
 clean:
 	rm -rf .venv .venv-bench bench/results .pytest_cache *.egg-info
