@@ -607,7 +607,7 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
                 _print_dry_run(iface, changed, len(rules))
                 return
             with gc_paused():  # see model.gc_paused
-                ops = Controller(dp).apply(rules)
+                ops = Controller(dp).apply(rules).ops
         progress.finish(f"{counted} applied")
         click.echo(f"{iface}: {len(rules)} rule(s), {len(ops)} change(s)")
 

@@ -16,19 +16,25 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from prometheus_client import disable_created_metrics
 
 from shaper import __version__
 from shaper.control.service import Service, audit
 from shaper.core.model import Rule
+from shaper.datapath.interface import AttachResult, Datapath
 from shaper.errors import InvalidInput, ShaperError
 from shaper.http.api import Api
 from shaper.http.client import DEFAULT_PORT
 from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
 
 log = logging.getLogger("shaper")
+
+# Opens the datapath of an interface (name, network namespace): KernelDatapath, or a
+# fake in the loop's tests.  Raises InvalidInput while the interface does not exist.
+DatapathFactory = Callable[[str, str | None], Datapath]
+
 
 @dataclass(frozen=True)
 class DaemonOptions:
@@ -148,39 +154,7 @@ def run(opts: DaemonOptions) -> None:
         log.warning("api.open", extra={"fields": {"reason": "--insecure: no token, anyone who can reach the port "
                                                             "can change shaping"}})
     try:
-        try:
-            how = kernel.run(dp.attach)
-        except ShaperError:
-            service.instruments.error("attach")
-            raise
-        if stop.is_set():
-            pass  # stopped during the compile: remove what was attached, apply nothing
-        elif opts.rules is None and opts.initial_rules and how == "attached":
-            try:
-                kernel.run(service.start, opts.initial_rules, "initial-rules")
-            except ShaperError as exc:
-                # Pod annotations are not worth a crash loop: start with none and say why.
-                log.warning("rules.refused", extra={"fields": {"source": "initial rules", "error": str(exc),
-                                                               "action": "started with no rules"}})
-                kernel.run(service.start, None, "startup")
-        else:
-            kernel.run(service.start, opts.rules, "startup")
-        if not stop.is_set():
-            audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
-                  rules=len(kernel.run(service.rules)))
-        while not stop.wait(1.0) or pending:
-            while pending:
-                _on_signal(pending.pop(0), service, opts, kernel)
-            if stop.is_set():
-                break
-            if not kernel.run(service.datapath.tc.link_present):
-                if not _follow_interface(service, opts, stop, kernel):
-                    break
-                continue
-            try:
-                kernel.run(service.expire)
-            except ShaperError as exc:  # counted and logged by the service; try again next second
-                log.debug("expire failed: %s", exc)
+        serve(service, opts, kernel, stop, pending, KernelDatapath)
         audit("daemon.stop", signal=caught[0] if caught else None)
     finally:
         httpd.stop()  # requests in flight finish first (a bulk PUT gets its status), still ready
@@ -190,6 +164,59 @@ def run(opts: DaemonOptions) -> None:
         finally:
             kernel.close()
             claim.close()
+
+
+TICK_S = 1.0  # how often the main loop wakes: signals, TTL expiry, the interface's presence
+
+
+def serve(service: Service, opts: DaemonOptions, kernel: KernelThread, stop: threading.Event,
+          pending: list[str], open_datapath: DatapathFactory, tick_s: float = TICK_S) -> None:
+    """Attach the service's datapath, apply the rules, and run the main loop until `stop` is set.
+
+    Each tick handles the signals in `pending`, follows the interface if its link
+    went (a new datapath from `open_datapath`, see _follow_interface) and removes
+    rules whose TTL passed.  Every datapath access runs on `kernel`.  Raises
+    ShaperError if the attach fails, or for an error that retrying cannot help."""
+    try:
+        how = kernel.run(service.datapath.attach)
+    except ShaperError:
+        service.instruments.error("attach")
+        raise
+    if stop.is_set():
+        pass  # stopped during the compile: remove what was attached, apply nothing
+    elif opts.rules is None and opts.initial_rules and how == "attached":
+        try:
+            kernel.run(service.start, opts.initial_rules, "initial-rules")
+        except ShaperError as exc:
+            # Pod annotations are not worth a crash loop: start with none and say why.
+            log.warning("rules.refused", extra={"fields": {"source": "initial rules", "error": str(exc),
+                                                           "action": "started with no rules"}})
+            kernel.run(service.start, None, "startup")
+    else:
+        kernel.run(service.start, opts.rules, "startup")
+    if not stop.is_set():
+        audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
+              rules=len(kernel.run(service.rules)))
+    while not stop.wait(tick_s) or pending:
+        while pending:
+            _on_signal(pending.pop(0), service, opts, kernel)
+        if stop.is_set():
+            break
+        try:
+            present = kernel.run(service.datapath.link_present)
+        except ShaperError as exc:
+            if not exc.retryable:
+                raise
+            log.debug("link lookup failed, asking again next tick: %s", exc)
+            continue
+        if not present:
+            if not _follow_interface(service, opts, stop, kernel, open_datapath, tick_s):
+                break
+            continue
+        try:
+            kernel.run(service.expire)
+        except ShaperError as exc:  # counted and logged by the service; try again next tick
+            log.debug("expire failed: %s", exc)
 
 
 def _on_signal(name: str, service: Service, opts: DaemonOptions, kernel: KernelThread) -> None:
@@ -218,18 +245,23 @@ def _exit(service: Service, opts: DaemonOptions) -> None:
             service.datapath.close()
 
 
-STILL_WAITING_S = 30
+STILL_WAITING_S = 30  # ticks between "still waiting" lines while the interface is absent
 
 
-def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event, kernel: KernelThread) -> bool:
+def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Event, kernel: KernelThread,
+                      open_datapath: DatapathFactory, tick_s: float = TICK_S) -> bool:
     """The interface vanished (a pod's veth deleted, a link recreated): wait for one of
     the same name, attach to it and put the rules back with the TTL they had left.
 
     Returns False if asked to stop while waiting.  Never raises for a missing
     interface, so a sidecar does not crash-loop; a vanished namespace is fatal.
+    A failed attach is retried: a retryable error (EBUSY, EAGAIN, EINTR: the
+    kernel was busy) quietly at the next tick, any other with a warning and a
+    wait that doubles up to 30 ticks, since someone must first fix what it
+    names (another shaper's classifier, a foreign root qdisc).  Opening the
+    datapath fails fatally unless the error is retryable or the interface is
+    simply not back yet.
     """
-    from shaper.datapath.kernel import KernelDatapath
-
     service.ready = False  # /readyz and mutations answer 503 meanwhile
     old = service.datapath
     try:
@@ -239,37 +271,45 @@ def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Eve
         log.warning("interface.rules_lost", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
     audit("interface.gone", interface=opts.iface, rules=len(rules))
     waited = failures = 0
-    while not stop.wait(min(30.0, 2.0 ** failures)):  # 1 s while absent; backs off while attach fails
+    while not stop.wait(tick_s * min(30, 2 ** failures)):  # 1 tick while absent; backs off while attach fails
         waited += 1
         if opts.netns and not os.path.exists(f"/run/netns/{opts.netns}"):
             raise ShaperError(f"network namespace {opts.netns} is gone, and {opts.iface} with it")
         try:
-            dp = kernel.run(KernelDatapath, opts.iface, opts.netns)
+            dp = kernel.run(open_datapath, opts.iface, opts.netns)
         except InvalidInput:  # not back yet
             if waited % STILL_WAITING_S == 0:
-                audit("interface.waiting", interface=opts.iface, seconds=waited)
+                audit("interface.waiting", interface=opts.iface, seconds=round(waited * tick_s))
+            continue
+        except ShaperError as exc:
+            if not exc.retryable:
+                raise
+            log.debug("opening %s failed, trying again next tick: %s", opts.iface, exc)
             continue
         try:
             how = kernel.run(_attach_new, service, dp, rules)
         except ShaperError as exc:
             service.instruments.error("attach")
-            log.warning("interface.attach_failed", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
             kernel.run(_attach_undo, service, old, dp)
+            if exc.retryable:
+                log.info("interface.attach_retry", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
+                continue
+            log.warning("interface.attach_failed", extra={"fields": {"interface": opts.iface, "error": str(exc)}})
             failures += 1
             continue
         kernel.run(old.close)
-        audit("interface.back", interface=opts.iface, ifindex=dp.tc.ifindex, datapath=how, rules=len(rules))
+        audit("interface.back", interface=opts.iface, ifindex=dp.ifindex, datapath=how, rules=len(rules))
         return True
     return False
 
 
-def _attach_new(service: Service, dp, rules: list[Rule]) -> str:
+def _attach_new(service: Service, dp: Datapath, rules: list[Rule]) -> AttachResult:
     how = dp.attach()
     service.swap_datapath(dp)
     service.start(rules, who="interface")
     return how
 
 
-def _attach_undo(service: Service, old, dp) -> None:
+def _attach_undo(service: Service, old: Datapath, dp: Datapath) -> None:
     service.swap_datapath(old)
     dp.close()

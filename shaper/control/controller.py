@@ -1,9 +1,10 @@
 """The controller: validate a desired rule set, diff it against the kernel, apply.
 
-It drives a datapath (KernelDatapath, or the in-memory fake in tests) through
-`observe` and `execute`, so its logic is tested without root.  A rule set is
-validated whole before anything changes; if the kernel refuses an operation
-half-way, the controller puts back the rules that were there before.
+It drives a Datapath (shaper.datapath.interface: KernelDatapath, or the
+in-memory fake in tests) through `observe` and `execute`, so its logic is
+tested without root.  A rule set is validated whole before anything changes;
+if the kernel refuses an operation half-way, the controller puts back the
+rules that were there before.
 
 Across a crash (kill -9, OOM, power to the node's netns gone mid-change) the
 same holds, through an intent record kept in the kernel beside the state:
@@ -29,30 +30,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 from shaper.core import plan as P
 from shaper.datapath.abi import classid_text
+from shaper.datapath.interface import Datapath
 from shaper.core.model import Rule, validate_ruleset
-from shaper.core.stats import ClassStats, RuleCounters, RuleStats
+from shaper.core.stats import RuleCounters, RuleStats
 
 log = logging.getLogger("shaper")
-
-
-class Datapath(Protocol):
-    def observe(self) -> P.Observed: ...
-
-    def execute(self, ops: list[P.Operation]) -> None: ...
-
-    def write_intent(self, data: bytes) -> None: ...
-
-    def read_intent(self) -> bytes | None: ...
-
-    def clear_intent(self) -> None: ...
-
-    def counters(self, slots: list[int]) -> dict[int, RuleCounters]: ...
-
-    def class_stats(self) -> dict[int, ClassStats]: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +51,14 @@ class RuleStatus:
     @property
     def classid(self) -> str:
         return classid_text(self.slot)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What apply() did."""
+
+    ops: list[P.Operation]  # the operations run (none: the kernel already held the rules)
+    observed: P.Observed  # the state they left: what observe() would now return
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,6 @@ class Controller:
         # CLOCK_MONOTONIC is what bpf_ktime_get_ns() reads in the classifier.
         self.datapath = datapath
         self.clock = clock
-        self.outcome: P.Observed | None = None  # the state after the last successful apply
         self._intent_checked = False  # recover() has run for this datapath
 
     def status(self, observed: P.Observed | None = None) -> list[RuleStatus]:
@@ -112,8 +105,8 @@ class Controller:
         return P.plan(desired, self.datapath.observe(), self.clock())
 
     def apply(self, rules: Iterable[Rule], *, renew: Iterable[str] = (),
-              observed: P.Observed | None = None) -> list[P.Operation]:
-        """Make the kernel hold exactly `rules`; returns the operations done.
+              observed: P.Observed | None = None) -> Applied:
+        """Make the kernel hold exactly `rules`; returns the operations done and the state they left.
 
         `observed` may be passed when the caller has just read it (under the
         same lock); `renew` names rules whose TTL restarts even if unchanged.
@@ -123,7 +116,6 @@ class Controller:
             observed = None  # the state the caller read is the one just rolled back
         if observed is None:
             observed = self.datapath.observe()
-        self.outcome = None
         ops, outcome = P.plan_with_outcome(desired, observed, self.clock(), renew)
         if ops:
             undo = P.undo_of(ops, observed, len(outcome.rules))
@@ -134,8 +126,7 @@ class Controller:
                 self._roll_back(undo)
                 raise
             self.datapath.clear_intent()
-        self.outcome = outcome  # what observe() would now return
-        return ops
+        return Applied(ops, outcome)
 
     def recover(self) -> "Recovery | None":
         """Roll back a change a crashed controller left unfinished (module doc); None if there was none.
@@ -173,12 +164,3 @@ class Controller:
         except Exception as exc:  # the original error is the one to report
             log.error("apply failed and so did the roll-back (%s); the next apply or daemon start rolls back "
                       "again, or run `shaper show` and apply again", exc)
-
-    def expire(self) -> list[P.Operation]:
-        """Remove rules whose TTL has passed (the classifier already ignores them)."""
-        observed = self.datapath.observe()
-        gone = observed.expired(self.clock())
-        if not gone:
-            return []
-        keep = [o.rule for n, o in observed.rules.items() if n not in gone]
-        return self.apply(keep)

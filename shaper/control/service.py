@@ -5,7 +5,8 @@ audit log.
 into whole rule sets for the controller, serialises every datapath access
 (netlink sockets and the maps are not shared between threads), counts changes
 and failures for /metrics and logs one structured line per change.  It takes
-any datapath (KernelDatapath, or the fake in tests) and does no HTTP.
+any Datapath (shaper.datapath.interface: KernelDatapath, or the fake in tests)
+and does no HTTP.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from shaper.datapath import abi
 from shaper.core import plan as P
 from shaper.control.controller import Controller
+from shaper.datapath.interface import Datapath
 from shaper.errors import InvalidInput, NotFound, NotReady
 from shaper.control.metrics import Instruments, KernelCollector, RuleSample, Snapshot
 from shaper.core.model import Rule, gc_paused, parse_rule
@@ -41,7 +43,7 @@ def audit(event: str, **fields: object) -> None:
 
 
 class Service:
-    def __init__(self, datapath, interface: str, *, clock: Callable[[], int] = time.monotonic_ns,
+    def __init__(self, datapath: Datapath, interface: str, *, clock: Callable[[], int] = time.monotonic_ns,
                  registry: CollectorRegistry | None = None):
         self.datapath = datapath
         self.interface = interface
@@ -64,7 +66,7 @@ class Service:
         self.instruments = collector.instruments = Instruments(self.registry, interface)
 
     # -- state ------------------------------------------------------------------
-    def swap_datapath(self, datapath) -> None:
+    def swap_datapath(self, datapath: Datapath) -> None:
         """Drive a new datapath (the interface came back with a new ifindex); not ready until start()."""
         with self.lock:
             self.ready = False
@@ -117,14 +119,11 @@ class Service:
         """Ready, and the classifier is still attached (someone may have removed it)."""
         if not self.ready:
             return False
-        check = getattr(self.datapath, "is_attached", None)
-        if check is None:
-            return True
         # A long apply holds the lock; a readiness probe must not time out behind it.
         if not self.lock.acquire(timeout=0.2):
             return True
         try:
-            return bool(check())
+            return self.datapath.is_attached()
         finally:
             self.lock.release()
 
@@ -252,7 +251,7 @@ class Service:
                 current = self.controller.live_rules(observed)
                 before = dict(current)
                 desired = edit(current)
-                ops = self.controller.apply(desired, renew=renew, observed=observed)
+                applied = self.controller.apply(desired, renew=renew, observed=observed)
             except (InvalidInput, NotFound) as exc:
                 audit(event, who=who, result="rejected", error=str(exc), **detail)
                 raise
@@ -261,13 +260,13 @@ class Service:
                 self.instruments.error(op)
                 audit(event, who=who, result="failed", error=str(exc), **detail)
                 raise
-            self._observed = self.controller.outcome
+            self._observed = applied.observed
             seconds = time.perf_counter() - started
-            if ops:
+            if applied.ops:
                 self.instruments.apply_seconds.observe(seconds)
             counts = self._count_changes(before, desired, observed, set(renew))
             self._remember_expiry(self._observed)
-            audit(event, who=who, result="ok", changes=len(ops), seconds=round(seconds, 4),
+            audit(event, who=who, result="ok", changes=len(applied.ops), seconds=round(seconds, 4),
                   **{k: v for k, v in counts.items() if v}, **detail)
 
     def _count_changes(self, before: dict[str, Rule], desired: list[Rule], observed: P.Observed,

@@ -1,7 +1,10 @@
 """An in-memory datapath with the kernel's semantics, for tests and dry runs.
 
-It keeps what KernelDatapath keeps (rule records, LPM entries, classes and
-their leaves), classifies an address the way classifier.c does (longest
+It implements shaper.datapath.interface.Datapath, and keeps what
+KernelDatapath keeps (rule records, LPM entries, classes and their leaves),
+and the interface's life: whether its link exists (`present`) and whether the
+classifier is on it (`attached`), so the daemon's loop is tested without root.
+It classifies an address the way classifier.c does (longest
 prefix, expired entries fall back to a shorter prefix), and checks after
 every operation that no LPM entry points at a class that does not exist.
 It keeps a controller's intent record too, and can die like a process killed
@@ -16,6 +19,7 @@ from typing import Callable
 
 from shaper.datapath import abi
 from shaper.core import plan as P
+from shaper.datapath.interface import AttachResult
 from shaper.errors import InvariantBroken, KernelError
 from shaper.core.model import ClassParams, Prefix, Rule
 from shaper.core.stats import ClassStats, RuleCounters
@@ -42,6 +46,49 @@ class FakeDatapath:
     # batch cut short is left half written, as a kill during a batch syscall can).
     crash_after: int | None = None
     ops_done: int = 0
+    ifname: str = "fake0"
+    ifindex: int = 1
+    present: bool = True  # the link exists (a test deletes it by setting False)
+    # Most tests drive a service past start-up, so a fake starts attached; one that
+    # tests start-up says attached=False.
+    attached: bool = True
+    # Called at attach(); raise from it to refuse the attach.
+    before_attach: Callable[[], None] | None = None
+    closed: bool = False
+
+    # -- life cycle --------------------------------------------------------------
+    def attach(self) -> AttachResult:
+        if not self.present:
+            raise KernelError("attach the classifier to", self.ifname, errno.ENODEV)
+        if self.before_attach:
+            self.before_attach()
+        if self.attached:  # the classifier and its pins are there: keep what they hold
+            return "adopted"
+        self.records.clear()  # pins without a classifier on the interface: start afresh
+        self.entries.clear()
+        self.classes.clear()
+        self.leaves.clear()
+        self.attached = True
+        return "attached"
+
+    def is_attached(self) -> bool:
+        return self.present and self.attached
+
+    def link_present(self) -> bool:
+        return self.present
+
+    def reset(self) -> list[str]:
+        removed = ["filter", "htb root"] if self.attached and self.present else []
+        self.records.clear()
+        self.entries.clear()
+        self.classes.clear()
+        self.leaves.clear()
+        self.intent = None
+        self.attached = False
+        return removed + ["pins"]
+
+    def close(self) -> None:
+        self.closed = True
 
     def _step(self) -> bool:
         """Count one kernel operation; True if the process dies before finishing it."""

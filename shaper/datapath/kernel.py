@@ -1,8 +1,8 @@
 """The real datapath: pins, maps and tc objects of one interface.
 
-`KernelDatapath` is what the controller drives on a live kernel; it offers the
-same small interface as the in-memory fake used in unit tests (`observe`,
-`execute`, `counters`, `class_stats`, `reset`).  State lives in the kernel
+`KernelDatapath` is what the controller drives on a live kernel; it implements
+shaper.datapath.interface.Datapath, as the in-memory fake used in unit tests
+does.  State lives in the kernel
 only: the program and maps are pinned under
   <bpffs>/shaper/<netns inode>-<ifname>/
 and rule_meta holds every rule's record (rule_meta[0] is the controller's own:
@@ -28,6 +28,7 @@ from typing import Iterator, Mapping
 
 from shaper.datapath import abi, loader
 from shaper.core import plan as P
+from shaper.datapath.interface import AttachResult
 from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
 from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
 from shaper.core.model import Prefix, rule_from_record
@@ -308,6 +309,9 @@ def _create_intent_map(path: str) -> None:
 
 
 class KernelDatapath:
+    """The Datapath (interface.py) of one interface's tc clsact egress hook."""
+
+    ifname: str
     _intent: Map | None = None  # the intent map, opened on first use
 
     def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None):
@@ -325,6 +329,13 @@ class KernelDatapath:
         self.prog_fd: int | None = None
         self._pins_lost = False
         self._attach_failed = False
+
+    @property
+    def ifindex(self) -> int:
+        return self.tc.ifindex
+
+    def link_present(self) -> bool:
+        return self.tc.link_present()
 
     def close(self) -> None:
         self.close_maps()
@@ -430,7 +441,7 @@ class KernelDatapath:
                 f"it; stop whatever controls it, or remove it with `shaper reset --iface {self.ifname}`"
             )
 
-    def attach(self) -> str:
+    def attach(self) -> AttachResult:
         """Load, pin and attach what is missing; returns 'adopted' or 'attached'.
 
         Refuses (Conflict) to replace a classifier at shaper's pref that is not

@@ -90,7 +90,7 @@ def test_kill_9_at_every_sampled_point_of_an_apply_leaves_the_old_set(lab, caplo
         claim = claim_interface(POD_IF, lab.pod)
         try:
             dp.attach()
-            assert Controller(dp).apply(again) == []
+            assert Controller(dp).apply(again).ops == []
         finally:
             dp.close()
             claim.close()

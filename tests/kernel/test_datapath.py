@@ -205,8 +205,7 @@ def test_the_predicted_state_is_what_the_kernel_holds(lab):
             [],
         ]
         for rules in sets:
-            ctl.apply([parse_rule(r) for r in rules])
-            assert ctl.outcome == dp.observe()
+            assert ctl.apply([parse_rule(r) for r in rules]).observed == dp.observe()
     finally:
         dp.reset()
         dp.close()

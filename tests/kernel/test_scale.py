@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     t2 = time.monotonic()
     entries = dp.map_entries()
     t3 = time.monotonic()
-    noop = Controller(dp).apply(rules)
+    noop = Controller(dp).apply(rules).ops
     t4 = time.monotonic()
     rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
     print(json.dumps({"attach_s": t1 - t0, "apply_s": t2 - t1, "entries": entries, "reapply_s": t4 - t3,

@@ -142,7 +142,7 @@ def test_the_adopted_set_after_recovery_can_be_put_back():
         # What GET /rules returns, parsed again as PUT /rules would, applies as no change.
         again = parse_ruleset({"rules": [o.rule.to_dict() for o in dp.observe().rules.values()]})
         assert again == sorted(old, key=lambda r: r.name) or set(again) == set(old)
-        assert c.apply(again) == []
+        assert c.apply(again).ops == []
 
 
 def test_undo_record_round_trips():
@@ -203,11 +203,11 @@ def test_a_replace_of_prefixes_that_do_not_fit_side_by_side_deletes_first(monkey
     c = Controller(dp, clock=lambda: NOW)
     c.apply(rules({"name": "a", "dst": [f"10.0.0.{i}" for i in range(8)]}))
     new = rules({"name": "a", "dst": [f"10.0.1.{i}" for i in range(8)]})
-    ops = c.apply(new)
+    ops = c.apply(new).ops
     assert [type(o).__name__ for o in ops] == ["DeleteEntries", "UpsertEntries"]
     assert {n: o.rule for n, o in dp.observe().rules.items()} == {"a": new[0]}
     # Side by side when they fit: new entries first, nothing unshaped meanwhile.
-    ops = c.apply(rules({"name": "a", "dst": ["10.0.1.0", "10.0.2.1"]}))
+    ops = c.apply(rules({"name": "a", "dst": ["10.0.1.0", "10.0.2.1"]})).ops
     assert [type(o).__name__ for o in ops] == ["UpsertEntries", "DeleteEntries"]
 
 

@@ -108,9 +108,9 @@ def test_plan_applied_reaches_the_desired_state(sequence):
                 continue  # a destination belongs to one rule
             used |= set(spec["dst"])
             desired.append(parse_rule({"name": name, **spec}))
-        ctl.apply(desired)
+        outcome = ctl.apply(desired).observed
         observed = fake.observe()
-        assert ctl.outcome == observed  # the predicted state is the state (what the daemon caches)
+        assert outcome == observed  # the predicted state is the state (what the daemon caches)
         assert {n: o.rule for n, o in observed.rules.items()} == {r.name: r for r in desired}
         assert set(observed.classes) == {o.slot for o in observed.rules.values()}
         assert ctl.plan(desired) == []  # applying again changes nothing

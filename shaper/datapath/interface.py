@@ -1,0 +1,110 @@
+"""The datapath interface: every operation the controller, the service and the daemon use.
+
+One datapath is one hook on one interface: today tc clsact egress (KernelDatapath),
+or the in-memory fake (FakeDatapath) that unit tests and the daemon's loop tests
+drive.  Another direction (ingress through an ifb) or another key is a third
+implementation of this Protocol; nothing above shaper.datapath reaches past it.
+
+Errors are those of shaper.errors: KernelError (the kernel refused; `retryable` for
+EBUSY/EAGAIN/EINTR), PermissionDenied, NotSupported, Conflict (state shaper did not
+create).  InvariantBroken is the fake's alone: a plan that would leave the kernel
+inconsistent, a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+from shaper.core import plan as P
+from shaper.core.stats import ClassStats, RuleCounters
+
+# What attach() found: "adopted" a running datapath this interface's pins account for
+# (its rules kept), or "attached" a fresh one (no rules).
+AttachResult = Literal["attached", "adopted"]
+
+
+@runtime_checkable
+class Datapath(Protocol):
+    @property
+    def ifname(self) -> str:
+        """The interface's name (what the daemon was given)."""
+        ...
+
+    @property
+    def ifindex(self) -> int:
+        """The interface's ifindex when the datapath was opened: its identity, which a rename keeps."""
+        ...
+
+    # -- life cycle -------------------------------------------------------------
+    def attach(self) -> AttachResult:
+        """Make the classifier run on the interface: adopt what this interface's pins hold
+        (rules kept, traffic untouched), else load, pin and attach afresh.
+
+        Adopting is not a separate call: which one happened is the result.  Raises
+        Conflict for a classifier or root qdisc shaper cannot account for, KernelError,
+        PermissionDenied or NotSupported otherwise; a failed attach leaves nothing behind."""
+        ...
+
+    def is_attached(self) -> bool:
+        """Whether shaper's classifier is the one on the interface now (someone may have
+        removed or replaced it).  Readiness asks this; may raise KernelError."""
+        ...
+
+    def link_present(self) -> bool:
+        """Whether the interface this datapath was opened on still exists (the same ifindex).
+
+        Cheap: the daemon asks every second.  False, never an error, for a vanished link;
+        KernelError for anything else."""
+        ...
+
+    def reset(self) -> list[str]:
+        """Remove exactly what shaper created here (after a failed attach: nothing) and
+        return what was removed, e.g. ["filter", "htb root", "pins"].  Works on a
+        vanished interface (only its pins are left).  Raises KernelError."""
+        ...
+
+    def close(self) -> None:
+        """Let go of sockets, maps and program held open; the shaping stays as it is.  Never raises."""
+        ...
+
+    # -- rules ------------------------------------------------------------------
+    def observe(self) -> P.Observed:
+        """The rules, trie entries and classes held now (attached or adopted first)."""
+        ...
+
+    def execute(self, ops: list[P.Operation]) -> None:
+        """Run a plan's operations in order.  Stops at the first refusal and raises it
+        (KernelError, NotSupported for a missing sch_netem or the netem duplicate
+        restriction); the operations before it stay done: the controller rolls back."""
+        ...
+
+    # -- the intent record (controller.py: crash safety) -------------------------
+    def write_intent(self, data: bytes) -> None:
+        """Store a change's undo record, atomically, beside the state.  Raises KernelError
+        (also for a record too large to store)."""
+        ...
+
+    def read_intent(self) -> bytes | None:
+        """The undo record an unfinished change left, or None.  Raises ShaperError if it is damaged."""
+        ...
+
+    def clear_intent(self) -> None:
+        """Remove the undo record: the commit point of a change.  Safe when there is none."""
+        ...
+
+    # -- reads for status and /metrics ------------------------------------------
+    def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
+        """The classifier's packet and byte counts of each slot given (zero for a slot never hit)."""
+        ...
+
+    def class_stats(self) -> dict[int, ClassStats]:
+        """slot -> the statistics of its HTB class and the kind of its leaf (one dump).  Raises KernelError."""
+        ...
+
+    def rule_names(self) -> dict[int, str]:
+        """slot -> rule name, from the records alone (a scrape's view: no trie walk)."""
+        ...
+
+    def map_entries(self) -> int:
+        """How many prefixes the trie holds."""
+        ...
