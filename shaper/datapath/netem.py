@@ -107,6 +107,11 @@ def encode_options(rule: Rule, dirs: tuple[str, ...] = DIST_DIRS) -> bytes:
     return qopt + b"".join(attrs)
 
 
+def duplicate_of(data: bytes) -> int:
+    """The duplicate probability (netem's u32) in a netem TCA_OPTIONS payload; 0 if it is too short to say."""
+    return QOPT.unpack_from(data)[4] if len(data) >= QOPT.size else 0
+
+
 def decode_options(data: bytes) -> dict[str, object]:
     """The fields of a netem TCA_OPTIONS payload (for tests and `show`)."""
     latency, limit, loss, gap, duplicate, jitter = QOPT.unpack_from(data)

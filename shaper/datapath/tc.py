@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 from functools import lru_cache
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
@@ -60,6 +60,11 @@ NETEM_DUPLICATE_REFUSED = (
     "the kernel refused the netem leaf (EINVAL). This kernel refuses `duplicate` when another netem shares the "
     "interface's qdisc tree (the 2025 netem restriction): give duplicate only to a rule that is the sole netem "
     "rule on the interface"
+)
+NETEM_BESIDE_DUPLICATE_REFUSED = (
+    "the kernel refused the netem leaf (EINVAL). This kernel refuses any netem joining a qdisc tree that holds a "
+    "duplicating one (the 2025 netem restriction; {duplicating}): give duplicate only to a rule that is the sole "
+    "netem rule on the interface"
 )
 DUP_REFUSED, DUP_ALLOWED, DUP_UNKNOWN = "refused", "allowed", "unknown"
 
@@ -426,17 +431,40 @@ class Tc:
             if exc.code == _errno.ENOENT and current != "netem":
                 raise NotSupported(NETEM_MISSING) from None
             if exc.code == _errno.EINVAL:
-                raise self._netem_refusal(exc, rule) from None
+                raise self._netem_refusal(exc, rule, () if rule.duplicate_pct else self._duplicating_leaves(slot)) \
+                    from None
             raise _kernel_error(exc, "set netem leaf of", f"{classid_text(slot)} on {self.ifname}") from None
 
-    def _netem_refusal(self, exc: NetlinkError, rule: Rule) -> Exception:
-        """EINVAL for a netem leaf: the duplicate restriction where this kernel has it, else what the kernel said."""
-        policy = netem_duplicate_policy()
-        if policy == DUP_ALLOWED:
+    def _netem_refusal(self, exc: NetlinkError, rule: Rule, duplicating: Sequence[int] = ()) -> Exception:
+        """EINVAL for a netem leaf: the duplicate restriction where this kernel has it and duplication is
+        involved (the rule duplicates, or the leaves of the slots `duplicating` do), else what the kernel said."""
+        if not (rule.duplicate_pct or duplicating) or netem_duplicate_policy() == DUP_ALLOWED:
             return _kernel_error(exc, "set netem leaf of", f"rule {rule.name!r} on {self.ifname}")
-        text = NETEM_DUPLICATE_REFUSED if policy == DUP_REFUSED else NETEM_DUPLICATE_REFUSED.replace(
-            "This kernel refuses", "Kernels with the 2025 netem restriction refuse")
+        if rule.duplicate_pct:
+            text = NETEM_DUPLICATE_REFUSED
+        else:
+            classes = ", ".join(classid_text(slot) for slot in duplicating)
+            text = NETEM_BESIDE_DUPLICATE_REFUSED.format(
+                duplicating=f"the netem of class{'es' if len(duplicating) > 1 else ''} {classes} duplicates")
+        if netem_duplicate_policy() != DUP_REFUSED:
+            text = text.replace("This kernel refuses", "Kernels with the 2025 netem restriction refuse")
         return NotSupported(text + f" (refused: netem leaf of rule {rule.name!r})")
+
+    def _duplicating_leaves(self, slot: int) -> list[int]:
+        """The slots other than `slot` whose netem leaf duplicates, as the kernel holds them now.
+
+        Read only to explain a refusal: if the read fails, the refusal is reported as the kernel gave it."""
+        out = []
+        try:
+            for q in self.qdiscs():
+                raw = q.get_attr("TCA_OPTIONS") if q.get_attr("TCA_KIND") == "netem" else None
+                parent = q["parent"]
+                if isinstance(raw, bytes) and parent >> 16 == HTB_MAJOR and parent & 0xFFFF != slot \
+                        and netem.duplicate_of(raw):
+                    out.append(parent & 0xFFFF)
+        except (NetlinkError, OSError):
+            return []
+        return sorted(out)
 
     def netem_options(self, slot: int) -> bytes | None:
         """The raw TCA_OPTIONS of the netem leaf of a slot (tests and `show`)."""
