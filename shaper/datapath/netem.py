@@ -9,6 +9,9 @@ attribute that is absent, so leaving one out would keep a stale correlation or
 reorder setting.  The delay distribution cannot be removed by a change either,
 so jitter always comes with a table; "uniform" is a generated table that gives
 the same result as netem's built-in uniform jitter.
+
+The only field read back is `duplicate` (duplicate_of), to explain a refusal;
+tests decode the rest with tests/support/netem_decode.py.
 """
 
 from __future__ import annotations
@@ -110,34 +113,3 @@ def encode_options(rule: Rule, dirs: tuple[str, ...] = DIST_DIRS) -> bytes:
 def duplicate_of(data: bytes) -> int:
     """The duplicate probability (netem's u32) in a netem TCA_OPTIONS payload; 0 if it is too short to say."""
     return QOPT.unpack_from(data)[4] if len(data) >= QOPT.size else 0
-
-
-def decode_options(data: bytes) -> dict[str, object]:
-    """The fields of a netem TCA_OPTIONS payload (for tests and `show`)."""
-    latency, limit, loss, gap, duplicate, jitter = QOPT.unpack_from(data)
-    out: dict[str, object] = {"limit": limit, "loss": loss, "gap": gap, "duplicate": duplicate,
-                              "latency_ns": latency << PSCHED_SHIFT, "jitter_ns": jitter << PSCHED_SHIFT}
-    off = QOPT.size
-    while off + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            break
-        body = data[off + 4: off + length]
-        if kind == TCA_NETEM_CORR:
-            out["delay_corr"], out["loss_corr"], out["dup_corr"] = struct.unpack("=III", body)
-        elif kind == TCA_NETEM_REORDER:
-            out["reorder"], out["reorder_corr"] = struct.unpack("=II", body)
-        elif kind == TCA_NETEM_CORRUPT:
-            out["corrupt"], out["corrupt_corr"] = struct.unpack("=II", body)
-        elif kind == TCA_NETEM_LATENCY64:
-            (out["latency_ns"],) = struct.unpack("=q", body)
-        elif kind == TCA_NETEM_JITTER64:
-            (out["jitter_ns"],) = struct.unpack("=q", body)
-        elif kind == TCA_NETEM_DELAY_DIST:
-            out["dist_size"] = len(body) // 2
-        elif kind == TCA_NETEM_LOSS:
-            _, sub = struct.unpack_from("=HH", body)
-            if sub == NETEM_LOSS_GE:
-                out["ge"] = struct.unpack_from("=IIII", body, 4)
-        off += length + (-length % 4)
-    return out

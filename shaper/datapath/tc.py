@@ -466,14 +466,6 @@ class Tc:
             return []
         return sorted(out)
 
-    def netem_options(self, slot: int) -> bytes | None:
-        """The raw TCA_OPTIONS of the netem leaf of a slot (tests and `show`)."""
-        for q in self.qdiscs():
-            if q["parent"] == ROOT | slot and q.get_attr("TCA_KIND") == "netem":
-                raw = q.get_attr("TCA_OPTIONS")
-                return raw if isinstance(raw, bytes) else None
-        return None
-
     # -- removal -----------------------------------------------------------------
     def del_root(self) -> bool:
         if not self.has_our_root():

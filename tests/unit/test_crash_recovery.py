@@ -181,6 +181,7 @@ def test_allocate_slots_says_the_limit_and_the_way_round():
         P.allocate_slots(["x", "y"], set(range(1, MAX_RULES)))
     text = str(exc.value)
     assert str(MAX_RULES) in text and "two changes" in text
+    assert (exc.value.http_status, exc.value.exit_code) == (422, 2)  # the caller's to fix, not a 500
 
 
 def test_a_replace_by_other_names_beyond_the_slots_is_refused_before_any_change(monkeypatch):

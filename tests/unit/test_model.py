@@ -222,6 +222,7 @@ from shaper.core.fields import (DISTRIBUTIONS, MAX_BURST_BYTES, MAX_DELAY_US, MA
 from shaper.core.model import MAX_BURST_NS, MAX_RULES, max_burst_bytes  # noqa: E402
 from shaper.datapath.tc import _htb_class_options  # noqa: E402
 from shaper.core.units import format_duration_us, format_percent, format_rate_bits_per_s  # noqa: E402
+from tests.support.netem_decode import decode_options  # noqa: E402
 
 _PCT = st.integers(0, 100_000_000).map(lambda micro: format_percent(micro / 1_000_000))
 _US = st.integers(1, MAX_DELAY_US).map(format_duration_us)
@@ -290,7 +291,7 @@ def test_every_rule_the_validator_accepts_encodes(body):
     assert buffer == cbuffer and abs(buffer - expected) < 17  # pyroute2 (as tc) truncates to whole microseconds
     # The netem leaf: every field packs (struct raises on overflow).
     if rule.has_netem:
-        decoded = netem.decode_options(netem.encode_options(rule))
+        decoded = decode_options(netem.encode_options(rule))
         assert decoded["latency_ns"] == rule.delay_us * 1000 and decoded["limit"] == rule.netem_limit()
     # The record kept in rule_meta, and a trie value at the last slot with the longest TTL.
     record = replace(rule, dst=()).to_dict()

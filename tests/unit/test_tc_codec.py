@@ -24,13 +24,16 @@ def _round_trip(attrs, msg_type=RTM_NEWQDISC):
 
 
 def test_netem_options_travel_as_raw_bytes():
+    # Imported here: test_program_id_decodes_after_... imports this module from tests/unit, outside the package.
+    from tests.support.netem_decode import decode_options
+
     rule = parse_rule({"name": "x", "dst": "10.0.0.1", "delay": "30ms", "jitter": "3ms", "distribution": "normal",
                        "loss_ge": {"p": "1%", "r": "20%"}, "duplicate": "2%", "corrupt": "0.5%",
                        "reorder": "10%", "gap": 3})
     payload = netem.encode_options(rule)
     back = _round_trip([("TCA_KIND", "netem"), ("TCA_OPTIONS", payload)])
     assert back.get_attr("TCA_OPTIONS") == payload
-    opts = netem.decode_options(payload)
+    opts = decode_options(payload)
     assert opts["latency_ns"] == 30_000_000 and opts["jitter_ns"] == 3_000_000 and opts["gap"] == 3
     assert opts["ge"] == (netem.prob(1), netem.prob(20), 0, 0) and opts["dist_size"] == 4096
     assert opts["duplicate"] == netem.prob(2) and opts["corrupt"] == netem.prob(0.5)

@@ -84,6 +84,7 @@ def test_live_change_without_loss_to_others(lab):
 def test_netem_options_reach_the_kernel(lab):
     from shaper.datapath import netem
     from shaper.datapath.tc import Tc
+    from tests.support.netem_decode import decode_options, netem_options
 
     lab.shaper("apply", rules=RULES + """  - name: all-knobs
     dst: [10.77.2.0/24]
@@ -100,7 +101,7 @@ def test_netem_options_reach_the_kernel(lab):
     slot = int(lab.show()["all-knobs"]["classid"].split(":")[1], 16)
     tc = Tc(POD_IF, lab.pod)
     try:
-        opts = netem.decode_options(tc.netem_options(slot))
+        opts = decode_options(netem_options(tc, slot))
     finally:
         tc.close()
     assert opts["latency_ns"] == 30_000_000 and opts["jitter_ns"] == 3_000_000
