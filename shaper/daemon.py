@@ -6,6 +6,8 @@ rules whose TTL passed; SIGHUP re-reads --rules (ignored, with a log line,
 without it); SIGUSR1, SIGUSR2 and SIGALRM are ignored with a log line.  On
 exit the server stops accepting, lets requests in flight finish (GRACE_S), and
 then removes everything shaper created on the interface, unless --keep-on-exit.
+`run` sets that up around `serve` (the attach and the main loop), which takes
+the datapath factory as a parameter, so the loop is tested over the fake.
 The HTTP server itself is shaper.http.server.
 """
 

@@ -36,6 +36,7 @@ CLSACT_HANDLE = 0xFFFF0000
 CLSACT_PARENT = 0xFFFFFFF1  # TC_H_CLSACT, shared with the ingress qdisc
 EGRESS_PARENT = 0xFFFFFFF3
 INGRESS_PARENT = 0xFFFFFFF2
+HOOK_PARENTS = {"egress": EGRESS_PARENT, "ingress": INGRESS_PARENT}  # the clsact hooks, by direction
 FILTER_PREF = 0x5348  # our own pref ("SH") and handle on clsact egress
 FILTER_HANDLE = 1
 FILTER_NAME = "shaper_classifier"
@@ -185,11 +186,18 @@ def _netlink_socket(netns: str | None) -> socket.socket:
 
 
 class Tc:
-    """tc objects on one interface, in the current or a named network namespace."""
+    """tc objects on one interface, in the current or a named network namespace.
 
-    def __init__(self, ifname: str, netns: str | None = None):
+    `hook` is the clsact direction the classifier's filter sits on: egress (what shaper
+    shapes today), or ingress for a second datapath on the same interface."""
+
+    def __init__(self, ifname: str, netns: str | None = None, hook: str = "egress"):
+        if hook not in HOOK_PARENTS:
+            raise ValueError(f"hook {hook!r}: one of {', '.join(HOOK_PARENTS)}")
         self.ifname = ifname
         self.netns = netns
+        self.hook = hook
+        self.filter_parent = HOOK_PARENTS[hook]
         if netns and ("/" in netns or netns in (".", "..")):
             raise InvalidInput("netns", f"{netns!r} is not a namespace name", "a name listed by `ip netns list`")
         if netns and not os.path.exists(f"/run/netns/{netns}"):
@@ -299,7 +307,7 @@ class Tc:
     def our_filter(self):
         if not self.has_clsact():
             return None
-        for f in self.ipr.get_filters(self.ifindex, parent=EGRESS_PARENT):
+        for f in self.ipr.get_filters(self.ifindex, parent=self.filter_parent):
             if (f["info"] >> 16) == FILTER_PREF and f.get_attr("TCA_KIND") == "bpf" and f["handle"] == FILTER_HANDLE:
                 return f
         return None
@@ -318,7 +326,7 @@ class Tc:
         return self._our_filter_option("TCA_BPF_NAME") == FILTER_NAME_OWN_CLSACT
 
     def attach_filter(self, prog_fd: int, created_clsact: bool = False) -> None:
-        """Attach (or atomically replace) the classifier on clsact egress; its name records
+        """Attach (or atomically replace) the classifier on this Tc's clsact hook; its name records
         whether shaper created the clsact qdisc."""
         try:
             self.ipr.tc(
@@ -326,7 +334,7 @@ class Tc:
                 "bpf",
                 self.ifindex,
                 FILTER_HANDLE,
-                parent=EGRESS_PARENT,
+                parent=self.filter_parent,
                 prio=FILTER_PREF,
                 protocol=ETH_P_ALL,
                 fd=prog_fd,
@@ -340,7 +348,7 @@ class Tc:
         if self.our_filter() is None:
             return False
         try:
-            self.ipr.tc("del-filter", "bpf", self.ifindex, FILTER_HANDLE, parent=EGRESS_PARENT, prio=FILTER_PREF,
+            self.ipr.tc("del-filter", "bpf", self.ifindex, FILTER_HANDLE, parent=self.filter_parent, prio=FILTER_PREF,
                         protocol=ETH_P_ALL)
         except NetlinkError as exc:
             if exc.code != _errno.ENOENT:

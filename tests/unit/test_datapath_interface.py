@@ -98,3 +98,39 @@ def test_nothing_above_the_datapath_reaches_into_its_tc():
                     isinstance(a, ast.Attribute) and a.attr == "datapath" for a in node.args):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno} (getattr on a datapath)")
     assert offenders == []
+
+
+def test_the_clsact_hook_is_a_parameter_of_tc_egress_by_default():
+    """Issue 14's ingress is a second Tc (and datapath) on the other hook, not an edit of every call."""
+    from shaper.datapath import tc
+
+    calls = []
+
+    class Ipr:
+        def get_filters(self, ifindex, parent):
+            calls.append(("get", parent))
+            return []
+
+        def tc(self, command, kind, ifindex, handle, **kw):
+            calls.append((command, kw["parent"]))
+
+    def bare(hook: str) -> tc.Tc:  # what Tc.__init__ sets, without a netlink socket
+        t = object.__new__(tc.Tc)
+        t.ifname, t.ifindex, t.ipr = "shp0", 3, Ipr()
+        t.hook, t.filter_parent = hook, tc.HOOK_PARENTS[hook]
+        t.has_clsact = lambda: True
+        return t
+
+    for hook, parent in (("egress", 0xFFFFFFF3), ("ingress", 0xFFFFFFF2)):
+        calls.clear()
+        t = bare(hook)
+        t.our_filter()
+        t.attach_filter(prog_fd=5)
+        assert calls == [("get", parent), ("replace-filter", parent)]
+    with pytest.raises(ValueError, match="one of egress, ingress"):
+        tc.Tc("lo", hook="sideways")
+    real = tc.Tc("lo")  # the default, on this namespace's loopback (no root needed to open netlink)
+    try:
+        assert (real.hook, real.filter_parent) == ("egress", tc.EGRESS_PARENT)
+    finally:
+        real.close()
