@@ -2,7 +2,8 @@
 
 Each class carries what its callers do with it: `exit_code` (the CLI's exit status),
 `http_status` (the API's answer; the API maps nothing else) and `retryable` (whether
-trying the same thing again can help: the daemon's interface loop retries only those).
+trying the same thing again can help: the daemon's interface loop retries those quietly at
+the next tick, and a failed attach for any other reason after a warning and a back-off).
 
 | class            | exit | HTTP | meaning                                                   |
 |------------------|------|------|-----------------------------------------------------------|

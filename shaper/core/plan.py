@@ -47,7 +47,7 @@ from itertools import starmap
 from operator import attrgetter, itemgetter
 from typing import Iterable, Mapping, Union
 
-from shaper.errors import InvalidInput
+from shaper.errors import InvalidInput, ShaperError
 from shaper.core.model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
 
 
@@ -323,15 +323,24 @@ class Undo:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Undo":
-        raw = zlib.decompress(data)
-        (n,) = struct.unpack_from("=I", raw)
-        head = json.loads(raw[4:4 + n])
-        if head.get("version") != UNDO_VERSION:
-            raise ValueError(f"undo record version {head.get('version')} (this shaper reads {UNDO_VERSION})")
-        rules = {slot: None if rec is None else ObservedRule(slot, rule_from_record(rec["rule"], ()),
-                                                             rec.get("expires_ns", 0))
-                 for slot, rec in head["rules"]}
-        fields = list(_UNDO_ENTRY.iter_unpack(raw[4 + n:]))
+        """The record `pack` wrote; a ShaperError for one this shaper cannot read (damaged, or
+        another version's), so a start or an apply says so instead of failing with a bare error."""
+        try:
+            raw = zlib.decompress(data)
+            (n,) = struct.unpack_from("=I", raw)
+            head = json.loads(raw[4:4 + n])
+            version = head.get("version")
+            if version == UNDO_VERSION:
+                rules = {slot: None if rec is None else ObservedRule(slot, rule_from_record(rec["rule"], ()),
+                                                                     rec.get("expires_ns", 0))
+                         for slot, rec in head["rules"]}
+                fields = list(_UNDO_ENTRY.iter_unpack(raw[4 + n:]))
+        except (zlib.error, struct.error, ValueError, KeyError, TypeError, AttributeError, InvalidInput) as exc:
+            raise ShaperError(f"the intent record of an interrupted change cannot be read ({exc}); "
+                              "`shaper reset` removes shaper's state from the interface") from None
+        if version != UNDO_VERSION:
+            raise ShaperError(f"the intent record of an interrupted change is version {version!r}, this shaper "
+                              f"reads {UNDO_VERSION}: finish with the shaper that wrote it, or `shaper reset`")
         entries = dict(zip(starmap(Prefix, zip(map(itemgetter(1), fields), map(itemgetter(0), fields))),
                            map(itemgetter(2), fields)))
         return cls(rules, entries, head.get("before", 0), head.get("after", 0))

@@ -9,7 +9,7 @@ import pytest
 
 from shaper.core import plan as P
 from shaper.control.controller import Controller
-from shaper.errors import InvalidInput
+from shaper.errors import InvalidInput, ShaperError
 from shaper.datapath.fake import Crashed, FakeDatapath
 from shaper.core.model import MAX_RULES, parse_rule, parse_ruleset
 from tests.support.rule_sets import random_rule_set
@@ -156,6 +156,31 @@ def test_undo_record_round_trips():
     assert P.Undo.unpack(undo.pack()) == undo
     assert undo.before == 2 and undo.after == 1
     assert undo.entries[parse_rule({"name": "z", "dst": "10.0.0.9"}).dst[0]] == 0  # new: absent before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "version", "rule"])
+def test_an_intent_record_this_shaper_cannot_read_is_a_shaper_error_naming_reset(damage):
+    """Recovery runs at every start and apply: a damaged record, or another version's, must be a
+    ShaperError that says the way out (a daemon start printed a bare ValueError)."""
+    import json
+    import struct
+    import zlib
+
+    good = zlib.decompress(P.Undo({1: None}, {}, 0, 0).pack())
+    (n,) = struct.unpack_from("=I", good)
+    head = json.loads(good[4:4 + n])
+    if damage == "version":
+        head["version"] = P.UNDO_VERSION + 1
+    elif damage == "rule":
+        head["rules"] = [[1, {"rule": {"name": "a", "delay": "forever"}}]]
+    encoded = json.dumps(head).encode()
+    data = {"garbage": b"not a record", "truncated": zlib.compress(good[:2])}.get(
+        damage, zlib.compress(struct.pack("=I", len(encoded)) + encoded))
+    with pytest.raises(ShaperError, match="shaper reset") as err:
+        P.Undo.unpack(data)
+    assert type(err.value) is ShaperError
+    if damage == "version":
+        assert f"version {P.UNDO_VERSION + 1}" in str(err.value)
 
 
 def test_roll_back_after_a_kernel_refusal_uses_the_intent_and_clears_it():
