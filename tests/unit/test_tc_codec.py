@@ -10,6 +10,9 @@ from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 from shaper.datapath import netem
 from shaper.core.model import parse_rule
 from shaper.datapath.tc import _TcMsg
+from tests.support.netem_decode import decode_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _round_trip(attrs, msg_type=RTM_NEWQDISC):
@@ -24,9 +27,6 @@ def _round_trip(attrs, msg_type=RTM_NEWQDISC):
 
 
 def test_netem_options_travel_as_raw_bytes():
-    # Imported here: test_program_id_decodes_after_... imports this module from tests/unit, outside the package.
-    from tests.support.netem_decode import decode_options
-
     rule = parse_rule({"name": "x", "dst": "10.0.0.1", "delay": "30ms", "jitter": "3ms", "distribution": "normal",
                        "loss_ge": {"p": "1%", "r": "20%"}, "duplicate": "2%", "corrupt": "0.5%",
                        "reorder": "10%", "gap": 3})
@@ -47,10 +47,10 @@ def test_program_id_decodes_after_pyroute2_decoded_a_bpf_filter_itself():
     # pyroute2 compiles a class's table on first use, and a subclass used after that
     # inherited the parent's table (without TCA_BPF_ID). Any tc filter dump in the
     # process does that first; a fresh interpreter makes the order certain.
-    code = ("import test_tc_codec as t; from pyroute2.netlink.rtnl.tcmsg import tcmsg; "
+    code = ("import tests.unit.test_tc_codec as t; from pyroute2.netlink.rtnl.tcmsg import tcmsg; "
             "m = tcmsg(t._bpf_filter_dump()); m.decode(); t._bpf_filter_options_decode_program_id(); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=os.path.dirname(__file__))
+                          cwd=ROOT)
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
