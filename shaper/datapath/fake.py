@@ -64,10 +64,7 @@ class FakeDatapath:
             self.before_attach()
         if self.attached:  # the classifier and its pins are there: keep what they hold
             return "adopted"
-        self.records.clear()  # pins without a classifier on the interface: start afresh
-        self.entries.clear()
-        self.classes.clear()
-        self.leaves.clear()
+        self._forget()  # pins without a classifier on the interface: start afresh
         self.attached = True
         return "attached"
 
@@ -79,16 +76,20 @@ class FakeDatapath:
 
     def reset(self) -> list[str]:
         removed = ["filter", "htb root"] if self.attached and self.present else []
-        self.records.clear()
-        self.entries.clear()
-        self.classes.clear()
-        self.leaves.clear()
+        self._forget()
         self.intent = None
         self.attached = False
         return removed + ["pins"]
 
     def close(self) -> None:
         self.closed = True
+
+    def _forget(self) -> None:
+        """Drop the rules' state (records, trie entries, classes, leaves), as a fresh attach or a reset does."""
+        self.records.clear()
+        self.entries.clear()
+        self.classes.clear()
+        self.leaves.clear()
 
     def _step(self) -> bool:
         """Count one kernel operation; True if the process dies before finishing it."""

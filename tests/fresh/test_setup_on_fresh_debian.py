@@ -3,23 +3,16 @@ that shaper, its tests, the bench and the scripts run? (A fresh machine once lac
 tier failed there while every developer's machine stayed green.) Needs root for debootstrap; the root
 filesystem is made once (about a minute) and kept in /var/cache/shaper-fresh."""
 
-import os
-import shutil
 
 import pytest
 
 from tests.support.fresh_machine import (INDIRECT, ROOT, check, fresh_rootfs, host_providers, installed,
                                          pip_programs, repo_uses, setup_closure, setup_packages, unknown_packages)
-from tests.support.tiers import require_tier
+from tests.support.tiers import require_tier, root_and_programs_problem
 
 
 def fresh_tier_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (debootstrap)"
-    for tool in ("debootstrap", "apt-get", "apt-cache", "dpkg-query"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed (run `make setup`)"
-    return None
+    return root_and_programs_problem("debootstrap", ("debootstrap", "apt-get", "apt-cache", "dpkg-query"))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,17 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+def peak_rss_while(threads: list[threading.Thread], pid: int, rss0: float, every_s: float) -> float:
+    """Start `threads` and sample the RSS of `pid` every `every_s` until they have all ended: its peak."""
+    for t in threads:
+        t.start()
+    peak = rss0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_mb(pid))
+        time.sleep(every_s)
+    return peak
+
+
 def start(lab, tmp_path, *args):
     token = tmp_path / "token"
     token.write_text(TOKEN)
@@ -88,13 +99,7 @@ def test_bodies_of_wrong_tokens_are_never_read(lab, tmp_path):
         finally:
             s.close()
 
-    threads = [threading.Thread(target=attack, args=(i % 2 == 0,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    peak = rss0
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, rss_mb(pid))
-        time.sleep(0.02)
+    peak = peak_rss_while([threading.Thread(target=attack, args=(i % 2 == 0,)) for i in range(8)], pid, rss0, 0.02)
     print(f"\n8 x 32 MiB with a wrong token: RSS {rss0:.1f} -> peak {peak:.1f} MB")
     assert len(answers) == 8 and all(a.startswith(b"HTTP/1.1 401") for a in answers), [a[:40] for a in answers]
     assert not any(b"100 Continue" in a for a in answers)
@@ -222,13 +227,7 @@ def test_eight_readers_of_262144_prefixes_stay_bounded(lab, tmp_path):
         sizes.append(sum(len(r["dst"]) for r in json.loads(data)["rules"]))
         conn.close()
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
-    for t in threads:
-        t.start()
-    peak = rss0
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, rss_mb(pid))
-        time.sleep(0.01)
+    peak = peak_rss_while([threading.Thread(target=reader) for _ in range(8)], pid, rss0, 0.01)
     print(f"\n8 concurrent GET /rules of 262,144 prefixes: RSS {rss0:.1f} -> peak {peak:.1f} MB")
     assert sizes == [262144] * 8 and peak < 400 and peak - rss0 < 120
     assert d.stop() == 0

@@ -18,13 +18,18 @@ def require_tier(reason: str | None) -> None:
     pytest.skip(reason)
 
 
-def kernel_tier_problem() -> str | None:
+def root_and_programs_problem(root_for: str, programs: tuple[str, ...]) -> str | None:
+    """Why a tier that needs root (for `root_for`) and `programs` on PATH cannot run, or None."""
     if os.geteuid() != 0:
-        return "needs root (network namespaces, tc, BPF)"
-    for tool in ("ip", "tc", "ping", "ss"):
+        return f"needs root ({root_for})"
+    for tool in programs:
         if not shutil.which(tool):
             return f"{tool} is not installed (run `make setup`)"
     return None
+
+
+def kernel_tier_problem() -> str | None:
+    return root_and_programs_problem("network namespaces, tc, BPF", ("ip", "tc", "ping", "ss"))
 
 
 def vm_tier_problem(kernel: str | None = None) -> str | None:
