@@ -260,6 +260,10 @@ def main() -> None:
               help="YAML rules to apply when nothing is adopted; the file may be absent or empty, and bad rules "
                    "are logged (rules.invalid) instead of stopping the daemon. For the shaper.io/rules pod "
                    "annotation.")
+@click.option("--pod-bandwidth", "pod_bandwidth_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory holding kubelet's pod bandwidth annotations as files egress-bandwidth and "
+                   "ingress-bandwidth (Kubernetes quantities in bits/s, e.g. 10M); each becomes a whole-pod rate "
+                   "rule applied with --initial-rules, under the same policy. Absent or empty files: none.")
 @click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
               type=click.Path(dir_okay=False),
               help="File holding a bearer token; requests that change state must send it (or set SHAPER_TOKEN).")
@@ -271,7 +275,8 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Lowest level logged (JSON lines on stderr).")
 def run(iface: str, netns: str | None, listen: str, rules_file: str | None, initial_rules_file: str | None,
-        token_file: str | None, keep_on_exit: bool, insecure: bool, log_level: str) -> None:
+        pod_bandwidth_dir: str | None, token_file: str | None, keep_on_exit: bool, insecure: bool,
+        log_level: str) -> None:
     """Run the daemon: attach to IFACE and serve the HTTP API and /metrics.
 
     Runs until SIGTERM or SIGINT, then removes everything it created on
@@ -288,7 +293,7 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
         rules = load_rules_file(rules_file) if rules_file else None
         token = read_token(token_file)
         configure_logging(log_level)
-        initial = daemon.load_initial_rules(initial_rules_file) if initial_rules_file else None
+        initial = daemon.initial_rules(initial_rules_file, pod_bandwidth_dir)
         daemon.run(daemon.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
                                         keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial,
                                         rules_file=rules_file))

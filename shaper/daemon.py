@@ -75,6 +75,48 @@ def load_initial_rules(path: str) -> Sequence[Rule] | None:
         return None
 
 
+def load_pod_bandwidth(directory: str) -> tuple[Rule, ...]:
+    """The whole-pod rules of kubelet's bandwidth annotations, seen through the downward API as
+    DIRECTORY/egress-bandwidth and DIRECTORY/ingress-bandwidth (shaper.k8s.bandwidth): a file
+    absent or empty is no annotation; a bad value is logged (rules.invalid), never fatal."""
+    from shaper.k8s.bandwidth import FILES, bandwidth_rules
+
+    values: dict[str, str | None] = {}
+    for direction, name in FILES.items():
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                values[direction] = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            values[direction] = None
+        except OSError as exc:
+            log.warning("rules.invalid", extra={"fields": {"source": path, "error": exc.strerror,
+                                                           "action": "starting without this limit"}})
+    found = bandwidth_rules(values)
+    for exc in found.errors:
+        log.warning("rules.invalid", extra={"fields": {"source": directory, "error": str(exc),
+                                                       "action": "starting without this limit"}})
+    return found.rules
+
+
+def initial_rules(path: str | None, bandwidth_dir: str | None) -> Sequence[Rule] | None:
+    """--initial-rules and --pod-bandwidth together: the shaper.io/rules annotation's rules and the
+    bandwidth annotations' whole-pod rules, each source checked on its own (one wrong does not drop
+    the other).  A bandwidth rule that clashes with an --initial-rules rule (its name, or every peer
+    in the same direction) is left out with a rules.conflict line: the --initial-rules one is kept."""
+    from shaper.k8s.bandwidth import combine
+
+    rules = load_initial_rules(path) if path else None
+    extra = load_pod_bandwidth(bandwidth_dir) if bandwidth_dir else ()
+    if not extra:
+        return rules
+    combined, problems = combine(rules or (), extra, source=f"--initial-rules {path}")
+    for problem in problems:
+        log.warning("rules.conflict", extra={"fields": {"source": bandwidth_dir, "error": problem,
+                                                        "action": "starting without this limit"}})
+    return combined or None
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What a supervisor, a terminal or a stray `kill -HUP` may send: each killed the daemon
 # silently (their default action), leaving shaping with no controller.
