@@ -44,8 +44,8 @@ EVERYWHERE = "::/0"
 MIN_BITS_PER_S = 1_000
 MAX_BITS_PER_S = 10**15
 
-QUANTITY_FORM = ("a Kubernetes quantity in bits/s, from 1k to 1P: 10M (10 Mbit/s), 1.5G, 512Ki, 1e6; "
-                 "suffixes k M G T P E (powers of 1000), Ki Mi Gi Ti Pi Ei (of 1024), m (1/1000)")
+# Short enough for an admission warning (suffixes: k M G T P E are powers of 1000, Ki .. Ei of 1024).
+QUANTITY_FORM = "a quantity of bits/s from 1k to 1P: 10M, 1.5G, 512Ki, 1e6"
 
 # resource.Quantity's grammar: a signed decimal number, then one suffix, with kubelet's
 # scanner accepting the same characters (its error quotes the regular expression below).
@@ -68,8 +68,8 @@ def parse_quantity(text: str, field: str) -> Fraction:
         raise InvalidInput(field, f"{len(text)} characters: longer than {MAX_QUANTITY_CHARS}", QUANTITY_FORM)
     m = _QUANTITY.fullmatch(text)
     if not text or m is None:
-        raise InvalidInput(field, f"{text!r}: quantities must match the regular expression '{_SPLIT_RE}'",
-                           QUANTITY_FORM)
+        raise InvalidInput(field, f"{text!r} is not a quantity: quantities must match the regular expression "
+                                  f"'{_SPLIT_RE}'", QUANTITY_FORM)
     sign, whole, fraction, suffix = m.group(1), m.group(2), m.group(3) or "", m.group(4)
     if suffix in _BINARY_SUFFIXES:
         base, power = 2, _BINARY_SUFFIXES[suffix]
