@@ -14,10 +14,12 @@ webhook checks the annotation itself).  The webhook then decides per pod:
   opts it in.
 
 Initial rules may be declared on the pod in the shaper.io/rules annotation
-(the rules-file format).  The sidecar reads them through the downward API at
-start; the webhook checks them too, and bad rules come back as admission
+(the rules-file format), and whole-pod rates in kubelet's bandwidth
+annotations (kubernetes.io/egress-bandwidth, kubernetes.io/ingress-bandwidth:
+shaper.k8s.bandwidth).  The sidecar reads them through the downward API at
+start; the webhook checks them too, and bad ones come back as admission
 warnings (kubectl prints them) while the pod is still created: the sidecar
-then starts with no rules and logs why, instead of crash-looping.
+then starts without them and logs why, instead of crash-looping.
 
 Everything here but `serve` is pure: AdmissionReview in, AdmissionReview out.
 """
@@ -30,12 +32,15 @@ import logging
 import os
 import ssl
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
+from shaper.errors import InvalidInput
 from shaper.http.api import Response, error, json_response
 from shaper.http.client import DEFAULT_PORT
-from shaper.errors import InvalidInput
+from shaper.k8s.bandwidth import ANNOTATIONS as BANDWIDTH_ANNOTATIONS
+from shaper.k8s.bandwidth import FILES as BANDWIDTH_FILES
 
 log = logging.getLogger("shaper")
 
@@ -123,6 +128,27 @@ def rules_warnings(annotations: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def bandwidth_warnings(annotations: Mapping[str, Any]) -> list[str]:
+    """kubelet's bandwidth annotations checked as the sidecar will check them (an empty value is no
+    annotation, as the sidecar sees it), and a clash with a shaper.io/rules rule; [] when all is well."""
+    from shaper.core.model import parse_ruleset_text
+    from shaper.k8s.bandwidth import combine, from_annotations
+
+    found = from_annotations(annotations)
+    out = []
+    for exc in found.errors:
+        out.append(_warning(f"{exc.field} ignored: {exc.problem}"))
+        if exc.accepted:
+            out.append(_warning(f"{exc.field}: expected {exc.accepted}"))
+    if found.rules and annotations.get(RULES_ANNOTATION) is not None:
+        try:
+            rules = parse_ruleset_text(str(annotations[RULES_ANNOTATION]), "rules", "it")
+        except InvalidInput:
+            rules = ()  # rules_warnings says why
+        out += [_warning(problem) for problem in combine(rules, found.rules, source=RULES_ANNOTATION)[1]]
+    return out
+
+
 def _warning(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MAX_WARNING else text[: MAX_WARNING - 3] + "..."
@@ -139,7 +165,7 @@ def sidecar_container(cfg: SidecarConfig, interface: str) -> dict[str, Any]:
         "image": cfg.image,
         "imagePullPolicy": cfg.pull_policy,
         "args": ["run", "--iface", interface, "--listen", f":{cfg.port}",
-                 "--initial-rules", f"{PODINFO_DIR}/rules"],
+                 "--pod-bandwidth", PODINFO_DIR, "--initial-rules", f"{PODINFO_DIR}/rules"],
         "env": [
             {"name": "SHAPER_TOKEN",
              "valueFrom": {"secretKeyRef": {"name": cfg.token_secret, "key": cfg.token_key}}},
@@ -192,6 +218,9 @@ def sidecar_volumes() -> list[dict[str, Any]]:
         {"name": "shaper-bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}},
         {"name": "shaper-podinfo", "downwardAPI": {"items": [
             {"path": "rules", "fieldRef": {"fieldPath": f"metadata.annotations['{RULES_ANNOTATION}']"}},
+            # An absent annotation is an empty file: no limit.
+            *({"path": BANDWIDTH_FILES[d], "fieldRef": {"fieldPath": f"metadata.annotations['{a}']"}}
+              for d, a in BANDWIDTH_ANNOTATIONS.items()),
         ]}},
         {"name": "shaper-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
@@ -246,7 +275,7 @@ def review(body: Mapping[str, Any], cfg: SidecarConfig, *, opt_in: bool = False)
     reason = skip_reason(request, cfg, opt_in=opt_in) if isinstance(pod, Mapping) else "no object"
     if reason is None:
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
-        warnings = rules_warnings(annotations)
+        warnings = rules_warnings(annotations) + bandwidth_warnings(annotations)
         patch = injection_patch(pod, cfg)
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()

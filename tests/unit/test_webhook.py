@@ -9,6 +9,7 @@ import pytest
 from shaper import cli
 from shaper.core.model import parse_ruleset_text
 from shaper.k8s import webhook as W
+from shaper.k8s.bandwidth import bandwidth_rules
 from tests.support import k8s_pods as K
 
 CFG = W.SidecarConfig(image="registry.example/shaper:0.1.0")
@@ -55,9 +56,15 @@ def test_injected_pod_is_valid_and_complete(make):
     vols = {v["name"]: v for v in patched["spec"]["volumes"]}
     assert vols[mounts["/sys/fs/bpf"]["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
     assert vols[mounts["/lib/modules"]["name"]]["hostPath"]["path"] == "/lib/modules"
-    podinfo = vols[mounts[W.PODINFO_DIR]["name"]]["downwardAPI"]["items"][0]
-    assert podinfo["fieldRef"]["fieldPath"] == "metadata.annotations['shaper.io/rules']"
-    assert side["args"][-2:] == ["--initial-rules", f"{W.PODINFO_DIR}/{podinfo['path']}"]
+    podinfo = vols[mounts[W.PODINFO_DIR]["name"]]["downwardAPI"]["items"]
+    assert podinfo[0]["fieldRef"]["fieldPath"] == "metadata.annotations['shaper.io/rules']"
+    assert side["args"][-2:] == ["--initial-rules", f"{W.PODINFO_DIR}/{podinfo[0]['path']}"]
+    # kubelet's bandwidth annotations, as files of the same directory for --pod-bandwidth.
+    assert {i["path"]: i["fieldRef"]["fieldPath"] for i in podinfo[1:]} == {
+        "egress-bandwidth": "metadata.annotations['kubernetes.io/egress-bandwidth']",
+        "ingress-bandwidth": "metadata.annotations['kubernetes.io/ingress-bandwidth']",
+    }
+    assert side["args"][-4:-2] == ["--pod-bandwidth", W.PODINFO_DIR]
     # Token from the Secret, probes on the named port, least privilege.
     env = {e["name"]: e for e in side["env"]}
     assert env["SHAPER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "shaper-token", "key": "token"}
@@ -82,6 +89,7 @@ def test_the_sidecar_command_line_is_one_shaper_run_accepts():
     ctx = cli.main.commands[side["args"][0]].make_context(side["args"][0], list(side["args"][1:]))
     assert ctx.params["iface"] == "eth0" and ctx.params["listen"] == ":2332"
     assert ctx.params["initial_rules_file"] == "/etc/shaper/pod/rules"
+    assert ctx.params["pod_bandwidth_dir"] == "/etc/shaper/pod"
 
 
 def test_ordinary_container_mode_and_options():
@@ -159,6 +167,50 @@ def test_bad_rules_are_a_warning_not_a_refusal(rules, field, caplog):
     assert warning.startswith("shaper.io/rules ignored") and field in warning
     assert all(len(w) <= W.MAX_WARNING for w in resp["warnings"])
     assert any(r.getMessage() == "inject.rules_invalid" for r in caplog.records)
+
+
+def test_bandwidth_annotations_without_warnings():
+    pod = K.deployment_pod(annotations={"kubernetes.io/egress-bandwidth": "10M",
+                                        "kubernetes.io/ingress-bandwidth": "1Gi",
+                                        "shaper.io/rules": "rules: [{name: db, dst: [10.0.0.0/8], delay: 5ms}]"})
+    resp, patched = admit(pod)
+    assert "warnings" not in resp and "patch" in resp
+    K.validate_pod(patched)
+
+
+@pytest.mark.parametrize("annotation, value, reason", [
+    ("kubernetes.io/egress-bandwidth", "10Mbit", "'10Mbit' is not a quantity: quantities must match"),
+    ("kubernetes.io/ingress-bandwidth", "10K", "'10K': unable to parse quantity's suffix 'K'"),
+    ("kubernetes.io/ingress-bandwidth", "500", "'500' is 500 bit/s: resource is unreasonably small (< 1kbit)"),
+    ("kubernetes.io/egress-bandwidth", "2P", "'2P' is 2e+15 bit/s: resource is unreasonably large (> 1Pbit)"),
+    ("kubernetes.io/egress-bandwidth", "5k", "'5k' is 5kbit/s: kubelet takes it, but shaper's rates go from 8kbit"),
+])
+def test_a_bad_bandwidth_annotation_is_a_warning_as_the_sidecar_refuses_it(annotation, value, reason, caplog):
+    with caplog.at_level("WARNING", logger="shaper"):
+        resp, patched = admit(K.deployment_pod(annotations={annotation: value}))
+    assert resp["allowed"] is True and "patch" in resp  # still injected: the sidecar starts without the limit
+    K.validate_pod(patched)
+    assert resp["warnings"][0].startswith(f"{annotation} ignored: {reason}")
+    assert resp["warnings"][1].startswith(f"{annotation}: expected ")
+    assert all(len(w) <= W.MAX_WARNING for w in resp["warnings"])
+    assert any(r.getMessage() == "inject.rules_invalid" for r in caplog.records)
+    # The same words as the sidecar's: both read the value with shaper.k8s.bandwidth.
+    found = bandwidth_rules({"egress" if "egress" in annotation else "ingress": value})
+    assert resp["warnings"][0] == W._warning(f"{annotation} ignored: {found.errors[0].problem}")
+
+
+def test_an_empty_bandwidth_annotation_is_none_as_the_sidecar_sees_it():
+    resp, _ = admit(K.deployment_pod(annotations={"kubernetes.io/egress-bandwidth": ""}))
+    assert "warnings" not in resp
+
+
+def test_a_bandwidth_annotation_clashing_with_shaper_io_rules_is_a_warning():
+    rules = "rules:\n  - {name: all, dst: ['::/0'], rate: 5mbit}\n"
+    pod = K.deployment_pod(annotations={"shaper.io/rules": rules, "kubernetes.io/egress-bandwidth": "10M",
+                                        "kubernetes.io/ingress-bandwidth": "10M"})
+    resp, _ = admit(pod)
+    assert resp["warnings"] == [("kubernetes.io/egress-bandwidth ignored: shaper.io/rules rule 'all' already shapes "
+                                 "every peer (::/0) on egress")]
 
 
 def test_annotation_keys_are_escaped_in_the_patch():
