@@ -11,7 +11,7 @@ import pytest
 
 from shaper.control.service import Service
 from shaper.core.model import parse_rule
-from shaper.daemon import DaemonOptions, serve
+from shaper.daemon import DaemonOptions, initial_rules, serve
 from shaper.datapath.fake import FakeDatapath
 from shaper.errors import Conflict, InvalidInput, KernelError
 from shaper.http.server import KernelThread
@@ -215,3 +215,37 @@ def test_other_signals_are_logged_and_change_nothing(caplog, signal_name):
         d.pending.append(signal_name)
         wait_for(lambda: audited(caplog, "signal.ignored"), f"{signal_name} to be handled")
         assert names(d.dp) == {"a"} and d.ready()
+
+
+def test_pod_bandwidth_rules_are_initial_rules_in_both_directions(tmp_path, caplog):
+    # The sidecar's downward API directory: shaper.io/rules and kubelet's two bandwidth annotations.
+    (tmp_path / "rules").write_text("rules:\n  - {name: db, dst: [10.0.0.0/8], delay: 5ms}\n")
+    (tmp_path / "egress-bandwidth").write_text("10M")
+    (tmp_path / "ingress-bandwidth").write_text("20Mi")
+    d = Daemon()
+    d.opts = DaemonOptions(iface="fake0", initial_rules=initial_rules(str(tmp_path / "rules"), str(tmp_path)))
+    with caplog.at_level(logging.INFO, logger="shaper"), d:
+        wait_for(d.ready, "readiness after the attach")
+        assert names(d.dp) == {"db", "k8s-egress-bandwidth", "k8s-ingress-bandwidth"}
+        # The egress limit is a class of the interface, the ingress one of the ifb's tree.
+        rates = {(r.name, r.direction): r.rate_bits_per_s for r, _ in d.dp.records.values()}
+        assert rates[("k8s-egress-bandwidth", "egress")] == 10**7
+        assert rates[("k8s-ingress-bandwidth", "ingress")] == 20 * 2**20
+        assert len(d.dp.classes) == 2 and len(d.dp.ingress_classes) == 1
+    assert d.error is None
+    assert audited(caplog, "daemon.ready")[0]["rules"] == 3
+
+
+def test_a_pod_bandwidth_clash_is_reported_and_the_sidecar_starts(tmp_path, caplog):
+    (tmp_path / "rules").write_text("rules:\n  - {name: all, dst: ['::/0'], rate: 5mbit}\n")
+    (tmp_path / "egress-bandwidth").write_text("10M")
+    (tmp_path / "ingress-bandwidth").write_text("")  # no annotation
+    with caplog.at_level(logging.INFO, logger="shaper"):
+        d = Daemon()
+        d.opts = DaemonOptions(iface="fake0", initial_rules=initial_rules(str(tmp_path / "rules"), str(tmp_path)))
+        with d:
+            wait_for(d.ready, "readiness after the attach")
+            assert names(d.dp) == {"all"}
+    assert d.error is None
+    [conflict] = audited(caplog, "rules.conflict")
+    assert "kubernetes.io/egress-bandwidth ignored" in conflict["error"] and "'all'" in conflict["error"]
