@@ -318,8 +318,8 @@ def field_options(fields: tuple[Field, ...]) -> Callable:
                 kind = int
             elif "enum" in spec.schema:
                 kind = click.Choice(spec.schema["enum"])
-            fn = click.option(spec.flag, spec.key, type=kind, metavar=spec.option.metavar, default=None,
-                              help=spec.help())(fn)
+            fn = click.option(spec.flag, *spec.option.aliases, spec.key, type=kind, metavar=spec.option.metavar,
+                              default=None, help=spec.help())(fn)
         return fn
     return decorate
 
@@ -347,12 +347,16 @@ def _stored_table(stored: dict) -> str:
 
 @rule.command("set")
 @click.argument("name", shell_complete=_complete_rule_name)
-@click.option("--dst", multiple=True, required=True, metavar="CIDR",
-              help="A destination address or CIDR (IPv4 or IPv6); repeat for more.")
+@click.option("--dst", multiple=True, metavar="CIDR",
+              help="A peer address or CIDR (IPv4 or IPv6): the destination on egress, the source on ingress; "
+                   "repeat for more.")
+@click.option("--src", multiple=True, metavar="CIDR",
+              help="The peers of an ingress rule (instead of --dst; the direction becomes ingress); repeat for more.")
 @_field_options
 @output_option
 @client_options
-def rule_set(name: str, dst: tuple[str, ...], output: str, server: str, token_file: str | None, **fields) -> None:
+def rule_set(name: str, dst: tuple[str, ...], src: tuple[str, ...], output: str, server: str,
+             token_file: str | None, **fields) -> None:
     """Create or replace rule NAME (PUT /rules/NAME).
 
     The rule becomes exactly what the options say: an option left out is not
@@ -363,9 +367,16 @@ def rule_set(name: str, dst: tuple[str, ...], output: str, server: str, token_fi
     \b
     Example:
       shaper rule set db --dst 10.0.0.5 --dst fd00::5 --delay 50ms --jitter 5ms --ttl 10m
+      shaper rule set pg --dst 10.0.0.5 --protocol tcp --port 5432 --direction both --delay 50ms
+      shaper rule set from-cache --src 10.0.0.7 --rate 2mbit
     """
     with _errors():
-        data: dict = {"dst": list(dst), **_field_values(fields)}
+        if not dst and not src:
+            raise InvalidInput("--dst", "is required (or --src for an ingress rule)", "--dst CIDR, repeated")
+        data: dict = {"src": list(src)} if src and not dst else {"dst": list(dst)}
+        if src and dst:
+            data["src"] = list(src)  # the parser names the clash
+        data.update(_field_values(fields))
         parse_rule(data, name=name)  # bad input is exit 2 before anything is sent, and warns here
         stored = _client(server, token_file).put(name, data)
         _emit({"rules": [stored]}, output, lambda: _stored_table(stored))

@@ -59,6 +59,17 @@ MAX_NETEM_LIMIT = 1_000_000
 LOSS_GE_KEYS = ("p", "r", "loss_bad", "loss_good")
 LOSS_GE_FORM = "a mapping with p and optionally r, loss_bad, loss_good, each a percentage"
 LOSS_GE_OPTION_FORM = "p=1%,r=20%[,loss_bad=100%,loss_good=0%]"
+DIRECTIONS = ("egress", "ingress", "both")
+# IANA protocol numbers of the names a rule may use (the number itself is accepted too).
+PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+PORT_PROTOCOLS = (6, 17, 132)  # the protocols with ports: what `ports` without `protocol` matches
+PROTOCOL_FORM = "one of " + ", ".join(PROTOCOLS) + ", or a protocol number from 0 to 255"
+MAX_PORT_ITEMS = 32
+PORTS_FORM = f"up to {MAX_PORT_ITEMS} ports (1-65535) and ranges (8000-8100), as a list or one comma-separated string"
+_PORT_ITEM = re.compile(r"\s*([0-9]{1,5})\s*(?:-\s*([0-9]{1,5})\s*)?")
+MAX_EXCEPT = 64
+EXCEPT_FORM = "prefixes inside the rule's peers, e.g. 10.1.0.0/16 (up to 64)"
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,7 @@ class Option:
     metavar: str | None  # None: click lists the schema's choices
     note: str = ""  # --help says it after the field's description
     to_json: Callable[[str], Any] | None = None  # the option's text -> the API's value (None: the text)
+    aliases: tuple[str, ...] = ()  # more flags for the same option ("--port" for --ports)
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,66 @@ def _parse_name(value: object, fld: str) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise InvalidInput(fld, f"invalid name {value!r}", NAME_FORM)
     return value
+
+
+def _parse_direction(value: object, fld: str) -> str:
+    if value not in DIRECTIONS:
+        raise InvalidInput(fld, f"unknown direction {value!r}", "one of " + ", ".join(DIRECTIONS))
+    return value  # type: ignore[return-value]
+
+
+def parse_protocol(value: object, fld: str) -> int:
+    """tcp, udp, icmp, icmpv6, sctp (any case), or a number 0-255 (an integer or its digits) -> the number."""
+    if isinstance(value, str) and value.strip().lower() in PROTOCOLS:
+        return PROTOCOLS[value.strip().lower()]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
+        return value
+    raise InvalidInput(fld, f"unknown protocol {value!r}", PROTOCOL_FORM)
+
+
+def format_protocol(number: int) -> str | int:
+    return PROTOCOL_NAMES.get(number, number)
+
+
+def parse_ports(value: object, fld: str) -> tuple[tuple[int, int], ...]:
+    """Ports and ranges -> sorted, merged (first, last) pairs: [5432, "8000-8100"], 5432, "22,80,8000-8100"."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        items: list = str(value).split(",") if isinstance(value, str) else [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise InvalidInput(fld, f"expected a list of ports, got {type(value).__name__}", PORTS_FORM)
+    if not items or len(items) > MAX_PORT_ITEMS:
+        raise InvalidInput(fld, f"{len(items)} items; at least 1 and at most {MAX_PORT_ITEMS}", PORTS_FORM)
+    ranges = []
+    for i, item in enumerate(items):
+        where = f"{fld}[{i}]" if isinstance(value, list) else fld
+        m = _PORT_ITEM.fullmatch(str(item)) if isinstance(item, (int, str)) and not isinstance(item, bool) else None
+        first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+        if not m or not 1 <= first <= last <= 65535:
+            raise InvalidInput(where, f"{item!r} is not a port (1-65535) or a range first-last", PORTS_FORM)
+        ranges.append((first, last))
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return tuple(merged)
+
+
+def format_ports(ranges: tuple[tuple[int, int], ...]) -> list[int | str]:
+    return [first if first == last else f"{first}-{last}" for first, last in ranges]
+
+
+def _protocol_option(text: str) -> str | int:
+    return int(text) if text.strip().isdigit() else text
+
+
+def _ports_option(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",")]
 
 
 def _parse_distribution(value: object, fld: str) -> str:
@@ -219,12 +291,47 @@ DST = Field(
     "dst", "dst", None, None, {"type": "array", "items": {"type": "string"}, "minItems": 1},
     "Destinations; the longest matching prefix wins", DST_FORM,
     "list (or one) of addresses/CIDRs", required=True,
-    readme="`::/0` matches every IPv4 and IPv6 destination, `0.0.0.0/0` every IPv4 one. IPv4 lives in IPv6's "
+    readme="The peers: matched against the destination of egress packets and the source of ingress ones. "
+           "`::/0` matches every IPv4 and IPv6 destination, `0.0.0.0/0` every IPv4 one. IPv4 lives in IPv6's "
            "IPv4-mapped range, so `::ffff:0:0/96` *is* `0.0.0.0/0` (and `::ffff:10.0.0.0/104` is `10.0.0.0/8`): "
            "stored, echoed and listed in the IPv4 form, and one destination with it.")
 
+# src is dst under the name that reads right for an ingress rule: the model parses it into dst.
+SRC = Field(
+    "src", "dst", None, None, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "The peers of an ingress rule, matched by source address: dst under the name that reads right there",
+    DST_FORM,
+    "as `dst`", readme="Give `dst` or `src`, not both; `src` makes the direction `ingress` (the only one it "
+    "allows). Rules are listed with `dst`.")
+# except is parsed by model.parse_rule itself (into Prefix keys, checked against dst).
+EXCEPT = Field(
+    "except", "excepts", None, lambda prefixes: [str(p) for p in prefixes], {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                       "maxItems": MAX_EXCEPT},
+    "Prefixes carved out of the rule's peers: their traffic is classified as if the rule did not exist "
+    "(a less specific rule, or none)", EXCEPT_FORM, f"list (or one) of CIDRs inside `dst` (max {MAX_EXCEPT})",
+    default=(), option=Option("CIDR[,CIDR...]", "Comma-separated.", lambda t: [p.strip() for p in t.split(",")]))
+
 # The fields a rule may leave out, in the order they are parsed, checked, listed and offered.
 OPTIONAL_FIELDS: tuple[Field, ...] = (
+    Field("direction", "direction", _parse_direction, str, {"type": "string", "enum": list(DIRECTIONS)},
+          "Which packets: egress (to the peers, default), ingress (from the peers, shaped on an ifb shaper "
+          "creates) or both", "one of " + ", ".join(DIRECTIONS), ", ".join(f"`{d}`" for d in DIRECTIONS),
+          "egress", option=Option(None)),
+    Field("protocol", "protocol", parse_protocol, format_protocol,
+          {"oneOf": [{"type": "string", "enum": list(PROTOCOLS)}, {"type": "integer", "minimum": 0, "maximum": 255}]},
+          "Only packets of this IP protocol (IPv6: the first next header)", PROTOCOL_FORM,
+          ", ".join(f"`{p}`" for p in PROTOCOLS) + " or 0-255", option=Option("PROTO", "A name or a number.",
+                                                                          _protocol_option)),
+    Field("ports", "ports", parse_ports, format_ports,
+          {"type": "array", "minItems": 1, "maxItems": MAX_PORT_ITEMS,
+           "items": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+                               {"type": "string", "pattern": r"^[0-9]{1,5}(-[0-9]{1,5})?$"}]}},
+          "The peer's ports: the destination port on egress, the source port on ingress. Without a protocol: "
+          "TCP, UDP and SCTP", PORTS_FORM, f"ports and ranges, e.g. `[5432, 8000-8100]` (max {MAX_PORT_ITEMS})",
+          (), readme="See **Precedence** below.",
+          option=Option("PORT[,FIRST-LAST...]", "Comma-separated; --port is the same option.", _ports_option,
+                        ("--port",))),
+    EXCEPT,
     _duration("delay", "Added delay (netem)", max_us=MAX_DELAY_US, readme_form=_SHORT_DURATION,
               option=Option("DURATION", f"A DURATION is {DURATION_FORM}."),
               gauge=Gauge("shaper_rule_delay_seconds", "The rule's configured delay.", lambda r: r.delay_us / 1e6)),
@@ -285,7 +392,7 @@ OPTIONAL_FIELDS: tuple[Field, ...] = (
               readme="The rule stops matching in the kernel, even with no controller running.",
               option=_DURATION),
 )
-FIELDS: tuple[Field, ...] = (NAME, DST, *OPTIONAL_FIELDS)
+FIELDS: tuple[Field, ...] = (NAME, DST, SRC, *OPTIONAL_FIELDS)
 FIELD_NAMES = tuple(f.key for f in FIELDS)
 BY_KEY = {f.key: f for f in FIELDS}
 

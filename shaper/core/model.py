@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import json
 import math
 import re
 import socket
@@ -24,7 +25,11 @@ from shaper.errors import InvalidInput
 from shaper.core.fields import (
     ASSUMED_RATE_BITS_PER_S,
     DST_FORM,
+    EXCEPT_FORM,
     FIELD_NAMES,
+    MAX_EXCEPT,
+    PORT_PROTOCOLS,
+    PROTOCOL_NAMES,
     MAX_BURST_BYTES,
     MAX_NETEM_LIMIT,
     MIN_BURST_BYTES,
@@ -40,6 +45,8 @@ from shaper.core.units import format_bytes, format_rate_bits_per_s, format_size_
 # shaper.datapath.abi checks against these at import (the pure core reads no C file).
 MAX_RULES = 16383
 MAX_PREFIXES = 262144
+# bpf/shaper.h's SHAPER_META_LEN: a rule's record (every field but dst, as JSON) must fit it.
+META_LEN = 1020
 MTU_BYTES = 1500
 # HTB takes a class's burst as the time it lasts at the rate, in the kernel's
 # 64 ns scheduler ticks, in a u32: a burst longer than ~274.9 s at its rate
@@ -136,7 +143,11 @@ class Prefix(NamedTuple):
 @dataclass(frozen=True)
 class Rule:
     name: str
-    dst: tuple[Prefix, ...]
+    dst: tuple[Prefix, ...]  # the peers: destinations on egress, sources on ingress
+    direction: str = "egress"  # egress, ingress or both
+    protocol: int | None = None  # IP protocol number; None: any
+    ports: tuple[tuple[int, int], ...] = ()  # the peer's ports, (first, last) ranges; (): any
+    excepts: tuple[Prefix, ...] = ()  # carved out of dst
     delay_us: int = 0
     jitter_us: int = 0
     delay_corr_pct: float = 0.0
@@ -155,6 +166,38 @@ class Rule:
     burst_bytes: int | None = None
     limit: int | None = None
     ttl_us: int | None = None
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The tries and HTB trees the rule is in: ("egress",), ("ingress",) or both."""
+        return ("egress", "ingress") if self.direction == "both" else (self.direction,)
+
+    @property
+    def selects_ports(self) -> bool:
+        """True for a port or protocol rule (its packets are told apart beyond the address)."""
+        return self.protocol is not None or bool(self.ports)
+
+    def port_keys(self) -> list[tuple[int, int, int]]:
+        """(protocol, first port of a block, block bits) of the port trie, for a port or protocol rule:
+        each range cut into aligned power-of-two blocks; a protocol-only rule is (protocol, 0, 0)."""
+        protocols = [self.protocol] if self.protocol is not None else list(PORT_PROTOCOLS)
+        if not self.ports:
+            return [(proto, 0, 0) for proto in protocols]
+        blocks = []
+        for first, last in self.ports:
+            while first <= last:
+                size = first & -first if first else 1 << 16
+                while first + size - 1 > last:
+                    size >>= 1
+                blocks.append((first, 16 - size.bit_length() + 1))
+                first += size
+        return [(proto, port, plen) for proto in protocols for port, plen in blocks]
+
+    def selector_text(self) -> str:
+        """What the rule selects beyond its peers, for messages: "tcp port 5432", "udp", "any"."""
+        proto = PROTOCOL_NAMES.get(self.protocol, str(self.protocol)) if self.protocol is not None else ""
+        ports = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.ports)
+        return " ".join(x for x in (proto, f"port {ports}" if ports else "") if x) or "any protocol and port"
 
     @property
     def has_netem(self) -> bool:
@@ -190,7 +233,7 @@ class Rule:
         if not self.has_netem:
             return None
         return replace(self, name="", dst=(), rate_bits_per_s=None, burst_bytes=None, ttl_us=None,
-                       limit=self.netem_limit())
+                       limit=self.netem_limit(), direction="egress", protocol=None, ports=(), excepts=())
 
     def to_dict(self) -> dict[str, Any]:
         """The user-facing form: the fields people write, defaults left out."""
@@ -242,19 +285,34 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
         raise InvalidInput(prefix + "name", f"{body_name!r} differs from {name!r} in the path", "the same name")
     body_name = NAME.parse(body_name, prefix + "name")
 
-    raw_dst = data.get("dst")
+    peers = "dst"
+    if data.get("src") is not None:
+        if data.get("dst") is not None:
+            raise InvalidInput(prefix + "src", "given with dst; both name the rule's peers",
+                               "dst (any direction) or src (an ingress rule), not both")
+        if data.get("direction", "ingress") != "ingress":
+            raise InvalidInput(prefix + "src", f"names the peers of an ingress rule, not of a {data['direction']!r} "
+                               "one", "dst with direction egress or both; src with direction ingress")
+        peers = "src"
+    raw_dst = data.get(peers)
     if isinstance(raw_dst, str):
         raw_dst = [raw_dst]
     if not isinstance(raw_dst, list) or not raw_dst:
-        raise InvalidInput(prefix + "dst", "at least one destination is required", DST_FORM)
+        raise InvalidInput(prefix + "dst", "at least one destination is required (or src for an ingress rule)",
+                           DST_FORM)
     if len(raw_dst) > MAX_PREFIXES:
-        raise InvalidInput(prefix + "dst", f"{len(raw_dst)} destinations exceed {MAX_PREFIXES}", DST_FORM)
-    dst = _parse_dst(raw_dst, prefix)
+        raise InvalidInput(prefix + peers, f"{len(raw_dst)} destinations exceed {MAX_PREFIXES}", DST_FORM)
+    dst = _parse_dst(raw_dst, prefix, peers)
 
     values: dict[str, Any] = {}
     for spec in OPTIONAL_FIELDS:
         if spec.key in data and data[spec.key] is not None:
-            values[spec.attr] = spec.parse(data[spec.key], prefix + spec.key)
+            if spec.parse is None:  # except: prefixes, like dst
+                values[spec.attr] = _parse_except(data[spec.key], prefix + spec.key)
+            else:
+                values[spec.attr] = spec.parse(data[spec.key], prefix + spec.key)
+    if peers == "src":
+        values["direction"] = "ingress"
     rule = Rule(name=body_name, dst=dst, **values)
 
     present = {spec.key for spec in OPTIONAL_FIELDS if getattr(rule, spec.attr) != spec.default}
@@ -276,13 +334,66 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
             f"{rate}; HTB holds a burst of at most {MAX_BURST_NS / 1e9:.1f} s at its rate",
             f"a size from {MIN_BURST_BYTES} to {most} bytes ({format_bytes(most)}) at rate {rate}",
         )
+    if rule.ports and rule.protocol is not None and rule.protocol not in PORT_PROTOCOLS:
+        raise InvalidInput(prefix + "ports", f"protocol {PROTOCOL_NAMES.get(rule.protocol, rule.protocol)} has no "
+                           "ports", "ports with protocol tcp, udp or sctp (or without a protocol: all three)")
+    if rule.excepts:
+        _check_except(rule, prefix)
+    record = len(json.dumps({"rule": replace(rule, dst=()).to_dict(), "expires_ns": 2**63 - 1},
+                            separators=(",", ":")))
+    if record > META_LEN:
+        raise InvalidInput(prefix + "except" if rule.excepts else prefix + "ports",
+                           f"the rule's fields take {record} bytes written out; its kernel record holds {META_LEN}",
+                           "fewer except prefixes or port ranges (split the rule in two)")
     if rule.reorder_pct and not rule.gap:
         # tc-netem: reorder without gap means gap 1 (any packet may be sent early).
         rule = replace(rule, gap=1)
     return rule
 
 
-def _parse_dst(raw_dst: list, prefix: str) -> tuple[Prefix, ...]:
+def _parse_except(raw: object, fld: str) -> tuple[Prefix, ...]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_EXCEPT:
+        raise InvalidInput(fld, f"expected 1 to {MAX_EXCEPT} prefixes", EXCEPT_FORM)
+    return tuple(sorted({Prefix.parse(text, f"{fld}[{i}]") for i, text in enumerate(raw)}))
+
+
+def _check_except(rule: Rule, prefix: str) -> None:
+    """Each except strictly inside one of the rule's peers, none inside another, no peer inside one; and
+    with except, the rule's peers do not nest (a peer inside another would be read back as a carved piece).
+
+    One sweep over the prefixes sorted as address ranges: whatever is open when a prefix starts contains it."""
+    tagged = sorted([(p, "peer") for p in rule.dst] + [(p, "except") for p in rule.excepts],
+                    key=lambda t: (t[0].addr, t[0].prefixlen))
+    open_: list[tuple[Prefix, str, int]] = []  # (prefix, tag, its last address), outermost first
+    for p, tag in tagged:
+        first = int.from_bytes(p.addr, "big")
+        while open_ and open_[-1][2] < first:
+            open_.pop()
+        if open_:
+            outer, outer_tag, _ = open_[-1]
+            if tag == "except" and outer == p:
+                raise InvalidInput(f"{prefix}except", f"{p} is also one of the rule's peers", EXCEPT_FORM)
+            if tag == "except" and outer_tag == "except":
+                raise InvalidInput(f"{prefix}except", f"{p} is inside except {outer} already", EXCEPT_FORM)
+            if tag == "peer":
+                raise InvalidInput(f"{prefix}dst", f"{p} is inside {outer_tag} {outer} of the same rule",
+                                   "with except, peers that do not nest and are not inside an except")
+        elif tag == "except":
+            raise InvalidInput(f"{prefix}except", f"{p} is not inside any of the rule's peers", EXCEPT_FORM)
+        open_.append((p, tag, first | ((1 << (128 - p.prefixlen)) - 1)))
+
+
+def _supernets(p: Prefix) -> Iterator[Prefix]:
+    """p and every shorter prefix containing it, longest first."""
+    value = int.from_bytes(p.addr, "big")
+    for length in range(p.prefixlen, -1, -1):
+        mask = ((1 << length) - 1) << (128 - length) if length else 0
+        yield Prefix((value & mask).to_bytes(16, "big"), length)
+
+
+def _parse_dst(raw_dst: list, prefix: str, peers: str = "dst") -> tuple[Prefix, ...]:
     """A rule's destinations, sorted, without repeats: deduplicated and sorted as 17-byte
     keys, so a Prefix is built once per distinct destination.  Repeats go by a dict, which
     keeps the order written: big lists are mostly written in order, and sorting a list in
@@ -291,7 +402,7 @@ def _parse_dst(raw_dst: list, prefix: str) -> tuple[Prefix, ...]:
     for i, text in enumerate(raw_dst):
         key = _parse_fast(text) if type(text) is str else None
         if key is None:
-            parsed = Prefix.parse(text, f"{prefix}dst[{i}]")
+            parsed = Prefix.parse(text, f"{prefix}{peers}[{i}]")
             key = parsed.addr + _PLEN[parsed.prefixlen]
         keys.append(key)
     return tuple([Prefix(key[:16], key[16]) for key in sorted(dict.fromkeys(keys))])
@@ -465,6 +576,14 @@ def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:
     rules = tuple(rules)
     if len(rules) > MAX_RULES:
         raise InvalidInput("rules", f"{len(rules)} rules exceed the maximum {MAX_RULES}", f"at most {MAX_RULES}")
+    if any(r.direction != "egress" or r.selects_ports or r.excepts for r in rules):
+        # Directions, ports and excepts: the tables' own checks (shaper.core.tables), which know
+        # which rules may share a prefix.  Imported here: tables builds on this module.
+        from shaper.core import tables  # noqa: PLC0415
+
+        _check_names(rules)
+        tables.check(rules)
+        return tuple(sorted(rules, key=lambda r: r.name))
     names: set[str] = set()
     seen: set[Prefix] = set()
     for i, rule in enumerate(rules):
@@ -482,6 +601,14 @@ def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:
         raise InvalidInput("rules", f"{len(seen)} destinations exceed the maximum {MAX_PREFIXES}",
                            f"at most {MAX_PREFIXES} prefixes")
     return tuple(sorted(rules, key=lambda r: r.name))
+
+
+def _check_names(rules: tuple[Rule, ...]) -> None:
+    names: set[str] = set()
+    for rule in rules:
+        if rule.name in names:
+            raise InvalidInput(f"rules[{rule.name}].name", "duplicate rule name", "unique names")
+        names.add(rule.name)
 
 
 def _check_shared_dst(rules: tuple[Rule, ...]) -> None:

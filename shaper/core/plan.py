@@ -49,17 +49,10 @@ from typing import Iterable, Mapping, Union
 
 from shaper.errors import InvalidInput, ShaperError
 from shaper.core.model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
+from shaper.core import tables
+from shaper.core.tables import DIRECTIONS, Entry, PortEntry, PortKey
 
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What a trie entry says, as plain values (shaper.datapath.abi encodes it): the slot whose
-    class and counters the destination goes to, the deadline (CLOCK_MONOTONIC ns, 0: never), and
-    the entry's own prefix length, which the classifier falls back from past an expired entry."""
-
-    slot: int
-    expires_ns: int
-    prefixlen: int
+__all__ = ["DIRECTIONS", "Entry", "PortEntry", "PortKey"]  # defined with the tables, used by every datapath
 
 
 @dataclass(frozen=True)
@@ -72,8 +65,17 @@ class ObservedRule:
 @dataclass(frozen=True)
 class Observed:
     rules: Mapping[str, ObservedRule] = field(default_factory=dict)
-    entries: Mapping[Prefix, Entry] = field(default_factory=dict)
-    classes: Mapping[int, str] = field(default_factory=dict)  # slot -> leaf kind ("netem", "pfifo", ...)
+    entries: Mapping[Prefix, Entry] = field(default_factory=dict)  # the egress trie (by destination)
+    classes: Mapping[int, str] = field(default_factory=dict)  # egress: slot -> leaf kind ("netem", "pfifo", ...)
+    ingress_entries: Mapping[Prefix, Entry] = field(default_factory=dict)  # the ingress trie (by source)
+    ingress_classes: Mapping[int, str] = field(default_factory=dict)  # the ifb's classes
+    ports: Mapping[PortKey, PortEntry] = field(default_factory=dict)  # both directions' port groups
+
+    def trie(self, direction: str) -> Mapping[Prefix, Entry]:
+        return self.entries if direction == "egress" else self.ingress_entries
+
+    def tree(self, direction: str) -> Mapping[int, str]:
+        return self.classes if direction == "egress" else self.ingress_classes
 
     def expired(self, now_ns: int) -> set[str]:
         return {n for n, o in self.rules.items() if o.expires_ns and o.expires_ns <= now_ns}
@@ -95,12 +97,14 @@ class ResetStats:
 class CreateClass:
     slot: int
     rule: Rule
+    direction: str = "egress"  # egress: the interface's HTB; ingress: its ifb's
 
 
 @dataclass(frozen=True)
 class ChangeClass:
     slot: int
     rule: Rule
+    direction: str = "egress"  # egress: the interface's HTB; ingress: its ifb's
 
 
 @dataclass(frozen=True)
@@ -110,21 +114,35 @@ class SetLeaf:
     slot: int
     rule: Rule
     current: str | None  # the leaf kind there now, None if the class is new
+    direction: str = "egress"
 
 
 @dataclass(frozen=True)
 class UpsertEntries:
     entries: Mapping[Prefix, Entry]
+    direction: str = "egress"  # egress: the destination trie; ingress: the source trie
 
 
 @dataclass(frozen=True)
 class DeleteEntries:
     prefixes: tuple[Prefix, ...]
+    direction: str = "egress"
+
+
+@dataclass(frozen=True)
+class UpsertPorts:
+    entries: Mapping[PortKey, PortEntry]
+
+
+@dataclass(frozen=True)
+class DeletePorts:
+    keys: tuple[PortKey, ...]
 
 
 @dataclass(frozen=True)
 class DeleteClass:
     slot: int
+    direction: str = "egress"
 
 
 @dataclass(frozen=True)
@@ -133,7 +151,7 @@ class DeleteRecord:
 
 
 Operation = Union[WriteRecord, ResetStats, CreateClass, ChangeClass, SetLeaf, UpsertEntries, DeleteEntries,
-                  DeleteClass, DeleteRecord]
+                  UpsertPorts, DeletePorts, DeleteClass, DeleteRecord]
 
 
 def allocate_slots(names: Iterable[str], used: Iterable[int],
@@ -215,7 +233,7 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
     # A rule that expired is gone: applying it again starts it afresh, in a new slot
     # so its counters and class start from zero.
     keep = {n: live[n] for n in want if n in live}
-    slots_in_use = {o.slot for o in observed.rules.values()} | set(observed.classes)
+    slots_in_use = {o.slot for o in observed.rules.values()} | set(observed.classes) | set(observed.ingress_classes)
     new_names = sorted(n for n in want if n not in keep)
     fresh = allocate_slots(new_names, slots_in_use, slots)
 
@@ -227,9 +245,11 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         rule, slot = want[name], fresh[name]
         slot_of[name] = slot
         expiry_of[name] = deadlines.get(name, now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0)
-        ops += [WriteRecord(slot, rule, expiry_of[name]), ResetStats(slot), CreateClass(slot, rule),
-                SetLeaf(slot, rule, None)]
+        ops += [WriteRecord(slot, rule, expiry_of[name]), ResetStats(slot)]
+        for d in rule.directions:
+            ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
 
+    dropped: list[DeleteClass] = []  # classes of kept rules in a direction they left
     for name, old in sorted(keep.items()):
         rule, slot = want[name], old.slot
         slot_of[name] = slot
@@ -244,55 +264,70 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         # The record holds everything but dst (that lives in the trie); it goes first (module doc).
         if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry_of[name] != old.expires_ns:
             ops.append(WriteRecord(slot, rule, expiry_of[name]))
-        kind = observed.classes.get(slot)
-        if kind is None:  # the class vanished under us: rebuild it
-            ops += [CreateClass(slot, rule), SetLeaf(slot, rule, None)]
-        else:
+        for d in rule.directions:
+            kind = observed.tree(d).get(slot)
+            if kind is None:  # the class vanished under us, or the rule gained this direction: build it
+                ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
+                continue
             if name in resend or (not same and rule.class_params() != old.rule.class_params()):
-                ops.append(ChangeClass(slot, rule))
+                ops.append(ChangeClass(slot, rule, d))
             leaf_ok = (kind == "netem") == rule.has_netem and (same or rule.leaf_params() == old.rule.leaf_params())
             if not leaf_ok or (name in resend and rule.has_netem):
-                ops.append(SetLeaf(slot, rule, kind))
+                ops.append(SetLeaf(slot, rule, kind, d))
+        for d in DIRECTIONS:
+            if d not in rule.directions and slot in observed.tree(d):
+                dropped.append(DeleteClass(slot, d))
 
-    wanted_entries: dict[Prefix, Entry] = {}
-    for name, rule in want.items():
-        slot = slot_of[name]
-        # A rule's entries differ only by prefix length: one value per length, shared, and
-        # the dict filled by C-level iteration (a Python loop per destination was most of
-        # the plan's time for 100,000 of them).
-        lengths = list(map(_PREFIXLEN, rule.dst))
-        values = {n: Entry(slot, expiry_of[name], n) for n in set(lengths)}
-        wanted_entries.update(zip(rule.dst, map(values.__getitem__, lengths)))
-    if observed.entries:
-        upserts = {p: v for p, v in wanted_entries.items() if observed.entries.get(p) != v}
-    else:
-        upserts = wanted_entries
-    stale = tuple(sorted(p for p in observed.entries if p not in wanted_entries))
-    entry_ops: list[Operation] = []
-    if upserts:
-        entry_ops.append(UpsertEntries(dict(sorted(upserts.items()))))
-    if stale:
-        entry_ops.append(DeleteEntries(stale))
-    if len(observed.entries) + len(wanted_entries) - len(observed.entries.keys() & wanted_entries.keys()) \
-            > MAX_PREFIXES:
-        entry_ops.reverse()  # old and new do not fit side by side: make room first (module doc)
-    ops += entry_ops
+    placed = [tables.Placed(rule, slot_of[name], expiry_of[name]) for name, rule in want.items()]
+    old_groups = tables.group_members(observed.ports)
+    built = tables.compile(placed, {members: g for g, members in old_groups.items()}, old_groups)
+
+    port_upserts = {k: v for k, v in built.ports.items() if observed.ports.get(k) != v}
+    port_stale = tuple(sorted(k for k in observed.ports if k not in built.ports))
+    if port_upserts:  # groups before the trie entries that point at them
+        ops.append(UpsertPorts(dict(sorted(port_upserts.items()))))
+    for d in DIRECTIONS:
+        wanted_entries, old = built.tries[d], observed.trie(d)
+        upserts = {p: v for p, v in wanted_entries.items() if old.get(p) != v} if old else wanted_entries
+        stale = tuple(sorted(p for p in old if p not in wanted_entries))
+        entry_ops: list[Operation] = []
+        if upserts:
+            entry_ops.append(UpsertEntries(dict(sorted(upserts.items())), d))
+        if stale:
+            entry_ops.append(DeleteEntries(stale, d))
+        if len(old) + len(wanted_entries) - len(old.keys() & wanted_entries.keys()) > MAX_PREFIXES:
+            entry_ops.reverse()  # old and new do not fit side by side: make room first (module doc)
+        ops += entry_ops
+    if port_stale:  # after no trie entry points at them any more
+        ops.append(DeletePorts(port_stale))
 
     kept_slots = set(slot_of.values())
-    for slot in sorted(set(observed.classes) - kept_slots):
-        ops.append(DeleteClass(slot))
+    ops += dropped
+    for d in DIRECTIONS:
+        for slot in sorted(set(observed.tree(d)) - kept_slots):
+            ops.append(DeleteClass(slot, d))
     for slot in sorted({o.slot for o in observed.rules.values()} - kept_slots):
         ops.append(DeleteRecord(slot))
+    trees = {d: {slot_of[n]: ("netem" if r.has_netem else "pfifo") for n, r in want.items() if d in r.directions}
+             for d in DIRECTIONS}
     outcome = Observed(
         rules={n: ObservedRule(slot_of[n], r, expiry_of[n]) for n, r in want.items()},
-        entries=wanted_entries,
-        classes={slot_of[n]: ("netem" if r.has_netem else "pfifo") for n, r in want.items()},
+        entries=built.tries["egress"], classes=trees["egress"],
+        ingress_entries=built.tries["ingress"], ingress_classes=trees["ingress"], ports=built.ports,
     )
     return ops, outcome
 
 
-_UNDO_ENTRY = struct.Struct("=B16sH")  # prefixlen, addr, the slot it steered to before (0: none)
-UNDO_VERSION = 1
+_UNDO_KEY = struct.Struct("=B16s")  # prefixlen, addr
+_UNDO_VAL = struct.Struct("=BIQBHB")  # present, slot, expires_ns, fallback prefixlen, group, derived
+_UNDO_PORT = struct.Struct("=IBHBBIQ")  # group, proto, port, plen, present, slot, expires_ns
+_COUNT = struct.Struct("=I")
+UNDO_VERSION = 2
+
+
+def _pack_value(v: Entry | None) -> bytes:
+    return _UNDO_VAL.pack(0, 0, 0, 0, 0, 0) if v is None else \
+        _UNDO_VAL.pack(1, v.slot, v.expires_ns, v.prefixlen, v.group, v.derived)
 
 
 @dataclass(frozen=True)
@@ -301,7 +336,9 @@ class Undo:
     rebuilt from whatever state the change (or a roll-back of it) was cut short in."""
 
     rules: Mapping[int, ObservedRule | None]  # slot -> its rule before (dst unused); None: no rule there
-    entries: Mapping[Prefix, int]  # prefix -> the slot it steered to before; 0: absent
+    # direction -> prefix -> the trie value before (None: absent)
+    entries: Mapping[str, Mapping[Prefix, Entry | None]] = field(default_factory=dict)
+    ports: Mapping[PortKey, PortEntry | None] = field(default_factory=dict)  # the port entries before
     before: int = 0  # rule counts before and after, for the log
     after: int = 0
 
@@ -316,10 +353,20 @@ class Undo:
                 records.append([slot, {"rule": rule, "expires_ns": o.expires_ns}])
         head = json.dumps({"version": UNDO_VERSION, "before": self.before, "after": self.after,
                            "rules": records}, separators=(",", ":")).encode()
-        prefixes = list(self.entries)
-        body = b"".join(starmap(_UNDO_ENTRY.pack, zip(map(_PREFIXLEN, prefixes), map(_ADDR, prefixes),
-                                                      self.entries.values())))
-        return zlib.compress(struct.pack("=I", len(head)) + head + body, 1)
+        parts = [_COUNT.pack(len(head)), head]
+        for d in DIRECTIONS:
+            entries = self.entries.get(d, {})
+            prefixes = list(entries)
+            values = list(entries.values())
+            # Iterated in C, each distinct value packed once (a rule's entries share theirs).
+            packed = {id(v): _pack_value(v) for v in values}
+            parts += [_COUNT.pack(len(prefixes)),
+                      b"".join(starmap(_UNDO_KEY.pack, zip(map(_PREFIXLEN, prefixes), map(_ADDR, prefixes)))),
+                      b"".join(map(packed.__getitem__, map(id, values)))]
+        parts.append(_COUNT.pack(len(self.ports)))
+        for k, v in self.ports.items():
+            parts.append(_UNDO_PORT.pack(*k, v is not None, v.slot if v else 0, v.expires_ns if v else 0))
+        return zlib.compress(b"".join(parts), 1)
 
     @classmethod
     def unpack(cls, data: bytes) -> "Undo":
@@ -327,43 +374,90 @@ class Undo:
         another version's), so a start or an apply says so instead of failing with a bare error."""
         try:
             raw = zlib.decompress(data)
-            (n,) = struct.unpack_from("=I", raw)
+            (n,) = _COUNT.unpack_from(raw)
             head = json.loads(raw[4:4 + n])
             version = head.get("version")
             if version == UNDO_VERSION:
                 rules = {slot: None if rec is None else ObservedRule(slot, rule_from_record(rec["rule"], ()),
                                                                      rec.get("expires_ns", 0))
                          for slot, rec in head["rules"]}
-                fields = list(_UNDO_ENTRY.iter_unpack(raw[4 + n:]))
+                at = 4 + n
+                entries: dict[str, dict[Prefix, Entry | None]] = {}
+                for d in DIRECTIONS:
+                    (count,) = _COUNT.unpack_from(raw, at)
+                    at += 4
+                    keys = raw[at:at + count * _UNDO_KEY.size]
+                    at += len(keys)
+                    vals = raw[at:at + count * _UNDO_VAL.size]
+                    at += len(vals)
+                    if len(keys) != count * _UNDO_KEY.size or len(vals) != count * _UNDO_VAL.size:
+                        raise ValueError("truncated")
+                    decoded: dict[bytes, Entry | None] = {}
+                    out = entries[d] = {}
+                    for (plen, addr), i in zip(_UNDO_KEY.iter_unpack(keys), range(0, len(vals), _UNDO_VAL.size)):
+                        chunk = vals[i:i + _UNDO_VAL.size]
+                        value = decoded.get(chunk, False)
+                        if value is False:
+                            present, slot, expires, fallback, group, derived = _UNDO_VAL.unpack(chunk)
+                            value = decoded[chunk] = Entry(slot, expires, fallback, group, bool(derived)) \
+                                if present else None
+                        out[Prefix(addr, plen)] = value
+                (count,) = _COUNT.unpack_from(raw, at)
+                at += 4
+                ports: dict[PortKey, PortEntry | None] = {}
+                for g, proto, port, plen, present, slot, expires in _UNDO_PORT.iter_unpack(
+                        raw[at:at + count * _UNDO_PORT.size]):
+                    ports[PortKey(g, proto, port, plen)] = PortEntry(slot, expires) if present else None
+                if len(ports) != count:
+                    raise ValueError("truncated")
         except (zlib.error, struct.error, ValueError, KeyError, TypeError, AttributeError, InvalidInput) as exc:
             raise ShaperError(f"the intent record of an interrupted change cannot be read ({exc}); "
                               "`shaper reset` removes shaper's state from the interface") from None
         if version != UNDO_VERSION:
             raise ShaperError(f"the intent record of an interrupted change is version {version!r}, this shaper "
                               f"reads {UNDO_VERSION}: finish with the shaper that wrote it, or `shaper reset`")
-        entries = dict(zip(starmap(Prefix, zip(map(itemgetter(1), fields), map(itemgetter(0), fields))),
-                           map(itemgetter(2), fields)))
-        return cls(rules, entries, head.get("before", 0), head.get("after", 0))
+        return cls(rules, entries, ports, head.get("before", 0), head.get("after", 0))
 
 
 def undo_of(ops: Iterable[Operation], observed: Observed, after: int = 0) -> Undo:
     """The Undo of `ops` planned against `observed`: the old record of every slot they
-    write or delete, and the old slot of every prefix they write or delete."""
+    write or delete, and the old value of every trie and port entry they write or delete."""
     by_slot = {o.slot: o for o in observed.rules.values()}
-    old = observed.entries
     rules: dict[int, ObservedRule | None] = {}
-    entries: dict[Prefix, int] = {}
+    entries: dict[str, dict[Prefix, Entry | None]] = {d: {} for d in DIRECTIONS}
+    ports: dict[PortKey, PortEntry | None] = {}
     for op in ops:
         if isinstance(op, (WriteRecord, DeleteRecord)) and op.slot not in rules:
             o = by_slot.get(op.slot)
             rules[op.slot] = None if o is None else replace(o, rule=replace(o.rule, dst=()))
         elif isinstance(op, (UpsertEntries, DeleteEntries)):
             # A plan writes each prefix once; iterated in C, as plan() does (100,000s of them).
+            old, out = observed.trie(op.direction), entries[op.direction]
             touched = op.entries.keys() if isinstance(op, UpsertEntries) else op.prefixes
-            entries.update(dict.fromkeys(touched, 0))
+            out.update(dict.fromkeys(touched))
             present = old.keys() & touched
-            entries.update(zip(present, map(_SLOT, map(old.__getitem__, present))))
-    return Undo(rules, entries, len(observed.rules), after)
+            out.update(zip(present, map(old.__getitem__, present)))
+        elif isinstance(op, (UpsertPorts, DeletePorts)):
+            for key in (op.entries if isinstance(op, UpsertPorts) else op.keys):
+                ports.setdefault(key, observed.ports.get(key))
+    return Undo(rules, entries, ports, len(observed.rules), after)
+
+
+def named_dst(observed: Observed) -> dict[int, tuple[Prefix, ...]]:
+    """slot -> its rule's peers (dst), read back from the tables (shaper.core.tables.named_prefixes)."""
+    named = tables.named_prefixes({"egress": observed.entries, "ingress": observed.ingress_entries}, observed.ports)
+    return {slot: tuple(sorted(prefixes)) for slot, prefixes in named.items()}
+
+
+def attach_rules(observed: Observed, records: Iterable[tuple[int, Mapping]]) -> Observed:
+    """`observed` (tables and classes) with its rules: each record ({"rule": ..., "expires_ns": ...}, by
+    slot; what WriteRecord writes) with the peers the tables give its slot."""
+    dst_of = named_dst(observed)
+    rules = {}
+    for slot, record in records:
+        rule = rule_from_record(record["rule"], dst_of.get(slot, ()))
+        rules[rule.name] = ObservedRule(slot, rule, record.get("expires_ns", 0))
+    return replace(observed, rules=rules)
 
 
 def restore(undo: Undo, state: Observed) -> dict[str, ObservedRule]:
@@ -375,27 +469,42 @@ def restore(undo: Undo, state: Observed) -> dict[str, ObservedRule]:
             by_slot.pop(slot, None)
         else:
             by_slot[slot] = o
-    steer = {p: v.slot for p, v in state.entries.items()}
-    for p, slot in undo.entries.items():
-        if slot:
-            steer[p] = slot
+    tries = {}
+    for d in DIRECTIONS:
+        trie = dict(state.trie(d))
+        for p, v in undo.entries.get(d, {}).items():
+            if v is None:
+                trie.pop(p, None)
+            else:
+                trie[p] = v
+        tries[d] = trie
+    ports = dict(state.ports)
+    for k, pv in undo.ports.items():
+        if pv is None:
+            ports.pop(k, None)
         else:
-            steer.pop(p, None)
-    dst_of: dict[int, list[Prefix]] = {}
-    for p, slot in steer.items():
-        dst_of.setdefault(slot, []).append(p)
-    return {o.rule.name: ObservedRule(slot, replace(o.rule, dst=tuple(sorted(dst_of.get(slot, ())))), o.expires_ns)
+            ports[k] = pv
+    dst_of = named_dst(Observed(entries=tries["egress"], ingress_entries=tries["ingress"], ports=ports))
+    return {o.rule.name: ObservedRule(slot, replace(o.rule, dst=dst_of.get(slot, ())), o.expires_ns)
             for slot, o in sorted(by_slot.items())}
 
 
 def describe(op: Operation) -> str:
     """One line per operation, for dry runs and logs."""
+    ingress = getattr(op, "direction", "egress") == "ingress"
+    peer = "ingress source" if ingress else "destination"
     if isinstance(op, UpsertEntries):
-        return f"write {len(op.entries)} destination entr{'y' if len(op.entries) == 1 else 'ies'}"
+        return f"write {len(op.entries)} {peer} entr{'y' if len(op.entries) == 1 else 'ies'}"
     if isinstance(op, DeleteEntries):
-        return f"remove {len(op.prefixes)} destination entr{'y' if len(op.prefixes) == 1 else 'ies'}"
+        return f"remove {len(op.prefixes)} {peer} entr{'y' if len(op.prefixes) == 1 else 'ies'}"
+    if isinstance(op, UpsertPorts):
+        return f"write {len(op.entries)} port entr{'y' if len(op.entries) == 1 else 'ies'}"
+    if isinstance(op, DeletePorts):
+        return f"remove {len(op.keys)} port entr{'y' if len(op.keys) == 1 else 'ies'}"
     rule = getattr(op, "rule", None)
     what = {WriteRecord: "write the record of", ResetStats: "reset the counters of", CreateClass: "create class",
             ChangeClass: "change class", SetLeaf: "set the leaf of", DeleteClass: "delete class",
             DeleteRecord: "delete the record of"}[type(op)]
+    if ingress:
+        what = what.replace("class", "ingress class")
     return f"{what} slot {op.slot}" + (f" ({rule.name})" if rule else "")

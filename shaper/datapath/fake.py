@@ -19,6 +19,7 @@ from typing import Callable
 
 from shaper.datapath import abi
 from shaper.core import plan as P
+from shaper.core import tables
 from shaper.datapath.interface import AttachResult
 from shaper.errors import InvariantBroken, KernelError
 from shaper.core.model import ClassParams, Prefix, Rule
@@ -32,10 +33,15 @@ class Crashed(BaseException):
 @dataclass
 class FakeDatapath:
     records: dict[int, tuple[Rule, int]] = field(default_factory=dict)
-    entries: dict[Prefix, P.Entry] = field(default_factory=dict)
+    entries: dict[Prefix, P.Entry] = field(default_factory=dict)  # egress (by destination)
     classes: dict[int, ClassParams] = field(default_factory=dict)
     leaves: dict[int, Rule | None] = field(default_factory=dict)
     rule_counters: dict[int, RuleCounters] = field(default_factory=dict)
+    ingress_entries: dict[Prefix, P.Entry] = field(default_factory=dict)  # ingress (by source)
+    ingress_classes: dict[int, ClassParams] = field(default_factory=dict)  # the ifb's
+    ingress_leaves: dict[int, Rule | None] = field(default_factory=dict)
+    ingress_counters: dict[int, RuleCounters] = field(default_factory=dict)
+    ports: dict[P.PortKey, P.PortEntry] = field(default_factory=dict)
     # Called before each operation; raise from it to simulate a kernel refusal.
     before_op: Callable[[P.Operation], None] | None = None
     # Called after each operation with self (e.g. to sample steering).
@@ -86,10 +92,9 @@ class FakeDatapath:
 
     def _forget(self) -> None:
         """Drop the rules' state (records, trie entries, classes, leaves), as a fresh attach or a reset does."""
-        self.records.clear()
-        self.entries.clear()
-        self.classes.clear()
-        self.leaves.clear()
+        for table in (self.records, self.entries, self.classes, self.leaves, self.ingress_entries,
+                      self.ingress_classes, self.ingress_leaves, self.ports):
+            table.clear()
 
     def _step(self) -> bool:
         """Count one kernel operation; True if the process dies before finishing it."""
@@ -112,14 +117,22 @@ class FakeDatapath:
         self.intent = None
 
     def observe(self) -> P.Observed:
-        dst_of: dict[int, list[Prefix]] = {}
-        for prefix, val in self.entries.items():
-            dst_of.setdefault(val.slot, []).append(prefix)
-        rules = {}
-        for slot, (rule, expires) in self.records.items():
-            rules[rule.name] = P.ObservedRule(slot, replace(rule, dst=tuple(sorted(dst_of.get(slot, ())))), expires)
-        kinds = {slot: ("netem" if self.leaves.get(slot) is not None else "pfifo") for slot in self.classes}
-        return P.Observed(rules=rules, entries=dict(self.entries), classes=kinds)
+        def kinds(leaves: dict[int, Rule | None]) -> dict[int, str]:
+            return {slot: ("netem" if leaf is not None else "pfifo") for slot, leaf in leaves.items()}
+
+        tables = P.Observed(entries=dict(self.entries), classes=kinds(self.leaves),
+                            ingress_entries=dict(self.ingress_entries), ingress_classes=kinds(self.ingress_leaves),
+                            ports=dict(self.ports))
+        dst_of = P.named_dst(tables)
+        rules = {rule.name: P.ObservedRule(slot, replace(rule, dst=dst_of.get(slot, ())), expires)
+                 for slot, (rule, expires) in self.records.items()}
+        return replace(tables, rules=rules)
+
+    def _side(self, direction: str) -> tuple[dict, dict, dict]:
+        """(trie, classes, leaves) of a direction."""
+        if direction == "egress":
+            return self.entries, self.classes, self.leaves
+        return self.ingress_entries, self.ingress_classes, self.ingress_leaves
 
     def execute(self, ops: list[P.Operation]) -> None:
         for op in ops:
@@ -127,9 +140,11 @@ class FakeDatapath:
                 self.before_op(op)
             if self._step():
                 if isinstance(op, P.UpsertEntries) and len(op.entries) > 1:
-                    self._one(P.UpsertEntries(dict(list(op.entries.items())[: len(op.entries) // 2])))
+                    self._one(P.UpsertEntries(dict(list(op.entries.items())[: len(op.entries) // 2]), op.direction))
                 elif isinstance(op, P.DeleteEntries) and len(op.prefixes) > 1:
-                    self._one(P.DeleteEntries(op.prefixes[: len(op.prefixes) // 2]))
+                    self._one(P.DeleteEntries(op.prefixes[: len(op.prefixes) // 2], op.direction))
+                elif isinstance(op, P.UpsertPorts) and len(op.entries) > 1:
+                    self._one(P.UpsertPorts(dict(list(op.entries.items())[: len(op.entries) // 2])))
                 raise Crashed(f"during {P.describe(op)}")
             self._one(op)
             self.executed.append(op)
@@ -142,70 +157,88 @@ class FakeDatapath:
             self.records[op.slot] = (op.rule, op.expires_ns)
         elif isinstance(op, P.ResetStats):
             self.rule_counters[op.slot] = RuleCounters()
+            self.ingress_counters[op.slot] = RuleCounters()
         elif isinstance(op, P.CreateClass):
-            self.classes[op.slot] = op.rule.class_params()
-            self.leaves[op.slot] = None
+            _, classes, leaves = self._side(op.direction)
+            classes[op.slot] = op.rule.class_params()
+            leaves[op.slot] = None
         elif isinstance(op, P.ChangeClass):
-            if op.slot not in self.classes:
-                raise InvariantBroken(f"change of missing class {op.slot}")
-            self.classes[op.slot] = op.rule.class_params()
+            _, classes, _ = self._side(op.direction)
+            if op.slot not in classes:
+                raise InvariantBroken(f"change of missing {op.direction} class {op.slot}")
+            classes[op.slot] = op.rule.class_params()
         elif isinstance(op, P.SetLeaf):
-            if op.slot not in self.classes:
-                raise InvariantBroken(f"leaf for missing class {op.slot}")
-            self.leaves[op.slot] = op.rule.leaf_params()
+            _, classes, leaves = self._side(op.direction)
+            if op.slot not in classes:
+                raise InvariantBroken(f"leaf for missing {op.direction} class {op.slot}")
+            leaves[op.slot] = op.rule.leaf_params()
         elif isinstance(op, P.UpsertEntries):
-            self.entries.update(op.entries)
-            if len(self.entries) > P.MAX_PREFIXES:  # the trie's max_entries (the check reads it at run time)
-                raise KernelError("write", "dst_lpm", errno.ENOSPC)
+            trie, _, _ = self._side(op.direction)
+            trie.update(op.entries)
+            if len(trie) > P.MAX_PREFIXES:  # the trie's max_entries (the check reads it at run time)
+                raise KernelError("write", "dst_lpm" if op.direction == "egress" else "src_lpm", errno.ENOSPC)
         elif isinstance(op, P.DeleteEntries):
+            trie, _, _ = self._side(op.direction)
             for p in op.prefixes:
-                self.entries.pop(p, None)
+                trie.pop(p, None)
+        elif isinstance(op, P.UpsertPorts):
+            self.ports.update(op.entries)
+        elif isinstance(op, P.DeletePorts):
+            for k in op.keys:
+                self.ports.pop(k, None)
         elif isinstance(op, P.DeleteClass):
-            self.classes.pop(op.slot, None)
-            self.leaves.pop(op.slot, None)
+            _, classes, leaves = self._side(op.direction)
+            classes.pop(op.slot, None)
+            leaves.pop(op.slot, None)
         elif isinstance(op, P.DeleteRecord):
             self.records.pop(op.slot, None)
 
-    def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
-        return {slot: self.rule_counters.get(slot, RuleCounters()) for slot in slots}
+    def counters(self, slots: list[int], direction: str = "egress") -> dict[int, RuleCounters]:
+        counts = self.rule_counters if direction == "egress" else self.ingress_counters
+        return {slot: counts.get(slot, RuleCounters()) for slot in slots}
 
-    def class_stats(self) -> dict[int, ClassStats]:
-        return {slot: ClassStats(abi.classid(slot), leaf="netem" if self.leaves.get(slot) else None)
-                for slot in self.classes}
+    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
+        _, classes, leaves = self._side(direction)
+        return {slot: ClassStats(abi.classid(slot), leaf="netem" if leaves.get(slot) else None) for slot in classes}
 
     def rule_names(self) -> dict[int, str]:
         return {slot: rule.name for slot, (rule, _) in self.records.items()}
 
-    def map_entries(self) -> int:
-        return len(self.entries)
+    def map_entries(self, direction: str = "egress") -> int:
+        return len(self._side(direction)[0])
 
-    def count(self, addr: bytes, now_ns: int, nbytes: int = 100) -> None:
+    def count(self, addr: bytes, now_ns: int, nbytes: int = 100, direction: str = "egress", proto: int = 0,
+              port: int = 0) -> None:
         """Count one packet the way the classifier does (for counter tests)."""
-        classid = self.steer(addr, now_ns)
+        classid = self.steer(addr, now_ns, direction, proto, port)
         if classid is not None:
             slot = classid & 0xFFFF
-            c = self.rule_counters.get(slot, RuleCounters())
-            self.rule_counters[slot] = RuleCounters(c.packets + 1, c.bytes + nbytes)
+            counts = self.rule_counters if direction == "egress" else self.ingress_counters
+            c = counts.get(slot, RuleCounters())
+            counts[slot] = RuleCounters(c.packets + 1, c.bytes + nbytes)
 
     def check(self) -> None:
-        for prefix, val in self.entries.items():
-            if val.slot not in self.classes:
-                raise InvariantBroken(f"{prefix} steers to class {val.slot}, which does not exist")
-            if val.prefixlen != prefix.prefixlen:
-                raise InvariantBroken(f"{prefix}: inconsistent entry {val}")
+        """No trie entry points at a class or port group that does not exist, in either direction."""
+        groups = tables.group_members(self.ports)
+        for direction in P.DIRECTIONS:
+            trie, classes, _ = self._side(direction)
+            for prefix, val in trie.items():
+                if val.slot and val.slot not in classes:
+                    raise InvariantBroken(f"{prefix} ({direction}) steers to class {val.slot}, which does not exist")
+                if val.prefixlen not in (0, prefix.prefixlen):
+                    raise InvariantBroken(f"{prefix} ({direction}): inconsistent entry {val}")
+                if val.group:
+                    if val.group not in groups:
+                        raise InvariantBroken(f"{prefix} ({direction}) points at port group {val.group}, which is "
+                                              f"empty")
+                    missing = [slot for slot in groups[val.group] if slot not in classes]
+                    if missing:
+                        raise InvariantBroken(f"{prefix} ({direction}): port group {val.group} steers to class "
+                                              f"{missing[0]}, which does not exist")
 
-    def steer(self, addr: bytes, now_ns: int) -> int | None:
-        """The classid the classifier would set for a destination, or None."""
-        limit = 128
-        for _ in range(abi.CONSTANTS["SHAPER_MAX_FALLBACK"]):
-            best = max((p for p in self.entries if p.prefixlen <= limit and p.contains(addr)),
-                       key=lambda p: p.prefixlen, default=None)
-            if best is None:
-                return None
-            val = self.entries[best]
-            if val.expires_ns == 0 or now_ns < val.expires_ns:
-                return abi.classid(val.slot)
-            if best.prefixlen == 0:
-                return None
-            limit = best.prefixlen - 1
-        return None
+    def steer(self, addr: bytes, now_ns: int, direction: str = "egress", proto: int = 0,
+              port: int = 0) -> int | None:
+        """The classid the classifier would set for a packet's peer address (and protocol and port), or None."""
+        slot = tables.classify({"egress": self.entries, "ingress": self.ingress_entries}, self.ports, direction,
+                               addr, proto, port, now_ns)
+        return abi.classid(slot) if slot else None

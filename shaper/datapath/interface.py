@@ -1,9 +1,12 @@
 """The datapath interface: every operation the controller, the service and the daemon use.
 
-One datapath is one hook on one interface: today tc clsact egress (KernelDatapath),
-or the in-memory fake (FakeDatapath) that unit tests and the daemon's loop tests
-drive.  Another direction (ingress through an ifb) or another key is a third
-implementation of this Protocol; nothing above shaper.datapath reaches past it.
+One datapath is one interface, both directions: tc clsact egress classifies by
+destination into the interface's HTB; clsact ingress classifies by source and
+redirects only the packets it matched to an ifb shaper creates, whose HTB holds the
+ingress classes (KernelDatapath).  The in-memory fake (FakeDatapath) is what unit
+tests and the daemon's loop tests drive.  Nothing above shaper.datapath reaches past
+this Protocol.  Methods that read one direction take `direction` ("egress" or
+"ingress", shaper.core.plan.DIRECTIONS).
 
 Errors are those of shaper.errors: KernelError (the kernel refused; `retryable` for
 EBUSY/EAGAIN/EINTR), PermissionDenied, NotSupported, Conflict (state shaper did not
@@ -93,18 +96,19 @@ class Datapath(Protocol):
         ...
 
     # -- reads for status and /metrics ------------------------------------------
-    def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
-        """The classifier's packet and byte counts of each slot given (zero for a slot never hit)."""
+    def counters(self, slots: list[int], direction: str = "egress") -> dict[int, RuleCounters]:
+        """The classifier's packet and byte counts of each slot given, in one direction (zero for a slot never hit)."""
         ...
 
-    def class_stats(self) -> dict[int, ClassStats]:
-        """slot -> the statistics of its HTB class and the kind of its leaf (one dump).  Raises KernelError."""
+    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
+        """slot -> the statistics of its HTB class and the kind of its leaf (one dump), in one direction
+        (ingress: the ifb's classes; none before the first ingress rule).  Raises KernelError."""
         ...
 
     def rule_names(self) -> dict[int, str]:
         """slot -> rule name, from the records alone (a scrape's view: no trie walk)."""
         ...
 
-    def map_entries(self) -> int:
-        """How many prefixes the trie holds."""
+    def map_entries(self, direction: str = "egress") -> int:
+        """How many prefixes one direction's trie holds."""
         ...

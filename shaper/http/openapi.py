@@ -26,6 +26,8 @@ def rule_fields(fields: tuple[Field, ...] = FIELDS) -> dict[str, dict[str, Any]]
 
 RULE_FIELDS = rule_fields()
 _REQUIRED = [f.key for f in FIELDS if f.required]
+# A body names its peers with dst, or with src (an ingress rule): not required as such, one of the two is.
+_PEERS = {"anyOf": [{"required": ["dst"]}, {"required": ["src"]}]}
 _CLEARABLE = {f.key for f in OPTIONAL_FIELDS}  # a merge patch's null removes them
 
 _ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -129,9 +131,9 @@ def document(version: str) -> dict[str, Any]:
                                            "description": "Needed by requests that change state when the daemon "
                                                           "runs with --token-file."}},
             "schemas": {
-                "Rule": {"type": "object", "additionalProperties": False, "required": _REQUIRED,
+                "Rule": {"type": "object", "additionalProperties": False, **_PEERS,
                          "properties": RULE_FIELDS},
-                "RulePreview": {"type": "object", "additionalProperties": False, "required": [*_REQUIRED, "dry_run"],
+                "RulePreview": {"type": "object", "additionalProperties": False, "required": ["dry_run"], **_PEERS,
                                 "properties": {**RULE_FIELDS, **_PREVIEW}},
                 "RulePatch": {"type": "object", "additionalProperties": False, "minProperties": 1,
                               "properties": {k: ({**v, "nullable": True} if k in _CLEARABLE else v)

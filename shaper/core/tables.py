@@ -1,0 +1,365 @@
+"""Rules -> what the classifier's maps hold, and the classifier itself, with no I/O.
+
+Each direction has an LPM trie keyed by the peer's prefix (egress: the destination,
+ingress: the source).  The value at a key says, for the packets whose longest
+matching key it is:
+
+- `slot`: the address-only rule there (0: none);
+- `group`: the port group of the port and protocol rules there (0: none), looked up in
+  the port trie by (group, protocol, port): a port beats a protocol-only entry (its
+  block is longer), and either beats the address-only rule;
+- `prefixlen`: where to go on when nothing there matched or lived (the classifier tries
+  the key's length minus one); 0 stops: the packet passes unclassified.
+
+That is the precedence (README, **Precedence**): the longest matching prefix first;
+at one prefix a matching port, then a matching protocol, then the address-only rule;
+a prefix whose rules do not match the packet hands it to the next shorter one.
+
+`except` prefixes of a rule are keys too, barriers: their value is worked out here
+for the addresses inside them as if the excepting rules did not exist (the
+address-only rule of the longest other peer prefix containing it, `derived` when
+that rule does not name the key), and they stop the classifier (prefixlen 0), so it
+never falls back into the rule that carved them out.  A port or protocol rule whose
+prefix contains an except of another rule, and is more specific than that barrier's
+answer, would have to be merged into the barrier: refused (InvalidInput) instead.
+
+`check` validates a rule set as the planner will compile it (no slots needed); `compile`
+builds the tables; `classify` is classifier.c in Python, for tests.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+from shaper.core.model import Prefix, Rule
+from shaper.errors import InvalidInput
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a trie entry says, as plain values (shaper.datapath.abi encodes it): the slot whose
+    class and counters the destination goes to, the deadline (CLOCK_MONOTONIC ns, 0: never), and
+    the entry's own prefix length, which the classifier falls back from past an expired entry."""
+
+    slot: int  # the address-only rule at this key (0: none; the classifier goes on past it)
+    expires_ns: int
+    prefixlen: int  # where the classifier falls back from (0: nowhere: it stops here)
+    group: int = 0  # the port group of the port and protocol rules at this key (0: none)
+    derived: bool = False  # written for an `except`: the slot's rule does not name this prefix
+
+
+# Which trie a table belongs to: egress packets are looked up by destination, ingress ones by source.
+DIRECTIONS = ("egress", "ingress")
+
+
+class PortKey(NamedTuple):
+    """A port trie key: in port group `group`, protocol `proto` and the ports whose top `plen`
+    bits equal `port`'s (plen 0: any port, a protocol-only rule; 16: one port)."""
+
+    group: int
+    proto: int
+    port: int
+    plen: int
+
+
+@dataclass(frozen=True, slots=True)
+class PortEntry:
+    """What a port trie entry says: the rule's slot and its deadline (CLOCK_MONOTONIC ns, 0: never)."""
+
+    slot: int
+    expires_ns: int
+
+
+
+
+MAX_FALLBACK = 8  # bpf/shaper.h's SHAPER_MAX_FALLBACK
+MAX_GROUPS = 0xFFFF  # the value's group is a u16; 0 is "none"
+MAX_PORT_ENTRIES = 65536  # bpf/shaper.h's SHAPER_MAX_PORT_ENTRIES
+
+_PREFIXLEN = itemgetter(1)
+_ACCEPTED = "each peer, protocol and port in one rule per direction (overlapping prefixes are fine: the longest wins)"
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A rule with where the tables point: its slot and deadline (0: never)."""
+
+    rule: Rule
+    slot: int
+    expires_ns: int = 0
+
+
+@dataclass
+class Tables:
+    """One rule set's maps: a trie per direction and the port entries of every group."""
+
+    tries: dict[str, dict[Prefix, Entry]]
+    ports: dict[PortKey, PortEntry]
+    groups: dict[tuple[int, ...], int]  # member slots -> group id
+
+
+def _supernets(p: Prefix) -> Iterator[Prefix]:
+    """Every prefix strictly containing p, longest first."""
+    value = int.from_bytes(p.addr, "big")
+    for length in range(p.prefixlen - 1, -1, -1):
+        mask = ((1 << length) - 1) << (128 - length) if length else 0
+        yield Prefix((value & mask).to_bytes(16, "big"), length)
+
+
+def _overlap(a: Rule, b: Rule) -> tuple[int, int] | None:
+    """(protocol, port) that two port or protocol rules at one prefix both select, if any; port 0: no port."""
+    keys_a = {(proto, port, plen) for proto, port, plen in a.port_keys()}
+    for proto, port, plen in b.port_keys():
+        for proto_a, port_a, plen_a in keys_a:
+            if proto_a != proto or (plen == 0) != (plen_a == 0):
+                continue  # a protocol-only entry and a port entry coexist: the port wins
+            if plen == 0:
+                return proto, 0
+            # Two blocks overlap when the shorter one's bits agree.
+            shift = 16 - min(plen, plen_a)
+            if port >> shift == port_a >> shift:
+                return proto, max(port, port_a)
+    return None
+
+
+class _Direction:
+    """One direction's keys, built from the rules in it."""
+
+    def __init__(self, placed: Sequence[Placed], direction: str):
+        self.direction = direction
+        self.owner: dict[Prefix, Placed] = {}  # address-only rule of each key
+        self.port_rules: dict[Prefix, list[Placed]] = defaultdict(list)
+        self.excepts: dict[Prefix, list[Placed]] = defaultdict(list)
+        self.address_only: list[Placed] = []
+        clashes: dict[tuple[int, int], tuple[int, int] | None] = {}
+        for item in placed:
+            rule = item.rule
+            if rule.selects_ports:
+                for p in rule.dst:
+                    others = self.port_rules[p]
+                    for other in others:
+                        pair = (id(item), id(other))
+                        if pair not in clashes:
+                            clashes[pair] = _overlap(rule, other.rule)
+                        both = clashes[pair]
+                        if both is not None:
+                            raise _clash(rule, other.rule, p, direction, both)
+                    others.append(item)
+            else:
+                self.address_only.append(item)
+                before = len(self.owner)
+                self.owner.update(dict.fromkeys(rule.dst, item))
+                if len(self.owner) != before + len(rule.dst):
+                    self._find_shared(placed, item)
+            for e in rule.excepts:
+                self.excepts[e].append(item)
+
+    def _find_shared(self, placed: Sequence[Placed], upto: Placed) -> None:
+        owner: dict[Prefix, Placed] = {}
+        for item in placed:
+            if item.rule.selects_ports:
+                continue
+            for p in item.rule.dst:
+                other = owner.setdefault(p, item)
+                if other is not item:
+                    raise InvalidInput(
+                        f"rules[{item.rule.name}].dst",
+                        f"{p} is already a peer of rule {other.rule.name!r}" + (
+                            f" ({self.direction})" if self.direction != "egress" else ""),
+                        f"{_ACCEPTED}; an address-only rule per prefix")
+            if item is upto:
+                return
+
+    def barrier(self, node: Prefix) -> tuple[Placed | None, bool]:
+        """The answer at an except node: the address-only rule of the longest peer prefix containing
+        it whose rule does not except it (derived: it does not name the node), or None."""
+        excluded = {id(item) for e in [node, *_supernets(node)] for item in self.excepts.get(e, ())}
+        for p in [node, *_supernets(node)]:
+            for item in self.port_rules.get(p, ()):
+                if p != node and id(item) not in excluded:
+                    raise InvalidInput(
+                        f"rules[{item.rule.name}].dst",
+                        f"{p} ({item.rule.selector_text()}) contains {node}, which "
+                        f"{self._excepters(node)} carves out; a port or protocol rule around another rule's "
+                        f"except is not supported",
+                        f"give rule {item.rule.name!r} the same except, or a prefix that does not contain it")
+            item = self.owner.get(p)
+            if item is not None and id(item) not in excluded:
+                return item, p != node
+        return None, False
+
+    def _excepters(self, node: Prefix) -> str:
+        names = sorted({item.rule.name for e in [node, *_supernets(node)] for item in self.excepts.get(e, ())})
+        return "rule " + ", ".join(repr(n) for n in names)
+
+
+def _clash(rule: Rule, other: Rule, p: Prefix, direction: str, both: tuple[int, int]) -> InvalidInput:
+    proto, port = both
+    what = f"protocol {proto}" + (f" port {port}" if port else "")
+    return InvalidInput(f"rules[{rule.name}].ports" if rule.ports else f"rules[{rule.name}].protocol",
+                        f"{p} {what} ({direction}) is already selected by rule {other.name!r}",
+                        f"{_ACCEPTED}; port ranges of rules on one prefix that do not overlap")
+
+
+def _directions(placed: Iterable[Placed]) -> dict[str, list[Placed]]:
+    out: dict[str, list[Placed]] = {d: [] for d in DIRECTIONS}
+    for item in placed:
+        for d in item.rule.directions:
+            out[d].append(item)
+    return out
+
+
+def check(rules: Sequence[Rule]) -> None:
+    """Raise InvalidInput for a rule set the tables cannot hold: two rules selecting the same peer,
+    protocol and port in one direction, a port rule around another's except, or too many keys."""
+    built = compile([Placed(r, 0) for r in rules], check_only=True)
+    for d, trie in built.tries.items():
+        if len(trie) > _max_prefixes():
+            raise InvalidInput("rules", f"{len(trie)} {d} trie keys (peers and except prefixes) exceed the maximum "
+                               f"{_max_prefixes()}", f"at most {_max_prefixes()} prefixes per direction")
+
+
+def _max_prefixes() -> int:
+    from shaper.core.model import MAX_PREFIXES  # noqa: PLC0415 - one name, read late for tests that shrink it
+
+    return MAX_PREFIXES
+
+
+def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | None = None,
+            taken_groups: Iterable[int] = (), *, check_only: bool = False) -> Tables:
+    """The tables of `placed`.  `groups`: member slots -> id of groups that exist now, kept
+    for the same members; new member sets get the lowest ids not in `taken_groups` nor kept."""
+    by_direction = _directions(placed)
+    sides = {d: _Direction(items, d) for d, items in by_direction.items()}
+    # Port groups: the slots of the port and protocol rules at a key, each set one group.
+    members: dict[str, dict[Prefix, tuple[int, ...]]] = {}
+    wanted: dict[tuple[int, ...], list[Placed]] = {}
+    for d, side in sides.items():
+        members[d] = {}
+        for p, items in side.port_rules.items():
+            key = tuple(sorted(i.slot for i in items)) if not check_only else tuple(sorted(id(i) for i in items))
+            members[d][p] = key
+            wanted.setdefault(key, items)
+    ids = _group_ids(list(wanted), groups or {}, taken_groups)
+    ports: dict[PortKey, PortEntry] = {}
+    if not check_only:
+        for key, items in wanted.items():
+            g = ids[key]
+            for item in items:
+                value = PortEntry(item.slot, item.expires_ns)
+                for proto, port, plen in item.rule.port_keys():
+                    ports[PortKey(g, proto, port, plen)] = value
+        if len(ports) > MAX_PORT_ENTRIES:
+            raise InvalidInput("rules", f"{len(ports)} port entries exceed the maximum {MAX_PORT_ENTRIES}",
+                               "fewer port ranges, or fewer distinct sets of port rules sharing peers")
+    tries: dict[str, dict[Prefix, Entry]] = {}
+    for d, side in sides.items():
+        trie: dict[Prefix, Entry] = {}
+        for item in side.address_only:
+            # A rule's entries differ only by prefix length: one value per length, shared, and the dict
+            # filled by C-level iteration (a Python loop per destination was most of a plan's time).
+            lengths = list(map(_PREFIXLEN, item.rule.dst))
+            values = {n: Entry(item.slot, item.expires_ns, n) for n in set(lengths)}
+            trie.update(zip(item.rule.dst, map(values.__getitem__, lengths)))
+        for p, key in members[d].items():
+            base = trie.get(p)
+            g = ids[key]
+            trie[p] = Entry(base.slot, base.expires_ns, p.prefixlen, g) if base else Entry(0, 0, p.prefixlen, g)
+        for node in side.excepts:
+            answer, derived = side.barrier(node)
+            g = ids[members[d][node]] if node in members[d] else 0
+            if answer is None:
+                trie[node] = Entry(0, 0, 0, g)
+            else:
+                trie[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived)
+        tries[d] = trie
+    return Tables(tries, ports, {key: ids[key] for key in wanted})
+
+
+def _group_ids(keys: list[tuple[int, ...]], existing: Mapping[tuple[int, ...], int],
+               taken: Iterable[int]) -> dict[tuple[int, ...], int]:
+    out = {key: existing[key] for key in keys if key in existing}
+    used = set(taken) | set(existing.values())
+    g = 1
+    for key in sorted(k for k in keys if k not in out):
+        while g in used:
+            g += 1
+        if g > MAX_GROUPS:
+            raise InvalidInput("rules", f"more than {MAX_GROUPS} distinct sets of port rules share peers",
+                               "fewer port rules on shared peers")
+        out[key] = g
+        used.add(g)
+    return out
+
+
+def group_members(ports: Mapping[PortKey, PortEntry]) -> dict[int, tuple[int, ...]]:
+    """group id -> the slots its port entries point at (a group's identity)."""
+    out: dict[int, set[int]] = defaultdict(set)
+    for key, value in ports.items():
+        out[key.group].add(value.slot)
+    return {g: tuple(sorted(slots)) for g, slots in out.items()}
+
+
+def named_prefixes(tries: Mapping[str, Mapping[Prefix, Entry]],
+                   ports: Mapping[PortKey, PortEntry]) -> dict[int, set[Prefix]]:
+    """slot -> the prefixes its rule names (its dst), read back from tables: keys whose address-only
+    slot it is (not a derived barrier answer) and keys whose port group it is in."""
+    members = group_members(ports)
+    out: dict[int, set[Prefix]] = defaultdict(set)
+    for trie in tries.values():
+        by_value: dict[int, list[Prefix]] = defaultdict(list)
+        values: dict[int, Entry] = {}
+        for p, v in trie.items():
+            by_value[id(v)].append(p)
+            values[id(v)] = v
+        for vid, prefixes in by_value.items():
+            v = values[vid]
+            if v.slot and not v.derived:
+                out[v.slot].update(prefixes)
+            for slot in members.get(v.group, ()) if v.group else ():
+                out[slot].update(prefixes)
+    return out
+
+
+def classify(tries: Mapping[str, Mapping[Prefix, Entry]], ports: Mapping[PortKey, PortEntry], direction: str,
+             addr16: bytes, proto: int, port: int, now_ns: int = 0) -> int:
+    """The slot classifier.c chooses for a packet (0: unclassified): the peer address (16 bytes,
+    IPv4-mapped), the IP protocol and the peer's port (0 without one)."""
+    trie = tries[direction]
+    limit = 128
+    for _ in range(MAX_FALLBACK):
+        best = max((p for p in _containing(trie, addr16, limit)), key=lambda p: p.prefixlen, default=None)
+        if best is None:
+            return 0
+        v = trie[best]
+        if v.group:
+            hit = _port_lookup(ports, v.group, proto, port)
+            if hit is not None and (hit.expires_ns == 0 or now_ns < hit.expires_ns):
+                return hit.slot
+        if v.slot and (v.expires_ns == 0 or now_ns < v.expires_ns):
+            return v.slot
+        if v.prefixlen == 0:
+            return 0
+        limit = v.prefixlen - 1
+    return 0
+
+
+def _containing(trie: Mapping[Prefix, Entry], addr16: bytes, limit: int) -> Iterator[Prefix]:
+    value = int.from_bytes(addr16, "big")
+    for length in range(limit, -1, -1):
+        mask = ((1 << length) - 1) << (128 - length) if length else 0
+        p = Prefix((value & mask).to_bytes(16, "big"), length)
+        if p in trie:
+            yield p
+            return
+
+
+def _port_lookup(ports: Mapping[PortKey, PortEntry], group: int, proto: int, port: int) -> PortEntry | None:
+    for plen in range(16, -1, -1):
+        block = port & ~((1 << (16 - plen)) - 1) & 0xFFFF if plen else 0
+        hit = ports.get(PortKey(group, proto, block, plen))
+        if hit is not None:
+            return hit
+    return None
