@@ -166,7 +166,7 @@ class _Direction:
                 if other is not item:
                     raise InvalidInput(
                         f"rules[{item.rule.name}].dst",
-                        f"{p} is already a peer of rule {other.rule.name!r}" + (
+                        f"{p} is already a destination of rule {other.rule.name!r}" + (
                             f" ({self.direction})" if self.direction != "egress" else ""),
                         f"{_ACCEPTED}; an address-only rule per prefix")
             if item is upto:

@@ -1,0 +1,223 @@
+"""Which rule a packet gets when rules overlap: the precedence table of README.md, cell by cell,
+and a brute-force reading of the rules' meaning checked against what the tables make the
+classifier do (shaper.core.tables.classify is classifier.c's algorithm, step for step)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shaper.control.controller import Controller
+from shaper.core import plan as P
+from shaper.core import tables
+from shaper.core.model import Prefix, parse_rule, parse_ruleset
+from shaper.datapath.fake import FakeDatapath
+from shaper.errors import InvalidInput
+
+TCP, UDP, ICMP = 6, 17, 1
+
+
+def addr(text: str) -> bytes:
+    return Prefix.parse(text, "a").addr
+
+
+def classify(rules: list[dict], direction: str, peer: str, proto: int = TCP, port: int = 0, now: int = 0) -> str | None:
+    """The name of the rule the classifier picks, through the planner and the fake kernel."""
+    dp = FakeDatapath()
+    Controller(dp, clock=lambda: now or 1).apply(parse_ruleset({"rules": rules}))
+    classid = dp.steer(addr(peer), now or 1, direction, proto, port)
+    if classid is None:
+        return None
+    names = dp.rule_names()
+    return names[classid & 0xFFFF]
+
+
+# The README's precedence table: (what is there, packet, expected winner).
+ADDR_24 = {"name": "net", "dst": "10.0.0.0/24"}
+ADDR_32 = {"name": "host", "dst": "10.0.0.5"}
+PORT_24 = {"name": "net-pg", "dst": "10.0.0.0/24", "protocol": "tcp", "ports": [5432]}
+PORT_32 = {"name": "host-pg", "dst": "10.0.0.5", "protocol": "tcp", "ports": [5432]}
+PROTO_32 = {"name": "host-udp", "dst": "10.0.0.5", "protocol": "udp"}
+RANGE_32 = {"name": "host-range", "dst": "10.0.0.5", "ports": ["5000-5999"]}
+EXCEPT_24 = {"name": "net-but", "dst": "10.0.0.0/24", "except": ["10.0.0.0/29"]}
+ALL = {"name": "all", "dst": "0.0.0.0/0"}
+
+CELLS = [
+    # 1. the longest matching prefix first
+    ([ADDR_24, ADDR_32], ("10.0.0.5", TCP, 80), "host"),
+    ([ADDR_24, ADDR_32], ("10.0.0.6", TCP, 80), "net"),
+    ([PORT_24, ADDR_32], ("10.0.0.5", TCP, 5432), "host"),  # a longer address beats a port on a shorter one
+    # 2. at one prefix: a port, then a protocol, then address-only
+    ([ADDR_32, PORT_32], ("10.0.0.5", TCP, 5432), "host-pg"),
+    ([ADDR_32, PORT_32], ("10.0.0.5", TCP, 22), "host"),
+    ([ADDR_32, PORT_32], ("10.0.0.5", UDP, 5432), "host"),  # protocol differs
+    ([ADDR_32, PROTO_32], ("10.0.0.5", UDP, 53), "host-udp"),
+    ([ADDR_32, PROTO_32], ("10.0.0.5", TCP, 53), "host"),
+    ([PROTO_32, {**PORT_32, "protocol": "udp", "ports": [53]}], ("10.0.0.5", UDP, 53), "host-pg"),
+    ([PROTO_32, {**PORT_32, "protocol": "udp", "ports": [53]}], ("10.0.0.5", UDP, 54), "host-udp"),
+    ([RANGE_32, ADDR_32], ("10.0.0.5", UDP, 5999), "host-range"),  # ports without protocol: tcp, udp, sctp
+    ([RANGE_32, ADDR_32], ("10.0.0.5", 132, 5000), "host-range"),
+    ([RANGE_32, ADDR_32], ("10.0.0.5", TCP, 6000), "host"),
+    ([RANGE_32, ADDR_32], ("10.0.0.5", ICMP, 0), "host"),
+    # 3. a prefix whose rules do not match hands the packet to the next shorter one
+    ([PORT_32, ADDR_24], ("10.0.0.5", TCP, 22), "net"),
+    ([PORT_32], ("10.0.0.5", TCP, 22), None),
+    ([PORT_32, ALL], ("10.0.0.5", UDP, 5432), "all"),
+    # 4. except: the rule does not exist for the carved-out prefix
+    ([EXCEPT_24], ("10.0.0.3", TCP, 80), None),
+    ([EXCEPT_24], ("10.0.0.9", TCP, 80), "net-but"),
+    ([EXCEPT_24, ALL], ("10.0.0.3", TCP, 80), "all"),
+    ([EXCEPT_24, ALL], ("10.0.0.9", TCP, 80), "net-but"),
+    ([EXCEPT_24, ALL, {"name": "in", "dst": "10.0.0.2"}], ("10.0.0.2", TCP, 80), "in"),
+    ([EXCEPT_24, {"name": "wide", "dst": "10.0.0.0/16"}], ("10.0.0.3", TCP, 80), "wide"),
+    ([EXCEPT_24, {"name": "pg", "dst": "10.0.0.0/29", "protocol": "tcp", "ports": [5432]}, ALL],
+     ("10.0.0.3", TCP, 5432), "pg"),  # a port rule on the except itself
+    ([EXCEPT_24, {"name": "pg", "dst": "10.0.0.0/29", "protocol": "tcp", "ports": [5432]}, ALL],
+     ("10.0.0.3", TCP, 80), "all"),
+]
+
+
+@pytest.mark.parametrize("rules, packet, winner", CELLS, ids=range(len(CELLS)))
+def test_precedence_table(rules, packet, winner):
+    peer, proto, port = packet
+    assert classify(rules, "egress", peer, proto, port) == winner
+    # The same rules on ingress, matched by source, decide the same way.
+    ingress = [{**r, "direction": "ingress"} for r in rules]
+    assert classify(ingress, "ingress", peer, proto, port) == winner
+    assert classify(ingress, "egress", peer, proto, port) is None
+
+
+def test_directions_are_separate_tables():
+    rules = [{"name": "out", "dst": "10.0.0.5", "rate": "1mbit"},
+             {"name": "in", "dst": "10.0.0.5", "direction": "ingress", "rate": "2mbit"},
+             {"name": "both", "dst": "10.0.0.6", "direction": "both"},
+             {"name": "src", "src": "10.0.0.7"}]
+    assert classify(rules, "egress", "10.0.0.5") == "out"
+    assert classify(rules, "ingress", "10.0.0.5") == "in"
+    assert classify(rules, "egress", "10.0.0.6") == classify(rules, "ingress", "10.0.0.6") == "both"
+    assert classify(rules, "ingress", "10.0.0.7") == "src" and classify(rules, "egress", "10.0.0.7") is None
+    dp = FakeDatapath()
+    Controller(dp, clock=lambda: 1).apply(parse_ruleset({"rules": rules}))
+    slots = {name: slot for slot, name in dp.rule_names().items()}
+    assert set(dp.classes) == {slots["out"], slots["both"]}
+    assert set(dp.ingress_classes) == {slots["in"], slots["both"], slots["src"]}
+
+
+def test_an_expired_port_rule_falls_to_the_address_rule():
+    rules = [ADDR_32, {**PORT_32, "ttl": "1s"}]
+    assert classify(rules, "egress", "10.0.0.5", TCP, 5432, now=1) == "host-pg"
+    dp = FakeDatapath()
+    Controller(dp, clock=lambda: 1).apply(parse_ruleset({"rules": rules}))
+    slots = {name: slot for slot, name in dp.rule_names().items()}
+    assert dp.steer(addr("10.0.0.5"), 2 * 10**9, "egress", TCP, 5432) & 0xFFFF == slots["host"]
+
+
+@pytest.mark.parametrize("rules, field, words", [
+    ([ADDR_32, {**ADDR_32, "name": "again"}], "rules[again].dst", "already a destination of rule 'host'"),
+    ([PORT_32, {**PORT_32, "name": "again"}], "rules[again].ports", "already selected by rule 'host-pg'"),
+    ([RANGE_32, {**PORT_32, "ports": [5500]}], "rules[host-pg].ports", "already selected by rule 'host-range'"),
+    ([PROTO_32, {**PROTO_32, "name": "again"}], "rules[again].protocol", "already selected"),
+    ([EXCEPT_24, {"name": "pg16", "dst": "10.0.0.0/16", "protocol": "tcp", "ports": [5432]}], "rules[pg16].dst",
+     "port or protocol rule around another rule's except"),
+])
+def test_overlaps_are_refused(rules, field, words):
+    with pytest.raises(InvalidInput) as err:
+        parse_ruleset({"rules": rules})
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_the_same_peer_in_two_directions_or_selectors_is_fine():
+    parse_ruleset({"rules": [ADDR_32, {**ADDR_32, "name": "in", "direction": "ingress"}, PORT_32, PROTO_32,
+                             {**PORT_32, "name": "ssh", "ports": [22]}]})
+
+
+# -- the brute-force meaning ---------------------------------------------------------------------------------
+def meaning(rules: list, direction: str, peer: bytes, proto: int, port: int) -> str | None:
+    """The rule a packet belongs to, read straight from the README: among the rules of its direction whose
+    peers contain it, whose excepts do not, and whose protocol and ports match it, the one with the longest
+    matching peer prefix; at equal length a port match, then a protocol match, then address-only."""
+    best = None
+    for rule in rules:
+        if direction not in rule.directions or any(e.contains(peer) for e in rule.excepts):
+            continue
+        if rule.protocol is not None and rule.protocol != proto:
+            continue
+        if rule.ports and (proto not in (6, 17, 132) or not any(a <= port <= b for a, b in rule.ports)):
+            continue
+        for p in rule.dst:
+            if p.contains(peer):
+                rank = (p.prefixlen, 2 if rule.ports else 1 if rule.protocol is not None else 0)
+                if best is None or rank > best[0]:
+                    best = (rank, rule.name)
+    return best[1] if best else None
+
+
+HOSTS = [f"10.0.0.{i}" for i in range(0, 16)]
+PREFIXES = st.sampled_from(["10.0.0.0/28", "10.0.0.0/29", "10.0.0.8/29", "10.0.0.0/30", "10.0.0.4/30",
+                            "10.0.0.12/30", "10.0.0.2/31", "10.0.0.5/32", "10.0.0.9/32", "0.0.0.0/0"])
+PORTS = st.sampled_from([[22], [5432], ["5000-5003"], [22, 5432], ["1-1024"]])
+
+
+@st.composite
+def rule_dicts(draw, i):
+    rule = {"name": f"r{i}", "dst": draw(st.lists(PREFIXES, min_size=1, max_size=2, unique=True)),
+            "direction": draw(st.sampled_from(["egress", "ingress", "both"]))}
+    kind = draw(st.sampled_from(["addr", "addr", "proto", "ports", "ports+proto"]))
+    if kind in ("proto", "ports+proto"):
+        rule["protocol"] = draw(st.sampled_from(["tcp", "udp"]))
+    if kind.startswith("ports"):
+        rule["ports"] = draw(PORTS)
+    wide = [p for p in rule["dst"] if not p.endswith("/32") and p != "0.0.0.0/0"]
+    if wide and len(rule["dst"]) == 1 and draw(st.booleans()):
+        # A carve-out strictly inside the peer: one of its subnets, one to three bits longer.
+        net = ipaddress.ip_network(wide[0])
+        subnets = list(net.subnets(prefixlen_diff=draw(st.integers(1, min(3, 32 - net.prefixlen)))))
+        rule["except"] = [str(draw(st.sampled_from(subnets)))]
+    return rule
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.integers(1, 5).flatmap(lambda n: st.tuples(*[rule_dicts(i) for i in range(n)])))
+def test_the_tables_mean_what_the_rules_say(drawn):
+    try:
+        rules = parse_ruleset({"rules": list(drawn)})
+    except InvalidInput:
+        return  # a set shaper refuses (overlaps, excepts outside the peers, ...): nothing to compare
+    placed = [tables.Placed(r, i + 1) for i, r in enumerate(rules)]
+    built = tables.compile(placed)
+    name_of = {i + 1: r.name for i, r in enumerate(rules)}
+    for direction in P.DIRECTIONS:
+        for host in HOSTS + ["192.168.0.1"]:
+            peer = addr(host)
+            for proto, port in ((TCP, 22), (TCP, 5432), (UDP, 5001), (UDP, 80), (ICMP, 0)):
+                got = tables.classify(built.tries, built.ports, direction, peer, proto, port)
+                assert name_of.get(got) == meaning(rules, direction, peer, proto, port), (direction, host, proto, port)
+    # And the peers read back from the tables are the rules' own (what observe() rebuilds).
+    named = tables.named_prefixes(built.tries, built.ports)
+    for i, rule in enumerate(rules):
+        assert named.get(i + 1, set()) == set(rule.dst), rule.name
+
+
+def test_every_port_range_becomes_exact_blocks():
+    for first, last in [(1, 65535), (8000, 8100), (5432, 5432), (1023, 1025), (32768, 65535)]:
+        rule = parse_rule({"name": "r", "dst": "10.0.0.1", "protocol": "tcp", "ports": [f"{first}-{last}"]})
+        covered = set()
+        for _, port, plen in rule.port_keys():
+            size = 1 << (16 - plen)
+            assert port % size == 0
+            block = set(range(port, port + size))
+            assert not covered & block
+            covered |= block
+        assert covered == set(range(first, last + 1))
+
+
+def test_ipv6_and_ipv4_share_the_model():
+    rules = [{"name": "v6", "dst": "fd00::/64", "protocol": "udp", "ports": [53]},
+             {"name": "v6-all", "dst": "fd00::/48", "except": ["fd00:0:0:1::/64"]}]
+    assert classify(rules, "egress", "fd00::1", UDP, 53) == "v6"
+    assert classify(rules, "egress", "fd00::1", TCP, 53) == "v6-all"
+    assert classify(rules, "egress", "fd00:0:0:1::1", TCP, 53) is None
+    assert str(ipaddress.ip_network("fd00::/48"))  # the forms above are plain CIDRs
