@@ -294,14 +294,20 @@ class Lab:
                 "for _ in range(int(sys.argv[2]))]")
         sh("ip", "netns", "exec", self.pod, sys.executable, "-c", code, addr, str(count), str(size))
 
-    def throughput(self, addr: str, seconds: float = 2, start_timeout: float = 120) -> float:
-        """TCP goodput from the pod to `addr` in bit/s, measured by the receiver over
-        `seconds` from its first byte (so data still queued behind a slow class when
-        the sender stops is not waited for).
+    def throughput(self, addr: str, seconds: float = 2, start_timeout: float = 120, *,
+                   incoming: bool = False) -> float:
+        """TCP goodput from the pod to `addr` in bit/s (incoming: from `addr` to the pod, which the
+        pod receives), measured by the receiver over `seconds` from its first byte (so data still
+        queued behind a slow class when the sender stops is not waited for).
 
         A small Python sender/receiver rather than iperf3: iperf3 needs a
         writable /tmp, which a VM sharing the host's root read-only lacks."""
-        server = subprocess.Popen(["ip", "netns", "exec", self.dst, sys.executable, "-u", "-c", _RECEIVER, addr,
+        pod_addr = V6["pod"] if ":" in addr else V4["pod"]
+        # The receiver listens where the data goes; the sender binds `addr` when it is the peer, so
+        # the pod sees the packets come from `addr` (the dst namespace holds every peer address).
+        receiver, listen, sender, source = (self.pod, pod_addr, self.dst, addr) if incoming else \
+            (self.dst, addr, self.pod, "")
+        server = subprocess.Popen(["ip", "netns", "exec", receiver, sys.executable, "-u", "-c", _RECEIVER, listen,
                                    str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             # The receiver says "listening" once it is: a condition to wait on, not a guess.
@@ -313,19 +319,42 @@ class Lab:
                 if server.poll() is None:
                     server.kill()
                 _, err = server.communicate(timeout=30)
-                raise RuntimeError(f"receiver on {addr} (netns {self.dst}) not listening after "
+                raise RuntimeError(f"receiver on {listen} (netns {receiver}) not listening after "
                                    f"{time.monotonic() - start:.1f}s (bound {start_timeout:.0f}s): {state}; "
                                    f"stdout {line.strip()!r}; stderr: {err.strip() or '(empty)'}")
-            sh("ip", "netns", "exec", self.pod, sys.executable, "-c", _SENDER, addr, str(seconds),
+            sh("ip", "netns", "exec", sender, sys.executable, "-c", _SENDER, listen, str(seconds), source,
                timeout=start_timeout + 2 * seconds)
             out, err = server.communicate(timeout=start_timeout + seconds)
             if server.returncode != 0:
-                raise RuntimeError(f"receiver on {addr} exited {server.returncode}: {err.strip()}")
+                raise RuntimeError(f"receiver on {listen} exited {server.returncode}: {err.strip()}")
             return float(out)
         finally:
             if server.poll() is None:
                 server.kill()
                 server.wait()
+
+    def connect_ms(self, addr: str, port: int, count: int = 20, *, incoming: bool = False) -> dict:
+        """TCP connect() times in ms between the pod and `addr`:`port` (incoming: from `addr`, bound
+        as the source port `port`, to the pod's port 5202), `count` of them: min, median, max.  One
+        round trip each (SYN out, SYN-ACK back), so a delay either way shows in full."""
+        pod_addr = V6["pod"] if ":" in addr else V4["pod"]
+        listener, listen, lport, client, target, tport, source = (
+            (self.pod, pod_addr, 5202, self.dst, pod_addr, 5202, (addr, port)) if incoming else
+            (self.dst, addr, port, self.pod, addr, port, None))
+        server = subprocess.Popen(["ip", "netns", "exec", listener, sys.executable, "-u", "-c", _ACCEPTOR, listen,
+                                   str(lport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready, _, _ = select.select([server.stdout], [], [], 120)
+            if not ready or server.stdout.readline().strip() != "listening":
+                raise RuntimeError(f"acceptor on {listen}:{lport} (netns {listener}) did not start")
+            src = f"{source[0]},{source[1]}" if source else ""
+            proc = sh("ip", "netns", "exec", client, sys.executable, "-c", _CONNECTOR, target, str(tport),
+                      str(count), src, timeout=120 + count * 5)
+            times = sorted(float(x) for x in proc.stdout.split())
+            return {"min": times[0], "median": times[len(times) // 2], "max": times[-1], "count": len(times)}
+        finally:
+            server.kill()
+            server.wait()
 
     @contextmanager
     def pinned_maps(self) -> Iterator:
@@ -500,8 +529,8 @@ print(total * 8 / (last - first) if last and last > first else 0.0)
 """
 _SENDER = """
 import socket, sys, time
-addr, seconds = sys.argv[1], float(sys.argv[2])
-s = socket.create_connection((addr, 5201), timeout=30)
+addr, seconds, source = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((addr, 5201), timeout=30, source_address=(source, 0) if source else None)
 buf = bytes(1 << 16)
 end = time.monotonic() + seconds
 try:
@@ -510,6 +539,43 @@ try:
 except (BrokenPipeError, ConnectionResetError):
     pass  # the receiver stops once it has measured for long enough
 s.close()
+"""
+
+
+_ACCEPTOR = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port))
+srv.listen(128)
+print("listening", flush=True)
+while True:
+    conn, _ = srv.accept()
+    try:  # the client ends it with a reset (no TIME_WAIT here to trip its next connect from the same port)
+        conn.recv(1)
+    except OSError:
+        pass
+    conn.close()
+"""
+# Connects `count` times and prints each connect()'s time in ms; with a source "ADDR,PORT" it binds
+# it (SO_REUSEADDR and a linger of 0, so the same source port is free again at once).
+_CONNECTOR = """
+import socket, struct, sys, time
+addr, port, count, source = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for _ in range(count):
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if source:
+        host, sport = source.rsplit(",", 1)
+        s.bind((host, int(sport)))
+    s.settimeout(10)
+    start = time.monotonic()
+    s.connect((addr, port))
+    print((time.monotonic() - start) * 1000, flush=True)
+    s.close()
+    time.sleep(0.02)
 """
 
 

@@ -30,9 +30,9 @@ def step() -> None:
 def pieces(op):
     if isinstance(op, P.UpsertEntries):
         items = list(op.entries.items())
-        return [P.UpsertEntries(dict(items[i:i + split])) for i in range(0, len(items), split)]
+        return [P.UpsertEntries(dict(items[i:i + split]), op.direction) for i in range(0, len(items), split)]
     if isinstance(op, P.DeleteEntries):
-        return [P.DeleteEntries(op.prefixes[i:i + split]) for i in range(0, len(op.prefixes), split)]
+        return [P.DeleteEntries(op.prefixes[i:i + split], op.direction) for i in range(0, len(op.prefixes), split)]
     return [op]
 
 

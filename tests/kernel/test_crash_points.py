@@ -25,8 +25,14 @@ def rule_set(prefix: str, names: range, second: int, rate: str, per_rule: int = 
 
 # Old: k0..k9 and o0..o9.  New: k0..k9 kept with another rate and other destinations,
 # o* deleted, n0..n9 created.  Every kind of operation is in the plan.
-OLD = {"rules": rule_set("k", range(10), 1, "10mbit")["rules"] + rule_set("o", range(10), 2, "20mbit")["rules"]}
-NEW = {"rules": rule_set("k", range(10), 3, "30mbit")["rules"] + rule_set("n", range(10), 4, "40mbit")["rules"]}
+# Two more rules cover ingress and ports: one moves from ingress to both directions and gains
+# peers, the other changes its ports (its port group's entries are rewritten in place).
+OLD = {"rules": rule_set("k", range(10), 1, "10mbit")["rules"] + rule_set("o", range(10), 2, "20mbit")["rules"] + [
+    {"name": "pi", "src": ["10.5.0.0/24"], "rate": "10mbit"},
+    {"name": "pp", "dst": ["10.5.1.0/24"], "protocol": "tcp", "ports": [5432], "rate": "10mbit"}]}
+NEW = {"rules": rule_set("k", range(10), 3, "30mbit")["rules"] + rule_set("n", range(10), 4, "40mbit")["rules"] + [
+    {"name": "pi", "dst": ["10.5.0.0/24", "10.5.2.0/24"], "direction": "both", "rate": "20mbit"},
+    {"name": "pp", "dst": ["10.5.1.0/24"], "protocol": "tcp", "ports": [5433, "6000-6100"], "rate": "10mbit"}]}
 
 
 def write(lab, name: str, rules: dict) -> Path:
@@ -82,7 +88,7 @@ def test_kill_9_at_every_sampled_point_of_an_apply_leaves_the_old_set(lab, caplo
         if n == 0:  # killed before the intent was written: nothing happened
             assert done is None and kernel_state(lab) == old_state
             continue
-        assert done is not None and "interrupted change (20 rule(s) -> 20) was found and rolled back" in logged, n
+        assert done is not None and "interrupted change (22 rule(s) -> 22) was found and rolled back" in logged, n
         assert kernel_state(lab) == old_state, f"after a kill at kernel operation {n} of {count}"
         # GET /rules of the adopted set, PUT back: valid, and no change.
         again = parse_ruleset({"rules": [r.to_dict() for r in rules]})
@@ -133,9 +139,9 @@ def test_kill_9_of_the_daemon_during_put_rules_is_rolled_back_and_logged_at_its_
                 crashing.wait()
         d2 = lab.daemon("--keep-on-exit")
         recovered = [x for x in d2.logs() if x["event"] == "rules.recovered"]
-        assert recovered and recovered[0]["rules"] == 20 and recovered[0]["interrupted_to"] == 20, d2.log_text()
+        assert recovered and recovered[0]["rules"] == 22 and recovered[0]["interrupted_to"] == 22, d2.log_text()
         status, body = d2.request("GET", "/rules")
-        assert status == 200 and len(body["rules"]) == 20
+        assert status == 200 and len(body["rules"]) == 22
         assert d2.request("PUT", "/rules", body)[0] == 200  # what GET /rules says can be PUT back
         d2.stop()
         assert kernel_state(lab) == old_state

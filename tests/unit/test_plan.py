@@ -32,10 +32,19 @@ def desired_state_reached(dp, want):
     assert {n: o.rule for n, o in obs.rules.items()} == {r.name: r for r in want}
     for r in want:
         slot = obs.rules[r.name].slot
-        assert dp.classes[slot] == r.class_params()
-        assert dp.leaves[slot] == r.leaf_params()
-        for p in r.dst:
-            assert dp.entries[p].slot == slot
+        for d in P.DIRECTIONS:
+            trie, classes, leaves = dp._side(d)
+            if d not in r.directions:
+                assert slot not in classes
+                continue
+            assert classes[slot] == r.class_params()
+            assert leaves[slot] == r.leaf_params()
+            for p in r.dst:
+                if r.selects_ports:  # through its port group: every key of its ports points at it
+                    group = trie[p].group
+                    assert {dp.ports[P.PortKey(group, *k)].slot for k in r.port_keys()} == {slot}
+                else:
+                    assert trie[p].slot == slot
 
 
 def test_allocate_slots_lowest_free():

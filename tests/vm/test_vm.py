@@ -16,7 +16,7 @@ from tests.support.tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()
 FULL = "tests/vm/guest"
-NETEM_AND_API = "tests/vm/guest/test_netem.py tests/vm/guest/test_api.py"
+NETEM_AND_API = "tests/vm/guest/test_netem.py tests/vm/guest/test_ingress.py tests/vm/guest/test_api.py"
 GUEST_TIMEOUT_S = {FULL: 1500, NETEM_AND_API: 900}
 
 

@@ -1,0 +1,197 @@
+"""Ingress, ports and except through the CLI and the daemon, on the real kernel, in namespaces.
+
+The rules are rate-only here (the host kernel has no sch_netem; netem's delay and loss on ingress
+are measured in the VM tier, tests/vm/guest/test_ingress.py).  Counters come from `shaper show`:
+one row per rule and direction.
+"""
+
+import json
+import signal
+
+from lab import POD_IF, V4, V6, sh, wait_until
+
+
+def rows(lab) -> dict[tuple[str, str], dict]:
+    out = json.loads(lab.shaper("show", "-o", "json").stdout)["rules"]
+    return {(r["name"], r.get("direction", "egress")): r for r in out}
+
+
+def ifbs(lab) -> list[str]:
+    out = sh("ip", "-n", lab.pod, "-o", "link", "show", "type", "ifb").stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def tcp_connect(lab, addr: str, port: int, count: int = 5) -> None:
+    lab.connect_ms(addr, port, count=count)
+
+
+INGRESS_RATE = f"""
+rules:
+  - name: from-c
+    src: [{V4['c']}]
+    rate: 20mbit
+"""
+
+
+def test_ingress_rate_through_the_ifb_measured_with_tcp(lab):
+    lab.shaper("apply", rules=INGRESS_RATE)
+    assert len(ifbs(lab)) == 1
+    shaped = lab.throughput(V4["c"], 3, incoming=True)
+    other = lab.throughput(V4["d"], 2, incoming=True)
+    out = lab.throughput(V4["c"], 2)  # the same peer, egress: no rule
+    print(f"\ningress from c (20mbit): {shaped / 1e6:.2f} Mbit/s; from d (no rule): {other / 1e6:.0f} Mbit/s; "
+          f"to c (egress, no rule): {out / 1e6:.0f} Mbit/s")
+    assert 18e6 <= shaped <= 22e6
+    assert other > 200e6 and out > 200e6
+    r = rows(lab)[("from-c", "ingress")]
+    # The classifier's counter and the ifb class's see the same packets.
+    assert r["matched_packets"] > 1000 and r["matched_packets"] == r["class_packets"]
+
+
+def test_unmatched_ingress_is_not_redirected(lab):
+    lab.shaper("apply", rules=INGRESS_RATE)
+    ifb = ifbs(lab)[0]
+
+    def ifb_packets() -> int:
+        stats = json.loads(sh("ip", "-n", lab.pod, "-s", "-j", "link", "show", ifb).stdout)[0]["stats64"]
+        return stats["tx"]["packets"]
+
+    before = ifb_packets()
+    lab.ping(V4["d"], count=50)
+    lab.ping(V4["a"], count=50)
+    assert ifb_packets() == before  # replies from d and a never went through the ifb
+    lab.ping(V4["c"], count=50)
+    assert ifb_packets() >= before + 50
+
+
+PORTS = f"""
+rules:
+  - name: pg
+    dst: [{V4['b']}, "{V6['b']}"]
+    direction: both
+    protocol: tcp
+    ports: [5432]
+    rate: 100mbit
+  - name: b-udp
+    dst: [{V4['b']}, "{V6['b']}"]
+    protocol: udp
+    rate: 100mbit
+  - name: b-rest
+    dst: [{V4['b']}, "{V6['b']}"]
+    rate: 100mbit
+"""
+
+
+def test_port_and_protocol_steering_with_counters_v4_and_v6(lab):
+    lab.shaper("apply", rules=PORTS)
+    for addr in (V4["b"], V6["b"]):
+        tcp_connect(lab, addr, 5432, count=5)  # SYN out (pg, egress), SYN-ACK in (pg, ingress)
+        tcp_connect(lab, addr, 5433, count=5)  # b-rest: egress only
+        lab.send_udp(addr, 40)  # b-udp
+        lab.ping(addr, count=10)  # ICMP: b-rest
+    r = rows(lab)
+    print("\n" + "\n".join(f"{k}: {v['matched_packets']}" for k, v in sorted(r.items())))
+    # 2 families x 5 connects: at least SYN + ACK + RST each way out, SYN-ACK back in.
+    assert r[("pg", "egress")]["matched_packets"] >= 2 * 5 * 2
+    assert r[("pg", "ingress")]["matched_packets"] >= 2 * 5
+    assert 2 * 40 <= r[("b-udp", "egress")]["matched_packets"] <= 2 * 40 + 4
+    assert r[("b-rest", "egress")]["matched_packets"] >= 2 * (5 * 2 + 10)
+    assert ("b-rest", "ingress") not in r and ("b-udp", "ingress") not in r
+
+
+def test_port_steering_over_a_vlan_tag(lab):
+    """A VLAN sub-interface of the pod's veth: the classifier on the parent sees the tag and looks
+    past it (in the data, or in the skb's tag field), for both directions."""
+    sh("ip", "-n", lab.pod, "link", "add", "link", POD_IF, "name", "shp0.10", "type", "vlan", "id", "10")
+    sh("ip", "-n", lab.dst, "link", "add", "link", "shp1", "name", "shp1.10", "type", "vlan", "id", "10")
+    for ns, dev, addr in ((lab.pod, "shp0.10", "10.79.0.1/24"), (lab.dst, "shp1.10", "10.79.0.2/24")):
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    lab.shaper("apply", rules="""
+rules:
+  - name: vlan-pg
+    dst: [10.79.0.2]
+    direction: both
+    protocol: tcp
+    ports: [5432]
+    rate: 100mbit
+  - name: vlan-rest
+    dst: [10.79.0.2]
+    direction: both
+    rate: 100mbit
+""")
+    lab.ping("10.79.0.2", count=20)
+    tcp_connect(lab, "10.79.0.2", 5432, count=5)
+    r = rows(lab)
+    assert r[("vlan-pg", "egress")]["matched_packets"] >= 10 and r[("vlan-pg", "ingress")]["matched_packets"] >= 5
+    assert r[("vlan-rest", "egress")]["matched_packets"] >= 20 and r[("vlan-rest", "ingress")]["matched_packets"] >= 20
+
+
+def test_except_falls_through_to_a_less_specific_rule(lab):
+    lab.shaper("apply", rules=f"""
+rules:
+  - name: net
+    dst: [10.77.0.0/16]
+    except: [{V4['d']}]
+    rate: 100mbit
+  - name: all
+    dst: [0.0.0.0/0]
+    rate: 100mbit
+""")
+    lab.ping(V4["d"], count=30)
+    lab.ping(V4["a"], count=20)
+    r = rows(lab)
+    assert 30 <= r[("all", "egress")]["matched_packets"] <= 33
+    assert 20 <= r[("net", "egress")]["matched_packets"] <= 23
+    # Without the catch-all, the excepted peer passes unclassified.
+    lab.shaper("apply", rules=f"""
+rules:
+  - name: net
+    dst: [10.77.0.0/16]
+    except: [{V4['d']}]
+    rate: 100mbit
+""")
+    before = rows(lab)[("net", "egress")]["matched_packets"]
+    lab.ping(V4["d"], count=30)
+    assert rows(lab)[("net", "egress")]["matched_packets"] <= before + 2
+
+
+def test_reset_removes_the_ifb_and_the_ingress_filter_and_nothing_else(lab):
+    # Someone else's ingress filter on the pod's interface, at another pref, must stay.
+    sh("tc", "-n", lab.pod, "qdisc", "add", "dev", POD_IF, "clsact")
+    sh("tc", "-n", lab.pod, "filter", "add", "dev", POD_IF, "ingress", "pref", "7", "protocol", "all", "matchall",
+       "action", "pass")
+    lab.shaper("apply", rules=INGRESS_RATE)
+    assert len(ifbs(lab)) == 1
+    lab.shaper("reset")
+    assert ifbs(lab) == []
+    filters = sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "ingress").stdout
+    assert "matchall" in filters and "bpf" not in filters
+    assert "clsact" in sh("tc", "-n", lab.pod, "qdisc", "show", "dev", POD_IF).stdout  # not shaper's
+    assert "htb" not in sh("tc", "-n", lab.pod, "qdisc", "show", "dev", POD_IF).stdout
+
+
+def test_kill_9_and_adoption_with_ingress_rules(lab, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(INGRESS_RATE + f"""  - name: to-b
+    dst: [{V4['b']}]
+    direction: both
+    rate: 50mbit
+""")
+    d = lab.daemon("--rules", str(rules))
+    lab.wait_ready(d)
+    ifb = ifbs(lab)
+    assert len(ifb) == 1
+    d.stop(signal.SIGKILL)
+    assert ifbs(lab) == ifb  # the shaping stays with no controller
+    shaped = lab.throughput(V4["c"], 2, incoming=True)
+    assert 18e6 <= shaped <= 22e6
+    d2 = lab.daemon()  # no rules given: adopt what runs
+    lab.wait_ready(d2)
+    assert [line for line in d2.logs() if line["event"] == "daemon.ready"][0]["datapath"] == "adopted"
+    r = rows(lab)
+    assert {k for k in r} >= {("from-c", "ingress"), ("to-b", "egress"), ("to-b", "ingress")}
+    assert ifbs(lab) == ifb
+    assert lab.throughput(V4["c"], 2, incoming=True) <= 22e6
+    d2.stop(signal.SIGTERM)
+    assert wait_until(lambda: ifbs(lab) == [], timeout=30)
