@@ -1,13 +1,21 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * tc clsact egress classifier: look the destination up in an LPM trie and
- * steer matching packets into their HTB class through skb->priority.
+ * tc clsact classifiers: look the packet's peer up in an LPM trie and steer
+ * matching packets into their HTB class through skb->priority.
  *
- * Compiled by bcc (shaper/loader.py).  Attached in direct-action mode, it
- * always returns TC_ACT_OK: it never drops, it only chooses a class.
+ *   classify          clsact egress:  peer = destination, dst_lpm, the
+ *                     interface's own HTB.  Always TC_ACT_OK.
+ *   classify_ingress  clsact ingress: peer = source, src_lpm; a packet it
+ *                     matched is redirected to the ifb in ingress_cfg[0],
+ *                     whose HTB holds the ingress classes.  Unmatched
+ *                     packets are never redirected.
+ *
+ * Compiled by bcc (shaper/datapath/loader.py), attached in direct-action
+ * mode.  Neither program drops anything: they only choose a class.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -15,25 +23,108 @@
 #include "shaper.h"
 
 BPF_LPM_TRIE(dst_lpm, struct shaper_lpm_key, struct shaper_lpm_val, SHAPER_MAX_PREFIXES);
+BPF_LPM_TRIE(src_lpm, struct shaper_lpm_key, struct shaper_lpm_val, SHAPER_MAX_PREFIXES);
+BPF_LPM_TRIE(port_lpm, struct shaper_port_key, struct shaper_port_val, SHAPER_MAX_PORT_ENTRIES);
 BPF_PERCPU_ARRAY(rule_stats, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
+BPF_PERCPU_ARRAY(rule_stats_in, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
+BPF_ARRAY(ingress_cfg, struct shaper_ingress_cfg, 1);
 /* Not used here: declared so bcc creates it beside the others (see shaper.h). */
 BPF_F_TABLE("hash", __u32, struct shaper_rule_meta, rule_meta, SHAPER_MAX_RULES + 1, BPF_F_NO_PREALLOC);
+
+#define IP_OFFSET_MASK 0x1FFF	/* iphdr.frag_off: the fragment offset bits */
+#define PORT_KEY_BITS (32 + 8 + 16)
 
 struct vlan_hdr_s {
 	__be16 tci;
 	__be16 encap_proto;
 };
 
-int classify(struct __sk_buff *skb)
+/* The transport fields a port rule compares, read once per packet and only
+ * when a matched trie entry names a port group. */
+struct l4_info {
+	__u8 parsed;
+	__u8 proto;
+	__u8 port[2];	/* the peer's port, as on the wire (big-endian) */
+};
+
+/* An entry applies while its deadline is ahead.  The clock is read at most
+ * once per packet, and only for an entry that has a deadline. */
+static __always_inline int live(__u64 expires_ns, __u64 *now)
+{
+	if (expires_ns == 0)
+		return 1;
+	if (*now == 0)
+		*now = bpf_ktime_get_ns();
+	return *now < expires_ns;
+}
+
+/* The protocol and the peer's port (the destination port on egress, the
+ * source port on ingress).  No IPv6 extension-header walk: nexthdr is the
+ * protocol.  Protocols without ports, and IPv4 fragments after the first
+ * (they carry no transport header), have port 0.  bpf_skb_load_bytes reads
+ * headers that are not in the linear data too, and keeps the verifier out of
+ * the variable IPv4 header length. */
+static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l4, __u32 l4_off, __u8 proto,
+				     int no_ports, const int ingress)
+{
+	l4->parsed = 1;
+	l4->proto = proto;
+	if (no_ports)
+		return;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
+		return;
+	/* TCP, UDP and SCTP all start with the source port, then the destination port. */
+	if (bpf_skb_load_bytes(skb, l4_off + (ingress ? 0 : 2), l4->port, 2) < 0) {
+		l4->port[0] = 0;
+		l4->port[1] = 0;
+	}
+}
+
+/* The packet matched `slot`: count it, give HTB its class, and on ingress
+ * send it through the ifb. */
+static __always_inline int decide(struct __sk_buff *skb, __u32 slot, __u32 classid, const int ingress)
+{
+	struct shaper_rule_stats *st;
+
+	if (ingress)
+		st = rule_stats_in.lookup(&slot);
+	else
+		st = rule_stats.lookup(&slot);
+	if (st) {
+		/* Per-CPU slot: no atomics needed.  GSO packets count once per
+		 * segment, as HTB counts them. */
+		st->packets += skb->gso_segs > 1 ? skb->gso_segs : 1;
+		st->bytes += skb->len;
+	}
+	skb->priority = classid;
+	if (ingress) {
+		__u32 zero = 0;
+		struct shaper_ingress_cfg *cfg = ingress_cfg.lookup(&zero);
+
+		/* To the ifb's egress: its HTB reads skb->priority, then the ifb
+		 * hands the packet back to this interface's receive path. */
+		if (cfg && cfg->ifb_ifindex)
+			return bpf_redirect(cfg->ifb_ifindex, 0);
+	}
+	return TC_ACT_OK;
+}
+
+static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingress)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct shaper_lpm_key key = {};
+	struct shaper_port_key pkey = {};
 	struct shaper_lpm_val *val;
-	__u64 now;
-	__u16 proto;
+	struct shaper_port_val *pv;
+	struct l4_info l4 = {};
+	__u64 now = 0;
 	__u32 off = sizeof(*eth);
+	__u32 l4_off;
+	__u16 proto;
+	__u8 l4_proto;
+	int no_ports = 0;
 
 	if (data + sizeof(*eth) > data_end)
 		return TC_ACT_OK;
@@ -57,43 +148,69 @@ int classify(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		key.addr[10] = 0xff;
 		key.addr[11] = 0xff;
-		__builtin_memcpy(&key.addr[12], &ip4->daddr, 4);
+		if (ingress)
+			__builtin_memcpy(&key.addr[12], &ip4->saddr, 4);
+		else
+			__builtin_memcpy(&key.addr[12], &ip4->daddr, 4);
+		/* Kept for a port group: cheap register copies, no extra access. */
+		l4_proto = ip4->protocol;
+		l4_off = off + ip4->ihl * 4;
+		no_ports = (ip4->frag_off & bpf_htons(IP_OFFSET_MASK)) != 0;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = data + off;
 
 		if ((void *)(ip6 + 1) > data_end)
 			return TC_ACT_OK;
-		__builtin_memcpy(key.addr, &ip6->daddr, 16);
+		if (ingress)
+			__builtin_memcpy(key.addr, &ip6->saddr, 16);
+		else
+			__builtin_memcpy(key.addr, &ip6->daddr, 16);
+		l4_proto = ip6->nexthdr;
+		l4_off = off + sizeof(*ip6);
 	} else {
 		return TC_ACT_OK;
 	}
 	key.prefixlen = 128;
 
-	now = bpf_ktime_get_ns();
-	/* An expired entry must behave as if it were absent, so a shorter live
-	 * prefix (e.g. a catch-all) still applies: retry with the expired
-	 * entry's prefix length minus one. */
+	/* An entry that decides nothing (expired, or only port rules none of
+	 * which applies) must behave as if it were absent, so a shorter prefix
+	 * (e.g. a catch-all) still applies: retry at its prefix length minus one.
+	 * An entry of prefix length 0 (an `except`, or ::/0) stops the walk. */
 #pragma unroll
 	for (int i = 0; i < SHAPER_MAX_FALLBACK; i++) {
-		val = dst_lpm.lookup(&key);
+		if (ingress)
+			val = src_lpm.lookup(&key);
+		else
+			val = dst_lpm.lookup(&key);
 		if (!val)
 			return TC_ACT_OK;
-		if (val->expires_ns == 0 || now < val->expires_ns) {
-			__u32 slot = val->slot;
-			struct shaper_rule_stats *st = rule_stats.lookup(&slot);
-
-			if (st) {
-				/* Per-CPU slot: no atomics needed.  GSO packets
-				 * count once per segment, as HTB counts them. */
-				st->packets += skb->gso_segs > 1 ? skb->gso_segs : 1;
-				st->bytes += skb->len;
-			}
-			skb->priority = val->classid;
-			return TC_ACT_OK;
+		if (val->group) {
+			if (!l4.parsed)
+				parse_l4(skb, &l4, l4_off, l4_proto, no_ports, ingress);
+			pkey.prefixlen = PORT_KEY_BITS;
+			pkey.group = val->group;
+			pkey.proto = l4.proto;
+			pkey.port_hi = l4.port[0];
+			pkey.port_lo = l4.port[1];
+			pv = port_lpm.lookup(&pkey);
+			if (pv && live(pv->expires_ns, &now))
+				return decide(skb, pv->slot, pv->classid, ingress);
 		}
+		if (val->slot && live(val->expires_ns, &now))
+			return decide(skb, val->slot, val->classid, ingress);
 		if (val->prefixlen == 0)
 			return TC_ACT_OK;
 		key.prefixlen = val->prefixlen - 1;
 	}
 	return TC_ACT_OK;
+}
+
+int classify(struct __sk_buff *skb)
+{
+	return shaper_classify(skb, 0);
+}
+
+int classify_ingress(struct __sk_buff *skb)
+{
+	return shaper_classify(skb, 1);
 }

@@ -22,6 +22,11 @@
  * live prefix (bounded so the verifier accepts the loop). */
 #define SHAPER_MAX_FALLBACK 8
 #define SHAPER_META_LEN 1020
+/* port_lpm's capacity: (group, protocol, port block) entries of both directions. */
+#define SHAPER_MAX_PORT_ENTRIES 65536
+/* shaper_lpm_val.flags: an entry written for an `except`.  The classifier
+ * ignores it (it acts on slot and prefixlen alone); the controller reads it. */
+#define SHAPER_F_DERIVED 1
 
 /* LPM trie key.  IPv4 is stored IPv4-mapped (::ffff:a.b.c.d, prefixlen 96+n)
  * so one trie and one lookup serve both families. */
@@ -30,19 +35,56 @@ struct shaper_lpm_key {
 	__u8 addr[16];
 };
 
-/* LPM trie value.  classid goes to skb->priority as is (major<<16 | minor),
- * which HTB matches before running any filter; slot indexes rule_stats.  expires_ns is
- * CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 means never.  prefixlen repeats the
- * key's so an expired entry can fall back to the next shorter prefix. */
+/* LPM trie value, of dst_lpm (egress, keyed by destination) and src_lpm
+ * (ingress, keyed by source).  classid goes to skb->priority as is
+ * (major<<16 | minor), which HTB matches before running any filter; slot
+ * indexes rule_stats (0: no address-only rule here, classid is 0 too).
+ * expires_ns is CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 means never.
+ * prefixlen is where the lookup falls back from, past an entry that decides
+ * nothing (retry at prefixlen - 1); 0 stops there, unclassified, which is how
+ * an `except` carves a prefix out of a shorter one.  group names the port and
+ * protocol rules at this key in port_lpm (0: none).  group and flags sit where
+ * the first version had a zero pad: its pins read the same. */
 struct shaper_lpm_val {
 	__u32 classid;
 	__u32 slot;
 	__u64 expires_ns;
 	__u32 prefixlen;
-	__u32 pad;	/* zero; keeps the struct free of implicit padding */
+	__u16 group;
+	__u16 flags;
 };
 
-/* Per-CPU counters, indexed by slot. */
+/* port_lpm key: (group, protocol, port block).  The trie's prefixlen counts
+ * data bits: 32 (group) + 8 (proto) + the port's leading bits, so a rule for
+ * ports 8000-8191 is one entry of prefixlen 40 + 3 and a protocol-only rule
+ * one of prefixlen 40.  Groups only ever match whole, so their byte order is
+ * irrelevant; the port is big-endian (port_hi first) so that its leading bits
+ * are the ones the trie compares first. */
+struct shaper_port_key {
+	__u32 prefixlen;
+	__u32 group;
+	__u8 proto;
+	__u8 port_hi;
+	__u8 port_lo;
+	__u8 pad;
+};
+
+/* port_lpm value: as shaper_lpm_val, without the fallback (a port rule that
+ * does not apply leaves the packet to the address-only rule at the same key). */
+struct shaper_port_val {
+	__u32 classid;
+	__u32 slot;
+	__u64 expires_ns;
+};
+
+/* ingress_cfg[0]: where the ingress program redirects what it matched, the
+ * ifb whose HTB holds the ingress classes; 0: no ifb yet, redirect nothing. */
+struct shaper_ingress_cfg {
+	__u32 ifb_ifindex;
+	__u32 pad;
+};
+
+/* Per-CPU counters, indexed by slot: rule_stats (egress), rule_stats_in (ingress). */
 struct shaper_rule_stats {
 	__u64 packets;
 	__u64 bytes;

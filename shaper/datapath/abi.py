@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shaper.core.model import MAX_PREFIXES, MAX_RULES
-from shaper.core.plan import Entry
+from shaper.core.plan import Entry, PortEntry, PortKey
 
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 
@@ -84,11 +84,16 @@ def _parse(text: str) -> tuple[dict[str, int], dict[str, CStruct]]:
 CONSTANTS, STRUCTS = _parse((bpf_dir() / "shaper.h").read_text())
 
 LPM_KEY = STRUCTS["shaper_lpm_key"].codec  # prefixlen, addr
-LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, slot, expires_ns, prefixlen, pad
+LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, slot, expires_ns, prefixlen, group, flags
+PORT_KEY = STRUCTS["shaper_port_key"].codec  # prefixlen, group, proto, port_hi, port_lo, pad
+PORT_VAL = STRUCTS["shaper_port_val"].codec  # classid, slot, expires_ns
+INGRESS_CFG = STRUCTS["shaper_ingress_cfg"].codec  # ifb_ifindex, pad
 RULE_STATS = STRUCTS["shaper_rule_stats"].codec  # packets, bytes
 RULE_META = STRUCTS["shaper_rule_meta"].codec  # len, json
 META_LEN = CONSTANTS["SHAPER_META_LEN"]
 HTB_MAJOR = CONSTANTS["SHAPER_HTB_MAJOR"]
+F_DERIVED = CONSTANTS["SHAPER_F_DERIVED"]
+PORT_KEY_BASE_BITS = 32 + 8  # a port key's prefixlen counts the group and the protocol, then port bits
 
 
 for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", MAX_PREFIXES)):
@@ -97,13 +102,36 @@ for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", M
 
 
 def pack_entry(entry: Entry) -> bytes:
-    """A trie value: the slot's class (skb->priority as is), the slot, the deadline, the prefix length."""
-    return LPM_VAL.pack(classid(entry.slot), entry.slot, entry.expires_ns, entry.prefixlen, 0)
+    """A trie value: the slot's class (skb->priority as is; 0 for slot 0), the slot, the deadline,
+    the prefix length to fall back from, the port group and the flags."""
+    return LPM_VAL.pack(classid(entry.slot) if entry.slot else 0, entry.slot, entry.expires_ns, entry.prefixlen,
+                        entry.group, F_DERIVED if entry.derived else 0)
 
 
 def unpack_entry(data: bytes) -> Entry:
-    _classid, slot, expires_ns, prefixlen, _pad = LPM_VAL.unpack(data)
-    return Entry(slot, expires_ns, prefixlen)
+    _classid, slot, expires_ns, prefixlen, group, flags = LPM_VAL.unpack(data)
+    return Entry(slot, expires_ns, prefixlen, group, bool(flags & F_DERIVED))
+
+
+def pack_port_key(key: PortKey) -> bytes:
+    """A port trie key: the group, the protocol, the block's first port big-endian (see shaper.h)."""
+    if not 0 <= key.plen <= 16 or key.port & ((1 << (16 - key.plen)) - 1):
+        raise ValueError(f"port key {key}: port {key.port} is not the first port of a /{key.plen} block")
+    return PORT_KEY.pack(PORT_KEY_BASE_BITS + key.plen, key.group, key.proto, key.port >> 8, key.port & 0xFF, 0)
+
+
+def unpack_port_key(data: bytes) -> PortKey:
+    prefixlen, group, proto, hi, lo, _pad = PORT_KEY.unpack(data)
+    return PortKey(group, proto, hi << 8 | lo, prefixlen - PORT_KEY_BASE_BITS)
+
+
+def pack_port_entry(entry: PortEntry) -> bytes:
+    return PORT_VAL.pack(classid(entry.slot), entry.slot, entry.expires_ns)
+
+
+def unpack_port_entry(data: bytes) -> PortEntry:
+    _classid, slot, expires_ns = PORT_VAL.unpack(data)
+    return PortEntry(slot, expires_ns)
 
 
 def pack_key(prefixlen: int, addr: bytes) -> bytes:

@@ -1,8 +1,9 @@
 """Compile and load the classifier with bcc, in a short-lived child process.
 
 `load_and_pin(pin_dir)` runs `python -m shaper.datapath.loader PIN_DIR`: the child
-imports bcc (LLVM: ~99 MB RSS), compiles bpf/classifier.c, loads it as a
-SCHED_CLS program, pins the program and its maps in PIN_DIR and exits, so
+imports bcc (LLVM: ~99 MB RSS), compiles bpf/classifier.c, loads its two
+SCHED_CLS programs (egress and ingress, sharing every map), pins them and
+their maps in PIN_DIR and exits, so
 the long-running controller never holds LLVM.  Kernel headers are checked
 first so their absence is named, not buried in a clang error.
 """
@@ -19,8 +20,13 @@ from pathlib import Path
 from shaper.errors import NotSupported, PermissionDenied, ShaperError
 from shaper.datapath.abi import bpf_dir
 
-PROG_PIN = "classifier"
-MAP_NAMES = ("dst_lpm", "rule_stats", "rule_meta")
+PROG_PIN = "classifier"  # classify, at clsact egress
+PROG_IN_PIN = "classifier_in"  # classify_ingress, at clsact ingress
+PROGRAMS = {PROG_PIN: "classify", PROG_IN_PIN: "classify_ingress"}
+MAP_NAMES = ("dst_lpm", "rule_stats", "rule_meta", "src_lpm", "port_lpm", "rule_stats_in", "ingress_cfg")
+# What the first version pinned: a directory holding these and none of the rest is an
+# earlier shaper's (kernel.py refuses it, naming `shaper reset`).
+FIRST_VERSION_PINS = (PROG_PIN, "dst_lpm", "rule_stats", "rule_meta")
 EXIT_NO_BCC, EXIT_NO_HEADERS, EXIT_EPERM, EXIT_FAILED = 3, 4, 5, 6
 
 
@@ -70,7 +76,7 @@ def _child(pin_dir: str) -> int:
     src = bpf_dir()
     try:
         bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=[f"-I{src}"])
-        fn = bpf.load_func(b"classify", BPF.SCHED_CLS)
+        fns = {pin: bpf.load_func(name.encode(), BPF.SCHED_CLS) for pin, name in PROGRAMS.items()}
     except Exception as exc:  # bcc raises bare Exception for compile and load errors
         text = str(exc)
         if "Operation not permitted" in text or os.geteuid() != 0:
@@ -86,7 +92,7 @@ def _child(pin_dir: str) -> int:
         print(f"compiling/loading the classifier failed: {text}", file=sys.stderr)
         return EXIT_FAILED
     os.makedirs(pin_dir, exist_ok=True)
-    pins = {PROG_PIN: fn.fd}
+    pins = {pin: fn.fd for pin, fn in fns.items()}
     for name in MAP_NAMES:
         pins[name] = bpf.get_table(name).map_fd
     for name, fd in pins.items():

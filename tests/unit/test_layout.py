@@ -1,11 +1,12 @@
 """The Python codec and the C header must agree: compile the header and compare."""
 
 import shutil
+import struct
 import subprocess
 
 import pytest
 
-from shaper.core.plan import Entry
+from shaper.core.plan import Entry, PortEntry, PortKey
 from shaper.datapath import abi
 
 
@@ -43,19 +44,48 @@ def test_sizes_offsets_and_constants_match_gcc(tmp_path):
 def test_expected_structs_present():
     assert abi.LPM_KEY.size == 20 and abi.LPM_VAL.size == 24
     assert abi.RULE_STATS.size == 16 and abi.RULE_META.size == 4 + abi.META_LEN
+    assert abi.PORT_KEY.size == 12 and abi.PORT_VAL.size == 16 and abi.INGRESS_CFG.size == 8
+
+
+def test_lpm_value_reads_as_the_first_version_did():
+    # group and flags took the first version's zero pad: an entry without them packs to the same bytes.
+    first_version = struct.Struct("=IIQII")
+    assert abi.pack_entry(Entry(7, 5, 120)) == first_version.pack(0x53480007, 7, 5, 120, 0)
+    assert abi.unpack_entry(first_version.pack(0x53480007, 7, 5, 120, 0)) == Entry(7, 5, 120)
 
 
 def test_codec_round_trip():
     v = Entry(7, 123456789, 120)
     assert abi.unpack_entry(abi.pack_entry(v)) == v
     # What the classifier reads: skb->priority's classid, the slot for rule_stats, zero padding.
-    assert abi.LPM_VAL.unpack(abi.pack_entry(v)) == (0x53480007, 7, 123456789, 120, 0)
+    assert abi.LPM_VAL.unpack(abi.pack_entry(v)) == (0x53480007, 7, 123456789, 120, 0, 0)
+    # A port group and an `except` entry: slot 0 has no class (classid 0), the flag marks it derived.
+    for entry in (Entry(3, 0, 104, group=9), Entry(0, 0, 0, group=0, derived=True), Entry(0, 0, 96, 65535, True)):
+        assert abi.unpack_entry(abi.pack_entry(entry)) == entry
+    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(0, 0, 0, derived=True))) == (0, 0, 0, 0, 0, abi.F_DERIVED)
+    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(4, 0, 128, group=2))) == (0x53480004, 4, 0, 128, 2, 0)
     key = abi.pack_key(120, bytes(range(16)))
     assert abi.unpack_key(key) == (120, bytes(range(16)))
     assert abi.unpack_meta(abi.pack_meta(b'{"a":1}')) == b'{"a":1}'
     with pytest.raises(ValueError):
         abi.pack_meta(b"x" * (abi.META_LEN + 1))
     assert abi.classid(1) == 0x53480001
+
+
+def test_port_codec():
+    # prefixlen counts data bits: 32 (group) + 8 (protocol) + the port's leading bits; the port is big-endian.
+    key = abi.pack_port_key(PortKey(group=5, proto=6, port=8000, plen=13))
+    assert abi.PORT_KEY.unpack(key) == (40 + 13, 5, 6, 8000 >> 8, 8000 & 0xFF, 0)
+    assert key[8:11] == bytes([6]) + (8000).to_bytes(2, "big")
+    for k in (PortKey(1, 17, 53, 16), PortKey(2, 1, 0, 0), PortKey(65535, 132, 0x8000, 1)):
+        assert abi.unpack_port_key(abi.pack_port_key(k)) == k
+    with pytest.raises(ValueError, match="first port"):
+        abi.pack_port_key(PortKey(1, 6, 8001, 13))  # not the start of a 8-port block
+    with pytest.raises(ValueError):
+        abi.pack_port_key(PortKey(1, 6, 0, 17))
+    value = abi.pack_port_entry(PortEntry(12, 99))
+    assert abi.PORT_VAL.unpack(value) == (0x5348000C, 12, 99)
+    assert abi.unpack_port_entry(value) == PortEntry(12, 99)
 
 
 def test_header_grammar_is_enforced():
