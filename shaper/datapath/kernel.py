@@ -6,8 +6,15 @@ does.  State lives in the kernel
 only: the program and maps are pinned under
   <bpffs>/shaper/<netns inode>-<ifname>/
 and rule_meta holds every rule's record (rule_meta[0] is the controller's own:
-ifindex and whether it created the clsact qdisc), so a controller that dies
-leaves shaping running and a new one adopts it without touching traffic.
+ifindex, whether it created the clsact qdisc, and the ifb once ingress is set
+up), so a controller that dies leaves shaping running and a new one adopts it
+without touching traffic.
+
+Egress: the classifier at clsact egress looks destinations up in dst_lpm and
+picks a class of the interface's HTB.  Ingress, set up by the first ingress
+operation: an ifb "shpin<ifindex>" with its own HTB root (the ingress classes,
+numbered as the egress ones), and classify_ingress at clsact ingress, which
+looks sources up in src_lpm and redirects what it matched to the ifb.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
 from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
 from shaper.core.model import Prefix, rule_from_record
 from shaper.core.stats import ClassStats, RuleCounters
-from shaper.datapath.tc import FILTER_PREF, Tc, in_netns
+from shaper.datapath.tc import FILTER_NAME, FILTER_NAME_OWN_CLSACT, FILTER_PREF, Tc, in_netns
 
 log = logging.getLogger("shaper")
 
@@ -41,6 +48,12 @@ BPFFS_MAGIC_TYPE = "bpf"
 _CLONE_NEWNS = 0x00020000
 RECORD_VERSION = 1
 _SLOT = struct.Struct("=I")
+IFB_PREFIX = "shpin"  # + the interface's ifindex: at most 15 characters, as IFNAMSIZ needs
+IFB_ALIAS = "shaper ingress of "  # + the interface's name when the ifb was made
+
+
+def ifb_name(ifindex: int) -> str:
+    return f"{IFB_PREFIX}{ifindex}"
 
 
 def _mounts(pid: str = "self") -> Iterator[tuple[str, str, str]]:
@@ -249,8 +262,27 @@ def _pack_entries(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
 
 
+def _read_trie(trie: Map) -> dict[Prefix, P.Entry]:
+    entries: dict[Prefix, P.Entry] = {}
+    values: dict[bytes, P.Entry] = {}  # a rule's entries share a value or two: decode each once
+    for key, raw in trie.items():
+        prefixlen, addr = abi.unpack_key(key)
+        value = values.get(raw)
+        if value is None:
+            value = values[raw] = abi.unpack_entry(raw)
+        entries[Prefix(addr, prefixlen)] = value
+    return entries
+
+
 def _pins_complete_in(pin_dir: str) -> bool:
-    return all(os.path.exists(os.path.join(pin_dir, n)) for n in (loader.PROG_PIN,) + loader.MAP_NAMES)
+    return all(os.path.exists(os.path.join(pin_dir, n))
+               for n in (loader.PROG_PIN, loader.PROG_IN_PIN) + loader.MAP_NAMES)
+
+
+def _first_version_pins_in(pin_dir: str) -> bool:
+    """Whether `pin_dir` holds what the first shaper version pinned and nothing of the ingress maps."""
+    return all(os.path.exists(os.path.join(pin_dir, n)) for n in loader.FIRST_VERSION_PINS) \
+        and not os.path.exists(os.path.join(pin_dir, "src_lpm"))
 
 
 def _prog_id_at(pin_dir: str) -> int:
@@ -324,9 +356,17 @@ class KernelDatapath:
         self.lpm: Map | None = None
         self.stats: Map | None = None
         self.meta: Map | None = None
+        self.src_lpm: Map | None = None
+        self.ports: Map | None = None
+        self.stats_in: Map | None = None
+        self.ingress_cfg: Map | None = None
         # The program this process attached or adopted, held open: what readiness compares
         # the interface's filter with, and what is pinned again if the pins vanish.
         self.prog_fd: int | None = None
+        self.prog_in_fd: int | None = None  # the ingress program, once ingress is set up or adopted
+        self._tc_in: Tc | None = None  # the interface's clsact ingress hook (a view of self.tc)
+        self._ifb_tc: Tc | None = None  # the ifb's HTB (opened on the ifb's ifindex of the moment)
+        self._ingress_ready = False
         self._pins_lost = False
         self._attach_failed = False
 
@@ -340,12 +380,22 @@ class KernelDatapath:
     def close(self) -> None:
         self.close_maps()
         self._release_prog()
+        self._close_ingress_tc()
         self.tc.close()
 
     def _release_prog(self) -> None:
         if self.prog_fd is not None:
             os.close(self.prog_fd)
             self.prog_fd = None
+        if self.prog_in_fd is not None:
+            os.close(self.prog_in_fd)
+            self.prog_in_fd = None
+        self._ingress_ready = False
+
+    def _close_ingress_tc(self) -> None:
+        if self._ifb_tc is not None:
+            self._ifb_tc.close()
+        self._tc_in = self._ifb_tc = None  # the ingress hook shares self.tc's socket
 
     # -- attach / adopt -----------------------------------------------------------
     def _pins_complete(self) -> bool:
@@ -355,6 +405,10 @@ class KernelDatapath:
         self.lpm = Map(os.path.join(self.pin_dir, "dst_lpm"), abi.LPM_KEY.size, abi.LPM_VAL.size)
         self.stats = Map(os.path.join(self.pin_dir, "rule_stats"), 4, abi.RULE_STATS.size, percpu=True)
         self.meta = Map(os.path.join(self.pin_dir, "rule_meta"), 4, abi.RULE_META.size)
+        self.src_lpm = Map(os.path.join(self.pin_dir, "src_lpm"), abi.LPM_KEY.size, abi.LPM_VAL.size)
+        self.ports = Map(os.path.join(self.pin_dir, "port_lpm"), abi.PORT_KEY.size, abi.PORT_VAL.size)
+        self.stats_in = Map(os.path.join(self.pin_dir, "rule_stats_in"), 4, abi.RULE_STATS.size, percpu=True)
+        self.ingress_cfg = Map(os.path.join(self.pin_dir, "ingress_cfg"), 4, abi.INGRESS_CFG.size)
 
     def read_record(self, slot: int) -> dict | None:
         assert self.meta is not None
@@ -387,7 +441,10 @@ class KernelDatapath:
         find a classifier it cannot account for and refuse to start), so losing
         them is logged, and they are put back, mounting a bpffs again if needed."""
         objects = {loader.PROG_PIN: self.prog_fd, "dst_lpm": self.lpm, "rule_stats": self.stats,
-                   "rule_meta": self.meta}
+                   "rule_meta": self.meta, "src_lpm": self.src_lpm, "port_lpm": self.ports,
+                   "rule_stats_in": self.stats_in, "ingress_cfg": self.ingress_cfg}
+        if self.prog_in_fd is not None:
+            objects[loader.PROG_IN_PIN] = self.prog_in_fd
         if self._intent is not None:  # an interrupted change's undo must survive a restart too
             objects[INTENT_PIN] = self._intent
         try:
@@ -452,6 +509,7 @@ class KernelDatapath:
             ensure_bpffs(self.bpffs)
             attached = self.tc.filter_prog_id()
             self._move_renamed_pins()
+            self._refuse_first_version_pins(attached)
             adopted = False
             if self._pins_complete():
                 self.open_maps()
@@ -490,13 +548,121 @@ class KernelDatapath:
                 self.tc.ensure_clsact()
                 created.append("clsact")
             self.prog_fd = obj_get(os.path.join(self.pin_dir, loader.PROG_PIN))
+            self.prog_in_fd = obj_get(os.path.join(self.pin_dir, loader.PROG_IN_PIN))
             if attached != prog_id(self.prog_fd):
                 self.tc.attach_filter(self.prog_fd, created_clsact=bool(own.get("created_clsact")))
+            if adopted and own.get("ingress"):
+                # Put back what is missing of the ingress set up earlier (an ifb deleted
+                # takes its classes: observe() then reports none and the next plan recreates them).
+                self._ensure_ingress()
         except BaseException:
             self._attach_failed = True
             self._undo(created)
             raise
         return "adopted" if adopted else "attached"
+
+    def _refuse_first_version_pins(self, attached: int | None) -> None:
+        """Pins the first shaper version made (no ingress maps) are not someone else's: say whose they are."""
+        if not _first_version_pins_in(self.pin_dir):
+            return
+        running = " and its classifier is attached" if attached is not None else ""
+        raise ShaperError(
+            f"{self.pin_dir} holds the pins of an earlier shaper version (without the ingress and port maps)"
+            f"{running}: this shaper cannot adopt them. Run `shaper reset --iface {self.ifname}` with this "
+            f"shaper (it removes the earlier one's classifier, classes and pins), then apply the rules again")
+
+    # -- ingress: the ifb and the clsact ingress filter ---------------------------
+    def _ingress_hook(self) -> Tc:
+        if self._tc_in is None:
+            self._tc_in = self.tc.for_hook("ingress")
+        return self._tc_in
+
+    def _ifb(self) -> tuple[int, str, str] | None:
+        """(ifindex, kind, alias) of the device named as this interface's ifb, if there is one."""
+        return self.tc.link_info(ifb_name(self.tc.ifindex))
+
+    def _ifb_hook(self, index: int) -> Tc:
+        """The Tc of the ifb, reopened when the ifb is another device than last time."""
+        if self._ifb_tc is not None and self._ifb_tc.ifindex != index:
+            self._ifb_tc.close()
+            self._ifb_tc = None
+        if self._ifb_tc is None:
+            self._ifb_tc = Tc(ifb_name(self.tc.ifindex), self.netns)
+        return self._ifb_tc
+
+    def _ensure_ingress(self) -> Tc:
+        """Set ingress up, or put back what is missing of it; returns the ifb's Tc.
+
+        Each step is recorded in rule_meta[0] before it is taken (one record names the
+        ifb, and every step below is one reset undoes when present), so a crash at any
+        point leaves reset knowing what to remove.  Steps: the ifb, its HTB root, its
+        ifindex in ingress_cfg, classify_ingress at the interface's clsact ingress."""
+        name = ifb_name(self.tc.ifindex)
+        if self._ingress_ready and self._ifb_tc is not None:
+            return self._ifb_tc
+        assert self.ingress_cfg is not None and self.prog_in_fd is not None
+        own = self.read_record(0) or {}
+        found = self._ifb()
+        if found is not None and not self._ifb_is_ours(found, own):
+            index, kind, alias = found
+            raise Conflict(f"{self.ifname}'s ingress needs the device name {name}, which {kind or 'a'} device "
+                           f"{index} ({alias or 'no alias'}) shaper did not create holds; remove or rename it "
+                           f"(ip link del {name}), then apply again")
+        if own.get("ingress") != name:
+            own = {**own, "ingress": name}
+            self._write_record(0, own)
+        if found is None:
+            index = self.tc.add_ifb(name, IFB_ALIAS + self.ifname)
+        else:
+            index = found[0]
+            self.tc.set_link_up(index)
+        ifb = self._ifb_hook(index)
+        ifb.ensure_root()
+        self.ingress_cfg.update(_SLOT.pack(0), abi.INGRESS_CFG.pack(index, 0))
+        hook = self._ingress_hook()
+        attached = hook.filter_prog_id()
+        if attached != prog_id(self.prog_in_fd):
+            if attached is not None and hook.filter_name() not in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
+                raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
+                               f"(BPF program id {attached}) that shaper did not attach; remove it "
+                               f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
+            hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")))
+        self._ingress_ready = True
+        return ifb
+
+    def _ifb_is_ours(self, found: tuple[int, str, str], own: dict) -> bool:
+        """An ifb shaper made for this interface: its alias says so, or (created, alias not yet set) the record."""
+        _index, kind, alias = found
+        if kind != "ifb":
+            return False
+        return alias.startswith(IFB_ALIAS) or (not alias and own.get("ingress") == ifb_name(self.tc.ifindex))
+
+    def _ingress_tree(self) -> Tc | None:
+        """The ifb's Tc if the ifb is there (ingress classes live on it), else None."""
+        found = self._ifb()
+        if found is None or found[1] != "ifb":
+            return None
+        return self._ifb_hook(found[0])
+
+    def _reset_ingress(self, own: dict | None) -> list[str]:
+        """Remove shaper's filter at clsact ingress and its ifb (which takes the ifb's qdiscs).
+
+        Only shaper's: the filter at shaper's pref whose name is shaper's, the ifb of this
+        interface's name whose alias (or, pins readable, record) says shaper made it."""
+        removed = []
+        hook = self._ingress_hook()
+        if hook.filter_prog_id() is not None and hook.filter_name() in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
+            hook.detach_filter()
+            removed.append("ingress filter")
+        found = self._ifb()
+        if found is not None and self._ifb_is_ours(found, own or {}):
+            if self._ifb_tc is not None:
+                self._ifb_tc.close()
+                self._ifb_tc = None
+            self.tc.del_link(found[0])
+            removed.append(f"ifb {ifb_name(self.tc.ifindex)}")
+        self._ingress_ready = False
+        return removed
 
     def _undo(self, created: list[str]) -> None:
         """Remove what a failed attach created, newest first, and let go of what it opened."""
@@ -574,10 +740,12 @@ class KernelDatapath:
         return _prog_id_at(self.pin_dir)
 
     def close_maps(self) -> None:
-        for m in (self.lpm, self.stats, self.meta, self._intent):
+        for m in (self.lpm, self.stats, self.meta, self._intent, self.src_lpm, self.ports, self.stats_in,
+                  self.ingress_cfg):
             if m:
                 m.close()
         self.lpm = self.stats = self.meta = self._intent = None
+        self.src_lpm = self.ports = self.stats_in = self.ingress_cfg = None
 
     def remove_pins(self) -> None:
         if os.path.isdir(self.pin_dir):
@@ -589,24 +757,30 @@ class KernelDatapath:
 
     # -- the datapath interface ------------------------------------------------
     def observe(self) -> P.Observed:
-        assert self.lpm and self.meta
-        entries: dict[Prefix, P.Entry] = {}
-        values: dict[bytes, P.Entry] = {}  # a rule's entries share a value or two: decode each once
-        for key, raw in self.lpm.items():
-            prefixlen, addr = abi.unpack_key(key)
-            value = values.get(raw)
-            if value is None:
-                value = values[raw] = abi.unpack_entry(raw)
-            entries[Prefix(addr, prefixlen)] = value
+        assert self.lpm and self.meta and self.src_lpm and self.ports
+        entries = _read_trie(self.lpm)
+        ingress_entries = _read_trie(self.src_lpm)
+        ports = {abi.unpack_port_key(k): abi.unpack_port_entry(v) for k, v in self.ports.items()}
+        classes = {slot: (cs.leaf or "pfifo") for slot, cs in self.tc.class_stats().items()}
+        ifb = self._ingress_tree()
+        if ifb is None:
+            self._ingress_ready = False  # gone (deleted by hand?): the next ingress operation rebuilds it
+        ingress_classes = {slot: (cs.leaf or "pfifo") for slot, cs in ifb.class_stats().items()} if ifb else {}
+        observed = P.Observed(entries=entries, classes=classes, ingress_entries=ingress_entries,
+                              ingress_classes=ingress_classes, ports=ports)
+        attach_rules = getattr(P, "attach_rules", None)
+        if attach_rules is not None:
+            return attach_rules(observed, self._records())
+        # Until the core reconstructs rules from records and both tries: egress rules from dst_lpm.
         dst_of: dict[int, list[Prefix]] = {}
         for prefix, val in entries.items():
-            dst_of.setdefault(val.slot, []).append(prefix)
+            if val.slot and not val.derived:
+                dst_of.setdefault(val.slot, []).append(prefix)
         rules = {}
         for slot, record in self._records():
             rule = rule_from_record(record["rule"], tuple(dst_of.get(slot, ())))
             rules[rule.name] = P.ObservedRule(slot, rule, record.get("expires_ns", 0))
-        classes = {slot: (cs.leaf or "pfifo") for slot, cs in self.tc.class_stats().items()}
-        return P.Observed(rules=rules, entries=entries, classes=classes)
+        return replace(observed, rules=rules)
 
     def rule_names(self) -> dict[int, str]:
         """slot -> rule name from the records alone (what a scrape needs; no trie walk)."""
@@ -621,7 +795,7 @@ class KernelDatapath:
                 yield slot, json.loads(abi.unpack_meta(raw))
 
     def execute(self, ops: list[P.Operation]) -> None:
-        assert self.lpm and self.meta and self.stats
+        assert self.lpm and self.meta and self.stats and self.src_lpm and self.ports and self.stats_in
         for op in ops:
             if isinstance(op, P.WriteRecord):
                 # dst lives in the trie: do not format every prefix only to drop them.
@@ -629,24 +803,53 @@ class KernelDatapath:
                 del rule["dst"]
                 self._write_record(op.slot, {"rule": rule, "expires_ns": op.expires_ns})
             elif isinstance(op, P.ResetStats):
-                zero = b"\0" * (self.stats.slot_size * self.stats.ncpus)
-                self.stats.update(_SLOT.pack(op.slot), zero)
-            elif isinstance(op, P.CreateClass):
-                self.tc.add_class(op.slot, op.rule.class_params())
-            elif isinstance(op, P.ChangeClass):
-                self.tc.change_class(op.slot, op.rule.class_params())
-            elif isinstance(op, P.SetLeaf):
-                self.tc.set_leaf(op.slot, op.rule, op.current)
+                for stats in (self.stats, self.stats_in):
+                    stats.update(_SLOT.pack(op.slot), b"\0" * (stats.slot_size * stats.ncpus))
+            elif isinstance(op, (P.CreateClass, P.ChangeClass, P.SetLeaf, P.DeleteClass)):
+                self._class_op(op)
             elif isinstance(op, P.UpsertEntries):
-                self.lpm.update_packed(*_pack_entries(op.entries))
+                self._trie(op.direction).update_packed(*_pack_entries(op.entries))
             elif isinstance(op, P.DeleteEntries):
-                self.lpm.delete_many([abi.pack_key(p.prefixlen, p.addr) for p in op.prefixes])
-            elif isinstance(op, P.DeleteClass):
-                self.tc.del_class(op.slot)
+                trie = self.src_lpm if op.direction == "ingress" else self.lpm  # nothing to set up to delete
+                trie.delete_many([abi.pack_key(p.prefixlen, p.addr) for p in op.prefixes])
+            elif isinstance(op, P.UpsertPorts):
+                keys = b"".join(map(abi.pack_port_key, op.entries))
+                self.ports.update_packed(keys, b"".join(map(abi.pack_port_entry, op.entries.values())))
+            elif isinstance(op, P.DeletePorts):
+                self.ports.delete_many([abi.pack_port_key(k) for k in op.keys])
             elif isinstance(op, P.DeleteRecord):
                 self.meta.delete(_SLOT.pack(op.slot))
             else:  # pragma: no cover - plan returns only the types above
                 raise TypeError(op)
+
+    def _trie(self, direction: str) -> Map:
+        """The trie of a direction; an ingress one is set up first (ifb, filter), before it is written."""
+        if direction == "ingress":
+            assert self.src_lpm
+            if not self._ingress_ready:
+                self._ensure_ingress()
+            return self.src_lpm
+        assert self.lpm
+        return self.lpm
+
+    def _class_op(self, op: P.CreateClass | P.ChangeClass | P.SetLeaf | P.DeleteClass) -> None:
+        if op.direction == "ingress":
+            if isinstance(op, P.DeleteClass):
+                tc = self._ingress_tree()  # no ifb, no class to delete: nothing to set up for it
+                if tc is None:
+                    return
+            else:
+                tc = self._ensure_ingress()
+        else:
+            tc = self.tc
+        if isinstance(op, P.CreateClass):
+            tc.add_class(op.slot, op.rule.class_params())
+        elif isinstance(op, P.ChangeClass):
+            tc.change_class(op.slot, op.rule.class_params())
+        elif isinstance(op, P.SetLeaf):
+            tc.set_leaf(op.slot, op.rule, op.current)
+        else:
+            tc.del_class(op.slot)
 
     # -- the intent record (controller.py: crash safety) ---------------------------------
     def _intent_map(self, create: bool) -> Map | None:
@@ -693,24 +896,29 @@ class KernelDatapath:
         m.delete(_SLOT.pack(0))
         m.delete_many(list(m.keys()))
 
-    def counters(self, slots: list[int]) -> dict[int, RuleCounters]:
-        assert self.stats
+    def counters(self, slots: list[int], direction: str = "egress") -> dict[int, RuleCounters]:
+        stats = self.stats_in if direction == "ingress" else self.stats
+        assert stats
         out = {}
         for slot in slots:
             packets = nbytes = 0
-            for cpu_value in self.stats.lookup_percpu(_SLOT.pack(slot)):
+            for cpu_value in stats.lookup_percpu(_SLOT.pack(slot)):
                 p, b = abi.RULE_STATS.unpack(cpu_value)
                 packets += p
                 nbytes += b
             out[slot] = RuleCounters(packets, nbytes)
         return out
 
-    def class_stats(self) -> dict[int, ClassStats]:
+    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
+        if direction == "ingress":
+            ifb = self._ingress_tree()
+            return ifb.class_stats() if ifb else {}
         return self.tc.class_stats()
 
-    def map_entries(self) -> int:
-        assert self.lpm
-        return self.lpm.count()
+    def map_entries(self, direction: str = "egress") -> int:
+        trie = self.src_lpm if direction == "ingress" else self.lpm
+        assert trie
+        return trie.count()
 
     def reset(self) -> list[str]:
         """Remove exactly what shaper created here; returns what was removed.
@@ -742,6 +950,7 @@ class KernelDatapath:
         unaccounted = self.unaccounted_filter()
         if self.tc.detach_filter():
             removed.append("filter" if unaccounted is None else f"filter (program {unaccounted}, no pins here)")
+        removed += self._reset_ingress(own)
         if created_clsact and self.tc.has_clsact() and not self.tc.clsact_filters():
             self.tc.del_clsact()
             removed.append("clsact")

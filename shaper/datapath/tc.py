@@ -9,6 +9,7 @@ someone else put there.  Kernel errors become errors that say what to do.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import errno as _errno
 import os
@@ -219,6 +220,15 @@ class Tc:
         self._dump_sock: socket.socket | None = None
         self._seq = 0
 
+    def for_hook(self, hook: str) -> Tc:
+        """This interface's other clsact hook, on the same netlink socket and ifindex (a rename
+        since this Tc was opened does not matter).  Close the original, not the view."""
+        view = copy.copy(self)
+        view.hook = hook
+        view.filter_parent = HOOK_PARENTS[hook]
+        view._dump_sock = None
+        return view
+
     def link_present(self) -> bool:
         """Whether the interface this Tc was opened on still exists (same ifindex).
 
@@ -233,6 +243,58 @@ class Tc:
             if exc.code in (_errno.ENODEV, _errno.ENOENT):
                 return False
             raise _kernel_error(exc, "look up", self.ifname) from None
+
+    # -- links (the ingress ifb) -------------------------------------------------
+    def link_info(self, name: str) -> tuple[int, str, str] | None:
+        """(ifindex, kind, ifalias) of the link called `name` in this Tc's namespace, or None."""
+        try:
+            links = self.ipr.get_links(ifname=name)
+        except NetlinkError as exc:
+            if exc.code in (_errno.ENODEV, _errno.ENOENT):
+                return None
+            raise _kernel_error(exc, "look up", name) from None
+        if not links:
+            return None
+        link = links[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+        return link["index"], kind, link.get_attr("IFLA_IFALIAS") or ""
+
+    def mtu(self) -> int:
+        try:
+            return self.ipr.get_links(self.ifindex)[0].get_attr("IFLA_MTU")
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "look up", self.ifname) from None
+
+    def add_ifb(self, name: str, alias: str) -> int:
+        """Create the ifb `name` (this interface's MTU, up, `alias` as its ifalias); returns its ifindex.
+
+        Created with its alias in two steps: whoever removes it checks the alias, or, in
+        the moment between, that its own record names the device (kernel.py)."""
+        try:
+            self.ipr.link("add", ifname=name, kind="ifb", mtu=self.mtu())
+            index = self.ipr.link_lookup(ifname=name)[0]
+            self.ipr.link("set", index=index, ifalias=alias, state="up")
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "create the ingress ifb", f"{name} for {self.ifname}") from None
+        return index
+
+    def set_link_up(self, index: int) -> None:
+        try:
+            self.ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            raise _kernel_error(exc, "set up", f"link {index}") from None
+
+    def del_link(self, index: int) -> None:
+        try:
+            self.ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code not in (_errno.ENODEV, _errno.ENOENT):
+                raise _kernel_error(exc, "delete", f"link {index}") from None
+
+    def filter_name(self) -> str | None:
+        """The name of the program attached at shaper's pref and handle on this Tc's hook, if any."""
+        return self._our_filter_option("TCA_BPF_NAME")
 
     def close(self) -> None:
         self.ipr.close()
