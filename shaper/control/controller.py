@@ -93,12 +93,17 @@ class Controller:
         return {n: o.rule for n, o in observed.rules.items() if n not in gone}
 
     def stats(self, observed: P.Observed | None = None) -> list[RuleStats]:
-        """Every rule with its classifier and class counters (one class dump)."""
+        """Every rule with its classifier and class counters, once per direction it shapes (by name,
+        egress first).  One class dump per direction in use: none of the ifb's without an ingress rule."""
         statuses = self.status(observed)
-        counters = self.datapath.counters([s.slot for s in statuses])
-        classes = self.datapath.class_stats()
-        return [RuleStats(s.rule, s.slot, s.classid, s.expires_ns, counters.get(s.slot, RuleCounters()),
-                          classes.get(s.slot)) for s in statuses]
+        read = {}
+        for direction in P.DIRECTIONS:
+            slots = [s.slot for s in statuses if direction in s.rule.directions]
+            if slots:
+                read[direction] = (self.datapath.counters(slots, direction), self.datapath.class_stats(direction))
+        return [RuleStats(s.rule, s.slot, s.classid, s.expires_ns, read[d][0].get(s.slot, RuleCounters()),
+                          read[d][1].get(s.slot), d)
+                for s in statuses for d in P.DIRECTIONS if d in s.rule.directions]
 
     def plan(self, rules: Iterable[Rule]) -> list[P.Operation]:
         desired = validate_ruleset(rules)

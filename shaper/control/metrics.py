@@ -4,8 +4,11 @@ daemon's own counters.
 `KernelCollector` builds its families from a `Snapshot` taken by a reader it
 is given (the service's, which holds the datapath lock), so it is tested with
 a fake reader.  There is no polling thread: a scrape costs one class dump, one
-per-CPU lookup per rule and a walk of the rule records (not of the trie).  Labels are
-`interface`, `rule` and `classid`, never one value per destination address.
+per-CPU lookup per rule and a walk of the rule records (not of the trie); the ifb's
+classes are dumped only while a rule shapes ingress.  Per-rule and per-class series are
+labelled `interface`, `rule`, `classid` and `direction` ("egress": the interface's HTB
+and the classifier's destination lookup; "ingress": the ifb's HTB and the source
+lookup), so a rule with direction "both" has two of each; never a label per address.
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ class RuleSample:
     matched: RuleCounters
     cls: ClassStats | None
     config: Rule | None = None  # its configuration, for the gauges of shaper.core.fields (delay, loss, ...)
+    direction: str = "egress"  # the direction these counters are of (a "both" rule has a sample of each)
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    rules: list[RuleSample] = field(default_factory=list)
-    map_entries: int = 0
+    rules: list[RuleSample] = field(default_factory=list)  # one per rule and direction
+    map_entries: dict[str, int] = field(default_factory=dict)  # direction -> prefixes in its trie
 
 
 class Instruments:
@@ -99,15 +103,16 @@ class KernelCollector:
         if snap is None:  # not attached yet
             return
         iface = self.interface
-        labels = ["interface", "rule", "classid"]
+        labels = ["interface", "rule", "classid", "direction"]
 
         def family(kind: type, name: str, doc: str) -> Metric:
             return kind(name, doc, labels=labels)
 
         cls = {
-            "bytes": family(CounterMetricFamily, "shaper_class_bytes", "Bytes sent through the rule's HTB class."),
+            "bytes": family(CounterMetricFamily, "shaper_class_bytes",
+                            "Bytes sent through the rule's HTB class (ingress: the ifb's class)."),
             "packets": family(CounterMetricFamily, "shaper_class_packets",
-                              "Packets sent through the rule's HTB class."),
+                              "Packets sent through the rule's HTB class (ingress: the ifb's class)."),
             "drops": family(CounterMetricFamily, "shaper_class_drops",
                             "Packets dropped in the rule's class, netem loss included."),
             "overlimits": family(CounterMetricFamily, "shaper_class_overlimits",
@@ -119,15 +124,17 @@ class KernelCollector:
                                       "Packets queued in the class now."),
         }
         matched_packets = family(CounterMetricFamily, "shaper_rule_matched_packets",
-                                 "Packets the classifier matched to the rule's destinations.")
+                                 "Packets the classifier matched to the rule's peers (destinations on egress, "
+                                 "sources on ingress).")
         matched_bytes = family(CounterMetricFamily, "shaper_rule_matched_bytes",
-                               "Bytes the classifier matched to the rule's destinations.")
+                               "Bytes the classifier matched to the rule's peers (destinations on egress, "
+                               "sources on ingress).")
         # The configuration, for dashboards: a series only where the rule sets the field
         # (a rule with no rate has no rate series), which keeps a 1,000-rule scrape lean.
         config = [(family(GaugeMetricFamily, f.gauge.metric, f.gauge.help), f.gauge.value)
                   for f in FIELDS if f.gauge is not None]
         for rs in snap.rules:
-            values = [iface, rs.rule, rs.classid]
+            values = [iface, rs.rule, rs.classid, rs.direction]
             matched_packets.add_metric(values, rs.matched.packets)
             matched_bytes.add_metric(values, rs.matched.bytes)
             if rs.cls is not None:
@@ -145,9 +152,12 @@ class KernelCollector:
             yield fam
         rules = GaugeMetricFamily("shaper_rules", "Rules installed (expired ones until they are removed).",
                                   labels=["interface"])
-        rules.add_metric([iface], len(snap.rules))
+        rules.add_metric([iface], len({rs.rule for rs in snap.rules}))  # a "both" rule is one rule
         yield rules
-        entries = GaugeMetricFamily("shaper_map_entries", "Destination prefixes in the classifier's LPM trie.",
-                                    labels=["interface"])
-        entries.add_metric([iface], snap.map_entries)
+        # Both directions always, 0 for an empty trie: a dashboard's ingress series exists
+        # before the first ingress rule, as the daemon's counters exist before their first event.
+        entries = GaugeMetricFamily("shaper_map_entries", "Prefixes in the classifier's LPM trie of the direction "
+                                    "(egress: destinations; ingress: sources).", labels=["interface", "direction"])
+        for direction, count in sorted(snap.map_entries.items()):
+            entries.add_metric([iface, direction], count)
         yield entries

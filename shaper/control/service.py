@@ -149,21 +149,29 @@ class Service:
             return self.controller.stats(self.observe())
 
     def snapshot(self) -> Snapshot | None:
-        """What /metrics reports; None before the datapath is attached."""
+        """What /metrics reports; None before the datapath is attached.
+
+        One sample per rule and direction it shapes; the directions come from the configurations
+        this process keeps (a slot it has no configuration of is taken as egress)."""
         if not self.ready:
             return None
         with self.lock:
             names = self.datapath.rule_names()
-            counters = self.datapath.counters(sorted(names))
-            classes = self.datapath.class_stats()
-            entries = self.datapath.map_entries()
             # The configurations from the state this process keeps (it is the only writer);
             # a scrape never triggers observe()'s periodic re-read of the whole trie.
             observed = self._observed if self._observed is not None else self.observe()
             configs = {o.slot: o.rule for o in observed.rules.values()}
-        return Snapshot([RuleSample(names[slot], abi.classid_text(slot), counters[slot], classes.get(slot),
-                                    configs.get(slot))
-                         for slot in sorted(names, key=names.__getitem__)], entries)
+            directions = {slot: configs[slot].directions if slot in configs else ("egress",) for slot in names}
+            read = {}
+            for direction in P.DIRECTIONS:
+                slots = sorted(slot for slot in names if direction in directions[slot])
+                if slots:  # the ifb's classes are not dumped while no rule shapes ingress
+                    read[direction] = (self.datapath.counters(slots, direction), self.datapath.class_stats(direction))
+            entries = {direction: self.datapath.map_entries(direction) for direction in P.DIRECTIONS}
+        return Snapshot([RuleSample(names[slot], abi.classid_text(slot), read[d][0][slot], read[d][1].get(slot),
+                                    configs.get(slot), d)
+                         for slot in sorted(names, key=names.__getitem__)
+                         for d in P.DIRECTIONS if d in directions[slot]], entries)
 
     # -- changes ----------------------------------------------------------------
     def put(self, rule: Rule, who: str, event: str = "rule.put") -> Rule:

@@ -1,9 +1,11 @@
 """Per-rule statistics: the records the datapath returns and their JSON form.
 
 Two sources count the same packets from different places: the classifier's
-per-rule counters (`RuleCounters`, packets that matched a rule's destinations)
-and the HTB class (`ClassStats`, packets that went through the class and its
-leaf, with drops, overlimits and backlog).  No I/O here.
+per-rule counters (`RuleCounters`, packets that matched a rule's peers) and the
+HTB class (`ClassStats`, packets that went through the class and its leaf, with
+drops, overlimits and backlog).  Both exist once per direction a rule shapes:
+egress (the interface's HTB) and ingress (the ifb's), so a rule with direction
+"both" has two `RuleStats`, one per direction.  No I/O here.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class ClassStats:
 
 @dataclass(frozen=True)
 class RuleStats:
-    """One rule with its counters, as `shaper show`, `GET /stats` and /metrics see it."""
+    """One rule in one direction with its counters, as `shaper show`, `GET /stats` and /metrics see it."""
 
     rule: Any  # model.Rule
     slot: int
@@ -53,6 +55,7 @@ class RuleStats:
     expires_ns: int
     matched: RuleCounters
     cls: ClassStats | None  # None: the class is missing (a rule being repaired)
+    direction: str = "egress"  # which of the rule's directions these counters are of
 
     def expires_in(self, now_ns: int) -> str | None:
         if not self.expires_ns:
@@ -62,8 +65,12 @@ class RuleStats:
         return format_remaining((self.expires_ns - now_ns) // 1000)
 
     def to_dict(self, now_ns: int) -> dict[str, Any]:
-        """A flat row: the rule's fields, then classid, TTL left and counters."""
-        row = self.rule.to_dict()
+        """A flat row: the rule's fields (with this row's direction, never "both"), then classid, TTL
+        left and counters."""
+        fields = self.rule.to_dict()
+        row = {"name": fields.pop("name"), "dst": fields.pop("dst"), "direction": self.direction}
+        fields.pop("direction", None)
+        row.update(fields)
         row["classid"] = self.classid
         left = self.expires_in(now_ns)
         if left is not None:

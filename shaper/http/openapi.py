@@ -54,6 +54,15 @@ _DRY_RUN = {"name": "dry_run", "in": "query", "schema": {"type": "boolean"}, "re
 _BODY_ERRORS = (400, 408, 413, 422, 503)
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN}}
 _AUTH = [{"bearer": []}]
+_COUNT = {"type": "integer", "minimum": 0}
+# GET /stats: the rows' other keys are the rule's fields and the class's counters (the path's description).
+_STATS = {"type": "object", "required": ["interface", "rules"], "properties": {
+    "interface": {"type": "string"},
+    "rules": {"type": "array", "items": {
+        "type": "object", "required": ["name", "dst", "direction", "classid", "matched_packets", "matched_bytes"],
+        "properties": {"direction": {"type": "string", "enum": ["egress", "ingress"],
+                                     "description": "The direction of this row's counters (never both)."},
+                       "classid": {"type": "string"}, "matched_packets": _COUNT, "matched_bytes": _COUNT}}}}}
 
 
 def _op(summary: str, ok: dict | None = None, errors: tuple[int, ...] = (), *, body: dict | None = None,
@@ -105,7 +114,14 @@ PATHS: dict[str, dict[str, dict]] = {
         "delete": _op("Remove one rule", ok=_DELETED, errors=(404, 422, 500, 503), params=[_NAME], auth=True),
     },
     "/stats": {"get": _op("Per-rule statistics: classifier matches and HTB class counters", errors=(503,),
-                          ok={"application/json": {"schema": {"type": "object"}}})},
+                          ok={"application/json": {"schema": _STATS}},
+                          description="One row per rule and direction it shapes, by name, egress first: a rule "
+                                      "with direction both has an egress row (the interface's HTB class) and an "
+                                      "ingress row (the ifb's), each with its own counters. A row has the rule's "
+                                      "fields with direction set to the row's, then classid, expires_in (a rule "
+                                      "with a TTL), matched_packets and matched_bytes (the classifier), and the "
+                                      "class's counters (class_bytes, class_packets, drops, overlimits, requeues, "
+                                      "backlog_bytes, backlog_packets, leaf) unless its class is missing.")},
     "/latency/{duration}": {"get": _op(
         "Compatibility: a delay for every destination (rule 'latency'); 0 removes it",
         ok={"application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Rule"},

@@ -200,6 +200,100 @@ def test_stats_report_both_counters(api, env):
         assert key in row
 
 
+def _peer(text):
+    return Prefix.parse(text, "x").addr
+
+
+@pytest.fixture
+def directions(api, env):
+    """pg shapes both directions (tcp 5432 and 8000-8100), in only ingress (from its sources), out only egress;
+    each counted where its traffic goes, with traffic no rule takes beside it."""
+    fake, clock, _ = env
+    for name, body in (("pg", {"dst": ["10.0.0.0/24"], "direction": "both", "protocol": "tcp",
+                               "ports": [5432, "8000-8100"], "delay": "50ms"}),
+                       ("in", {"src": ["10.0.1.0/24"], "rate": "1mbit"}),
+                       ("out", {"dst": ["10.0.2.1"], "rate": "1mbit"})):
+        assert call(api, "PUT", f"/rules/{name}", body)[0] == 200
+    for _ in range(3):
+        fake.count(_peer("10.0.0.7"), clock.now, 100, "egress", 6, 5432)
+    fake.count(_peer("10.0.0.7"), clock.now, 200, "ingress", 6, 8080)
+    fake.count(_peer("10.0.0.7"), clock.now, 200, "ingress", 17, 8080)  # udp: not pg's
+    for _ in range(2):
+        fake.count(_peer("10.0.1.9"), clock.now, 300, "ingress")
+    fake.count(_peer("10.0.1.9"), clock.now, 300, "egress")  # to in's peer: no egress rule has it
+    return fake
+
+
+def test_stats_have_a_row_per_rule_and_direction(api, directions):
+    status, body = call(api, "GET", "/stats")
+    assert status == 200
+    rows = {(r["name"], r["direction"]): r for r in body["rules"]}
+    assert list(rows) == [("in", "ingress"), ("out", "egress"), ("pg", "egress"), ("pg", "ingress")]
+    counts = {k: (r["matched_packets"], r["matched_bytes"]) for k, r in rows.items()}
+    assert counts == {("in", "ingress"): (2, 600), ("out", "egress"): (0, 0), ("pg", "egress"): (3, 300),
+                      ("pg", "ingress"): (1, 200)}
+    # Each row is the rule's to_dict with the row's direction; one slot, one classid, both trees.
+    for d in ("egress", "ingress"):
+        assert rows["pg", d] | {"direction": "both"} == {
+            "name": "pg", "dst": ["10.0.0.0/24"], "direction": "both", "protocol": "tcp",
+            "ports": [5432, "8000-8100"], "delay": "50ms", "classid": "5348:1", "matched_packets": counts["pg", d][0],
+            "matched_bytes": counts["pg", d][1], "class_bytes": 0, "class_packets": 0, "drops": 0, "overlimits": 0,
+            "requeues": 0, "backlog_bytes": 0, "backlog_packets": 0, "leaf": "netem"}
+    assert rows["in", "ingress"]["dst"] == ["10.0.1.0/24"] and rows["in", "ingress"]["leaf"] == "pfifo"
+    # What the OpenAPI document promises of a row.
+    schema = openapi.document("x")["paths"]["/stats"]["get"]["responses"]["200"]["content"]["application/json"]
+    row_schema = schema["schema"]["properties"]["rules"]["items"]
+    for row in body["rules"]:
+        assert set(row_schema["required"]) <= set(row)
+        assert row["direction"] in row_schema["properties"]["direction"]["enum"]
+
+
+def test_a_rule_without_its_ingress_class_still_has_its_ingress_row(api, directions):
+    del directions.ingress_classes[1]  # pg's class in the ifb's tree, gone (a rule being repaired)
+    rows = {(r["name"], r["direction"]): r for r in call(api, "GET", "/stats")[1]["rules"]}
+    assert "drops" not in rows["pg", "ingress"] and rows["pg", "ingress"]["matched_packets"] == 1
+    assert rows["pg", "egress"]["drops"] == 0
+
+
+def test_metrics_have_a_series_per_rule_and_direction(api, directions):
+    m = scrape(api)
+
+    def by(name):
+        return {(dict(k)["rule"], dict(k)["direction"]): v for k, v in m[name].items()}
+
+    assert by("shaper_rule_matched_packets_total") == {("in", "ingress"): 2, ("out", "egress"): 0,
+                                                       ("pg", "egress"): 3, ("pg", "ingress"): 1}
+    assert by("shaper_rule_matched_bytes_total")[("in", "ingress")] == 600
+    for name in ("shaper_class_bytes_total", "shaper_class_drops_total", "shaper_class_backlog_bytes"):
+        assert set(by(name)) == {("in", "ingress"), ("out", "egress"), ("pg", "egress"), ("pg", "ingress")}, name
+    assert by("shaper_rule_delay_seconds") == {("pg", "egress"): 0.05, ("pg", "ingress"): 0.05}
+    assert by("shaper_rule_rate_bytes_per_second") == {("in", "ingress"): 125_000.0, ("out", "egress"): 125_000.0}
+    assert m["shaper_rules"] == {(("interface", "eth0"),): 3}  # a rule in both directions is one rule
+    entries = {dict(k)["direction"]: v for k, v in m["shaper_map_entries"].items()}
+    assert entries == {"egress": len(directions.entries), "ingress": len(directions.ingress_entries)}
+    assert entries["ingress"] > 0
+
+
+def test_an_egress_only_rule_set_does_not_read_the_ingress_side(api, env):
+    fake = env[0]
+    call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms"})
+    read = []
+    counters, class_stats = fake.counters, fake.class_stats
+
+    def counters_spy(slots, direction="egress"):
+        read.append(("counters", direction))
+        return counters(slots, direction)
+
+    def class_stats_spy(direction="egress"):
+        read.append(("class_stats", direction))
+        return class_stats(direction)
+
+    fake.counters, fake.class_stats = counters_spy, class_stats_spy
+    call(api, "GET", "/stats")
+    scrape(api)
+    assert sorted(set(read)) == [("class_stats", "egress"), ("counters", "egress")]
+
+
 def test_ttl_restarts_on_put_and_expired_rules_are_removed(api, env):
     fake, clock, service = env
     call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms", "ttl": "10s"})
@@ -297,7 +391,7 @@ def test_metrics_expose_every_rule_and_the_daemon_counters(api, env):
     call(api, "PUT", "/rules/b", {"dst": ["10.0.1.1"], "rate": "1mbit"})
     fake.count(Prefix.parse("10.0.0.7", "x").addr, clock.now, nbytes=1500)
     m = scrape(api)
-    a = (("classid", "5348:1"), ("interface", "eth0"), ("rule", "a"))
+    a = (("classid", "5348:1"), ("direction", "egress"), ("interface", "eth0"), ("rule", "a"))
     assert m["shaper_rule_matched_packets_total"][a] == 1 and m["shaper_rule_matched_bytes_total"][a] == 1500
     for name in ("shaper_class_bytes_total", "shaper_class_packets_total", "shaper_class_drops_total",
                  "shaper_class_overlimits_total", "shaper_class_requeues_total", "shaper_class_backlog_bytes",
@@ -305,9 +399,10 @@ def test_metrics_expose_every_rule_and_the_daemon_counters(api, env):
                  "shaper_rule_matched_bytes_total"):
         assert len(m[name]) == 2, name
         # Never a label per destination address.
-        assert all(dict(k).keys() == {"interface", "rule", "classid"} for k in m[name]), name
+        assert all(dict(k).keys() == {"interface", "rule", "classid", "direction"} for k in m[name]), name
     assert m["shaper_rules"][(("interface", "eth0"),)] == 2
-    assert m["shaper_map_entries"][(("interface", "eth0"),)] == 3
+    assert m["shaper_map_entries"] == {(("direction", "egress"), ("interface", "eth0")): 3,
+                                       (("direction", "ingress"), ("interface", "eth0")): 0}
     assert m["shaper_apply_seconds_count"][(("interface", "eth0"),)] == 2
     assert m["shaper_errors_total"][(("interface", "eth0"), ("op", "apply"))] == 0
     assert not any(re.search(r"\d+\.\d+\.\d+\.\d+|::", str(k)) for fam in m.values() for k in fam)
@@ -317,7 +412,7 @@ def test_a_failed_scrape_is_counted_and_still_answers(api, env):
     fake = env[0]
     call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms"})
 
-    def broken(slots):
+    def broken(slots, direction="egress"):
         raise KernelError("read the counters of", "rule_stats", 13)
 
     fake.counters = broken

@@ -126,7 +126,8 @@ def _gauges(rule, monkeypatch=None, fields=None) -> dict[str, tuple[str, float |
     for fam in metrics.KernelCollector("eth0", lambda: snap).collect():
         if fam.type == "gauge" and fam.name.startswith("shaper_rule_"):
             out[fam.name] = (fam.documentation, fam.samples[0].value if fam.samples else None)
-            assert all(s.labels == {"interface": "eth0", "rule": "r", "classid": "5348:1"} for s in fam.samples)
+            assert all(s.labels == {"interface": "eth0", "rule": "r", "classid": "5348:1", "direction": "egress"}
+                       for s in fam.samples)
     return out
 
 
@@ -143,6 +144,15 @@ def test_the_configuration_gauges_are_made_from_the_fields():
     assert {f.gauge.metric for f in F.FIELDS if f.gauge} == set(_gauges(rule))
     unset = _gauges(parse_rule({"name": "r", "dst": ["10.0.0.1"], "delay": "1ms"}))
     assert unset["shaper_rule_rate_bytes_per_second"][1] is None  # an unset field has no series
+
+
+def test_a_rule_shaping_both_directions_has_its_configuration_gauges_in_each():
+    rule = parse_rule({"name": "r", "dst": ["10.0.0.1"], "direction": "both", "delay": "50ms"})
+    snap = metrics.Snapshot([metrics.RuleSample("r", "5348:1", RuleCounters(), None, rule, d)
+                             for d in rule.directions])
+    (fam,) = [f for f in metrics.KernelCollector("eth0", lambda: snap).collect()
+              if f.name == "shaper_rule_delay_seconds"]
+    assert {(s.labels["direction"], s.value) for s in fam.samples} == {("egress", 0.05), ("ingress", 0.05)}
 
 
 def test_a_new_field_appears_in_every_generated_output(monkeypatch):
