@@ -129,10 +129,12 @@ class _Direction:
 
     def __init__(self, placed: Sequence[Placed], direction: str):
         self.direction = direction
-        self.owner: dict[Prefix, Placed] = {}  # address-only rule of each key
+        # The address-only rules' keys, built here: one value per (rule, prefix length), shared, and the
+        # dict filled by C-level iteration (a Python loop per destination was most of a plan's time).
+        self.trie: dict[Prefix, Entry] = {}
+        self.by_slot: dict[int, Placed] = {}
         self.port_rules: dict[Prefix, list[Placed]] = defaultdict(list)
         self.excepts: dict[Prefix, list[Placed]] = defaultdict(list)
-        self.address_only: list[Placed] = []
         clashes: dict[tuple[int, int], tuple[int, int] | None] = {}
         for item in placed:
             rule = item.rule
@@ -148,10 +150,12 @@ class _Direction:
                             raise _clash(rule, other.rule, p, direction, both)
                     others.append(item)
             else:
-                self.address_only.append(item)
-                before = len(self.owner)
-                self.owner.update(dict.fromkeys(rule.dst, item))
-                if len(self.owner) != before + len(rule.dst):
+                self.by_slot[item.slot] = item
+                lengths = list(map(_PREFIXLEN, rule.dst))
+                values = {n: Entry(item.slot, item.expires_ns, n) for n in set(lengths)}
+                before = len(self.trie)
+                self.trie.update(zip(rule.dst, map(values.__getitem__, lengths)))
+                if len(self.trie) != before + len(rule.dst):
                     self._find_shared(placed, item)
             for e in rule.excepts:
                 self.excepts[e].append(item)
@@ -185,7 +189,8 @@ class _Direction:
                         f"{self._excepters(node)} carves out; a port or protocol rule around another rule's "
                         f"except is not supported",
                         f"give rule {item.rule.name!r} the same except, or a prefix that does not contain it")
-            item = self.owner.get(p)
+            value = self.trie.get(p)
+            item = self.by_slot.get(value.slot) if value is not None and value.slot else None
             if item is not None and id(item) not in excluded:
                 return item, p != node
         return None, False
@@ -214,7 +219,7 @@ def _directions(placed: Iterable[Placed]) -> dict[str, list[Placed]]:
 def check(rules: Sequence[Rule]) -> None:
     """Raise InvalidInput for a rule set the tables cannot hold: two rules selecting the same peer,
     protocol and port in one direction, a port rule around another's except, or too many keys."""
-    built = compile([Placed(r, 0) for r in rules], check_only=True)
+    built = compile([Placed(r, i + 1) for i, r in enumerate(rules)], check_only=True)
     for d, trie in built.tries.items():
         if len(trie) > _max_prefixes():
             raise InvalidInput("rules", f"{len(trie)} {d} trie keys (peers and except prefixes) exceed the maximum "
@@ -256,24 +261,20 @@ def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | No
                                "fewer port ranges, or fewer distinct sets of port rules sharing peers")
     tries: dict[str, dict[Prefix, Entry]] = {}
     for d, side in sides.items():
-        trie: dict[Prefix, Entry] = {}
-        for item in side.address_only:
-            # A rule's entries differ only by prefix length: one value per length, shared, and the dict
-            # filled by C-level iteration (a Python loop per destination was most of a plan's time).
-            lengths = list(map(_PREFIXLEN, item.rule.dst))
-            values = {n: Entry(item.slot, item.expires_ns, n) for n in set(lengths)}
-            trie.update(zip(item.rule.dst, map(values.__getitem__, lengths)))
+        trie = side.trie
         for p, key in members[d].items():
             base = trie.get(p)
             g = ids[key]
             trie[p] = Entry(base.slot, base.expires_ns, p.prefixlen, g) if base else Entry(0, 0, p.prefixlen, g)
+        barriers = {}  # worked out on the peers' keys alone, then written
         for node in side.excepts:
             answer, derived = side.barrier(node)
             g = ids[members[d][node]] if node in members[d] else 0
             if answer is None:
-                trie[node] = Entry(0, 0, 0, g)
+                barriers[node] = Entry(0, 0, 0, g)
             else:
-                trie[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived)
+                barriers[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived)
+        trie.update(barriers)
         tries[d] = trie
     return Tables(tries, ports, {key: ids[key] for key in wanted})
 
