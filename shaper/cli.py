@@ -463,8 +463,8 @@ def rule_get(name: str, output: str, server: str, token_file: str | None) -> Non
         client = _client(server, token_file)
         found = client.rule(name)
         if output == "table":
-            row = next((r for r in client.stats()["rules"] if r["name"] == name), found)
-            click.echo(_rules_table([row], _terminal_width()))
+            rows = [r for r in client.stats()["rules"] if r["name"] == name] or [found]  # one per direction
+            click.echo(_rules_table(rows, _terminal_width()))
             return
         _emit(found, output, str)
 
@@ -518,7 +518,11 @@ def status(watch: bool, interval: float, count: int, rule_patterns: tuple[str, .
     packets and bytes the classifier matched (MATCHED), sent through its
     class (SENT), dropped (netem loss included) and queued now (BACKLOG).
     Rules are listed by name, rule-2 before rule-10; the table fits the
-    terminal, long destination lists shortened to "+N".
+    terminal, long destination lists shortened to "+N". Once a rule shapes
+    ingress, a DIR column says which direction each line counts (a rule
+    with direction both has a line for each, egress first) and PEERS
+    replaces DST; once a rule selects a protocol or ports, MATCH says
+    which (tcp/5432,8000-8100, udp, -).
     """
     with _errors():
         client = _client(server, token_file)
@@ -554,7 +558,8 @@ def _watch_frame(data: dict, rows: list[dict], rates: dict, server: str, interva
     On a terminal the frame overwrites the previous one from the top-left
     corner (clearing the screen each time flickers) and keeps to the
     terminal's size; piped, frames follow each other, a blank line apart."""
-    shown = f"{len(rows)} of {len(data['rules'])} rules" if len(rows) != len(data["rules"]) else f"{len(rows)} rules"
+    selected, total = len({r["name"] for r in rows}), len({r["name"] for r in data["rules"]})  # a line per direction
+    shown = f"{selected} of {total} rules" if selected != total else f"{selected} rules"
     lines = [f"{server}  {data['interface']}  {time.strftime('%H:%M:%S')}  every {interval:g}s  {shown}"
              + ("  (rates from the next refresh)" if first and rows else "")]
     width = _terminal_width()
@@ -692,8 +697,8 @@ def _no_netns_without_iface(netns: str | None) -> None:
 def show(iface: str, netns: str | None, rule_patterns: tuple[str, ...], output: str) -> None:
     """Show IFACE's rules with their counters, read from the kernel (no daemon needed).
 
-    The same table as `shaper status` (TTL: the time each rule has left).
-    Needs root, as every local command does.
+    The same table as `shaper status` (TTL: the time each rule has left; a
+    line per direction a rule shapes). Needs root, as every local command does.
     """
     with _errors(), _datapath(iface, netns, attach=False) as dp:
         rows = [] if dp is None else _select(_status_rows(dp), rule_patterns)
@@ -809,12 +814,49 @@ def _ttl_left(row: dict) -> str:
     return left if left == "expired" else f"{left} left"
 
 
-def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = None) -> str:
-    """Columns; with a width, the DST and IMPAIRMENT columns give way so that lines fit it."""
-    dst_col = header.index("DST") if "DST" in header else None
-    imp_col = header.index("IMPAIRMENT") if "IMPAIRMENT" in header else None
+def _direction(row: dict) -> str:
+    return row.get("direction", "egress")
 
-    def cells(dst_width: int | None, imp_width: int | None) -> list[tuple]:
+
+def _match(row: dict) -> str:
+    """What a rule selects beyond its peers, in the MATCH column: "tcp/5432,8000-8100", "udp", "port 53", "-"."""
+    proto = row.get("protocol")
+    ports = ",".join(str(p) for p in row.get("ports", ()))
+    if proto is not None and ports:
+        return f"{proto}/{ports}"
+    if ports:  # tcp, udp and sctp alike
+        return f"port {ports}"
+    return "-" if proto is None else str(proto)
+
+
+def _rule_columns(rows: list[dict]) -> tuple[tuple[str, ...], Callable[[dict], tuple]]:
+    """NAME, then DIR once a row is not egress, the peers (DST, or PEERS once a row's are sources), MATCH once
+    a rule selects a protocol or ports, IMPAIRMENT and TTL: the header and each row's cells.  A table of
+    egress rules on any protocol reads as it did before rules had directions and ports."""
+    directions = any(_direction(r) != "egress" for r in rows)
+    ports = any("protocol" in r or "ports" in r for r in rows)
+    header = ("NAME",) + (("DIR", "PEERS") if directions else ("DST",)) + (("MATCH",) if ports else ()) + \
+        ("IMPAIRMENT", "TTL")
+
+    def cells(r: dict) -> tuple:
+        return ((r["name"],) + ((_direction(r),) if directions else ()) + (r["dst"],)
+                + ((_match(r),) if ports else ()) + (_impairment(r), _ttl_left(r)))
+
+    return header, cells
+
+
+# Columns whose cells give way to fit the terminal, and the narrowest they get (DST/PEERS: one peer and "+N").
+_PEERS = ("DST", "PEERS")
+_NARROWEST = {"DST": 18, "PEERS": 18, "IMPAIRMENT": 16, "MATCH": 16}
+
+
+def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = None) -> str:
+    """Columns; with a width, the DST (or PEERS), MATCH and IMPAIRMENT columns give way so that lines fit it."""
+    dst_col = next((header.index(c) for c in _PEERS if c in header), None)
+    imp_col = header.index("IMPAIRMENT") if "IMPAIRMENT" in header else None
+    match_col = header.index("MATCH") if "MATCH" in header else None
+
+    def cells(dst_width: int | None, imp_width: int | None, match_width: int | None = None) -> list[tuple]:
         out = []
         for line in lines:
             row = list(line)
@@ -822,20 +864,31 @@ def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = Non
                 row[dst_col] = _dst(row[dst_col], dst_width)
             if imp_col is not None and imp_width is not None:
                 row[imp_col] = _cut(row[imp_col], imp_width)
+            if match_col is not None and match_width is not None:
+                row[match_col] = _cut(row[match_col], match_width)
             out.append(tuple(str(c) for c in row))
         return out
 
     rows = cells(None, None)
     widths = _widths(header, rows)
     if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        # A long port list gives way first, to what the other columns need whole (never below 16);
+        # then the peers and the impairment, as without it.
+        match_width = None
+        if match_col is not None:
+            others = sum(w for i, w in enumerate(widths) if i != match_col)
+            match_width = max(_NARROWEST["MATCH"], min(widths[match_col], width - others - 2 * (len(widths) - 1)))
+            rows = cells(None, None, match_width)
+            widths = _widths(header, rows)
         flexible = {c for c in (dst_col, imp_col) if c is not None}
         room = width - sum(w for i, w in enumerate(widths) if i not in flexible) - 2 * (len(widths) - 1)
         if dst_col is not None and imp_col is not None:
             # What a rule does reads better whole; one destination and "+N" say enough of where.
             imp_width = max(10, min(widths[imp_col], room - 16))
-            rows = cells(max(12, room - imp_width), imp_width)
+            rows = cells(max(12, room - imp_width), imp_width, match_width)
         elif flexible:
-            rows = cells(max(12, room), None) if dst_col is not None else cells(None, max(10, room))
+            rows = (cells(max(12, room), None, match_width) if dst_col is not None
+                    else cells(None, max(10, room), match_width))
         widths = _widths(header, rows)
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows])
     if width is not None:  # whatever still does not fit is cut, never wrapped (a redraw in place would scroll)
@@ -858,9 +911,23 @@ def _is_tty() -> bool:
     return sys.stdout.isatty()
 
 
+def _one_per_rule(rows: list[dict]) -> list[dict]:
+    """GET /stats rows (one per rule and direction) as one per rule: a rule with an egress and an ingress row
+    is direction both again.  Rules as the API returns them pass through unchanged."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        seen = out.get(r["name"])
+        if seen is None:
+            out[r["name"]] = r
+        elif _direction(seen) != _direction(r):
+            out[r["name"]] = {**seen, "direction": "both"}
+    return list(out.values())
+
+
 def _rules_table(rules: list[dict], width: int | None = None) -> str:
-    return _format(("NAME", "DST", "IMPAIRMENT", "TTL"),
-                   [(r["name"], r["dst"], _impairment(r), _ttl_left(r)) for r in rules], width)
+    rules = _one_per_rule(rules)
+    header, cells = _rule_columns(rules)
+    return _format(header, [cells(r) for r in rules], width)
 
 
 def _pkts_bytes(packets: int | None, nbytes: int | None) -> str:
@@ -870,16 +937,17 @@ def _pkts_bytes(packets: int | None, nbytes: int | None) -> str:
 
 
 def _stats_table(rows: list[dict], width: int | None = None, rates: dict | None = None) -> str:
-    """GET /stats rows; with `rates` (from a watch), per-second throughput and drops first."""
-    header = ("NAME", "DST", "IMPAIRMENT", "TTL")
+    """GET /stats rows, a line per rule and direction; with `rates` (from a watch), per-second throughput and
+    drops first."""
+    header, cells = _rule_columns(rows)
     if rates is not None:
         header += ("SENT/S", "DROPS/S")
     header += ("MATCHED", "SENT", "DROPS", "BACKLOG", "CLASSID")
     lines = []
     for r in rows:
-        line: tuple = (r["name"], r["dst"], _impairment(r), _ttl_left(r))
+        line: tuple = cells(r)
         if rates is not None:
-            rate = rates.get(r["name"])
+            rate = rates.get(_Rates.key(r))
             line += ("-", "-") if rate is None else (format_bits_per_s(rate[0]), format_count(rate[1]))
         line += (_pkts_bytes(r["matched_packets"], r["matched_bytes"]),
                  _pkts_bytes(r.get("class_packets"), r.get("class_bytes")),
@@ -898,36 +966,42 @@ def _stats_table(rows: list[dict], width: int | None = None, rates: dict | None 
 
 
 def _narrowest(header: tuple[str, ...], lines: list[tuple]) -> int:
-    """The width of the table with its DST and IMPAIRMENT columns as narrow as _format makes them."""
+    """The width of the table with its DST (PEERS), MATCH and IMPAIRMENT columns as narrow as _format makes them."""
     total = 2 * (len(header) - 1)
     for i, name in enumerate(header):
-        cells = [_dst(line[i]) if name == "DST" else str(line[i]) for line in lines]
+        cells = [_dst(line[i]) if name in _PEERS else str(line[i]) for line in lines]
         natural = max(len(c) for c in [name, *cells])
-        total += min(natural, {"DST": 18, "IMPAIRMENT": 16}.get(name, natural))
+        total += min(natural, _NARROWEST.get(name, natural))
     return total
 
 
 class _Rates:
-    """Per-second rates between successive GET /stats samples, per rule.
+    """Per-second rates between successive GET /stats samples, per rule and direction.
 
     A rule whose class changed (deleted and created again) or whose counters
     went backwards has no rate until its next sample."""
 
     def __init__(self) -> None:
-        self.last: dict[str, tuple[str, float, int, int]] = {}
+        self.last: dict[tuple[str, str], tuple[str, float, int, int]] = {}
 
-    def update(self, rows: list[dict], now: float) -> dict[str, tuple[float, float]]:
-        out: dict[str, tuple[float, float]] = {}
+    @staticmethod
+    def key(row: dict) -> tuple[str, str]:
+        """A line of the table: a rule in one direction (each has its own class and counters)."""
+        return row["name"], _direction(row)
+
+    def update(self, rows: list[dict], now: float) -> dict[tuple[str, str], tuple[float, float]]:
+        out: dict[tuple[str, str], tuple[float, float]] = {}
         current = {}
         for r in rows:
             sent = r.get("class_bytes", r["matched_bytes"])
             drops = r.get("drops", 0)
-            current[r["name"]] = (r["classid"], now, sent, drops)
-            prev = self.last.get(r["name"])
+            key = self.key(r)
+            current[key] = (r["classid"], now, sent, drops)
+            prev = self.last.get(key)
             if prev is None or prev[0] != r["classid"] or now <= prev[1] or sent < prev[2] or drops < prev[3]:
                 continue
             dt = now - prev[1]
-            out[r["name"]] = ((sent - prev[2]) * 8 / dt, (drops - prev[3]) / dt)
+            out[key] = ((sent - prev[2]) * 8 / dt, (drops - prev[3]) / dt)
         self.last = current
         return out
 

@@ -226,11 +226,13 @@ def test_status_fits_the_terminal_width(daemon):
     assert max(map(len, out.split("\n"))) <= 60 and "10.1.0.0/32" in out
 
 
-def _traffic(monkeypatch, fake, clock_s, per_tick):
-    """Each sleep of the watch loop moves time on and sends per_tick (bytes, drops) through class 1."""
+def _traffic(monkeypatch, fake, clock_s, per_tick, direction="egress"):
+    """Each sleep of the watch loop moves time on and sends per_tick (bytes, drops) through class 1 of a direction
+    (the other direction's classes are the fake's, idle)."""
     from shaper.core.stats import ClassStats
 
     sent = {"bytes": 0, "drops": 0}
+    idle = fake.class_stats
 
     def sleep(seconds):
         clock_s[0] += seconds
@@ -239,9 +241,13 @@ def _traffic(monkeypatch, fake, clock_s, per_tick):
 
     monkeypatch.setattr("time.sleep", sleep)
     monkeypatch.setattr("time.monotonic", lambda: clock_s[0])
-    monkeypatch.setattr(fake, "class_stats", lambda: {
-        1: ClassStats(0x53480001, bytes=sent["bytes"], packets=sent["bytes"] // 1000, drops=sent["drops"],
-                      leaf="netem")})
+    def class_stats(d="egress"):
+        if d != direction:
+            return idle(d)
+        return {1: ClassStats(0x53480001, bytes=sent["bytes"], packets=sent["bytes"] // 1000, drops=sent["drops"],
+                              leaf="netem")}
+
+    monkeypatch.setattr(fake, "class_stats", class_stats)
 
 
 def test_status_watch_piped_repeats_blocks_with_per_second_rates(daemon, monkeypatch):
@@ -524,3 +530,124 @@ def test_a_narrow_terminal_keeps_rates_and_rules_and_drops_totals_first(daemon, 
     assert "CLASSID" not in headers[100] and "MATCHED" not in headers[100] and "DROPS" in headers[100]
     assert headers[80] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S", "DROPS"]
     assert headers[72] == ["NAME", "DST", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
+
+
+def _peer(text):
+    from shaper.core.model import Prefix
+
+    return Prefix.parse(text, "x").addr
+
+
+def _directions(fake):
+    """pg shapes both directions of tcp 5432 and 8000-8100, in only ingress, plain only egress; pg's peer sent
+    three packets out and one in."""
+    assert run("rule", "set", "pg", "--dst", "10.0.0.0/24", "--direction", "both", "--protocol", "tcp",
+               "--ports", "5432,8000-8100", "--delay", "50ms")[0] == 0
+    assert run("rule", "set", "in", "--src", "10.0.1.0/24", "--rate", "2mbit")[0] == 0
+    assert run("rule", "set", "plain", "--dst", "10.0.2.0/24", "--rate", "10mbit")[0] == 0
+    for _ in range(3):
+        fake.count(_peer("10.0.0.9"), 10**12, 100, "egress", 6, 5432)
+    fake.count(_peer("10.0.0.9"), 10**12, 100, "ingress", 6, 8001)
+
+
+def _table(out):
+    """A table's header and its rows as {column: cell}, cut where the header's columns start."""
+    header, *lines = out.strip().split("\n")
+    cols = header.split()
+    starts = [header.index(f"{c}  " if i < len(cols) - 1 else c) for i, c in enumerate(cols)]
+    bounds = list(zip(starts, [*starts[1:], None]))
+    return cols, [{c: line[a:b].strip() for c, (a, b) in zip(cols, bounds)} for line in lines]
+
+
+def test_status_has_a_line_per_rule_and_direction_and_what_it_matches(daemon):
+    fake, _ = daemon
+    _directions(fake)
+    code, out, _ = run("status")
+    assert code == 0
+    cols, rows = _table(out)
+    assert cols == ["NAME", "DIR", "PEERS", "MATCH", "IMPAIRMENT", "TTL", "MATCHED", "SENT", "DROPS", "BACKLOG",
+                    "CLASSID"]
+    assert [(r["NAME"], r["DIR"], r["MATCH"]) for r in rows] == [
+        ("in", "ingress", "-"), ("pg", "egress", "tcp/5432,8000-8100"), ("pg", "ingress", "tcp/5432,8000-8100"),
+        ("plain", "egress", "-")]
+    pg_out, pg_in = rows[1:3]
+    assert pg_out["MATCHED"] == "3p/300 B" and pg_in["MATCHED"] == "1p/100 B"
+    assert pg_out["CLASSID"] == pg_in["CLASSID"] == "5348:1"  # one rule, one slot, a class in each tree
+    # -o json/yaml: the rows as GET /stats gives them, each with its direction.
+    code, out, _ = run("status", "--rule", "pg", "-o", "json")
+    rows = json.loads(out)["rules"]
+    assert [(r["direction"], r["protocol"], r["ports"], r["matched_packets"]) for r in rows] == [
+        ("egress", "tcp", [5432, "8000-8100"], 3), ("ingress", "tcp", [5432, "8000-8100"], 1)]
+    assert [r["direction"] for r in yaml.safe_load(run("status", "-o", "yaml")[1])["rules"]] == \
+        ["ingress", "egress", "ingress", "egress"]
+    # A rule is one line where counters do not matter: rule list and rule get say "both".
+    cols, rows = _table(run("rule", "list")[1])
+    assert cols == ["NAME", "DIR", "PEERS", "MATCH", "IMPAIRMENT", "TTL"]
+    assert [(r["NAME"], r["DIR"]) for r in rows] == [("in", "ingress"), ("pg", "both"), ("plain", "egress")]
+    cols, rows = _table(run("rule", "get", "pg")[1])
+    assert [(r["NAME"], r["DIR"], r["MATCH"]) for r in rows] == [("pg", "both", "tcp/5432,8000-8100")]
+
+
+def test_the_direction_and_match_columns_appear_only_when_a_rule_needs_them(daemon):
+    run("rule", "set", "a", "--dst", "10.0.0.1", "--delay", "5ms")
+    assert _table(run("status")[1])[0][:4] == ["NAME", "DST", "IMPAIRMENT", "TTL"]
+    run("rule", "set", "dns", "--dst", "10.0.0.53", "--protocol", "udp", "--ports", "53", "--delay", "5ms")
+    run("rule", "set", "web", "--dst", "10.0.0.80", "--ports", "80,443", "--delay", "5ms")
+    run("rule", "set", "ping", "--dst", "10.0.0.2", "--protocol", "icmp", "--delay", "5ms")
+    cols, rows = _table(run("status")[1])
+    assert cols[:5] == ["NAME", "DST", "MATCH", "IMPAIRMENT", "TTL"]  # all egress: no DIR, the peers are DST
+    # Ports without a protocol: tcp, udp and sctp alike.
+    assert {r["NAME"]: r["MATCH"] for r in rows} == {"a": "-", "dns": "udp/53", "ping": "icmp",
+                                                     "web": "port 80,443"}
+
+
+def test_status_watch_rates_are_per_direction(daemon, monkeypatch):
+    fake, _ = daemon
+    run("rule", "set", "pg", "--dst", "10.0.0.0/24", "--direction", "both", "--delay", "5ms")
+    _traffic(monkeypatch, fake, [100.0], (2_500_000, 30), direction="ingress")
+    code, out, _ = run("status", "--watch", "--count", "2", "--interval", "2")
+    assert code == 0
+    second = out.split("\n\n")[1].split("\n")
+    assert "every 2s  1 rules" in second[0]  # one rule, two lines
+    cols = second[1].split()
+    assert cols[:7] == ["NAME", "DIR", "PEERS", "IMPAIRMENT", "TTL", "SENT/S", "DROPS/S"]
+    egress, ingress = (line.split() for line in second[2:4])
+    assert egress[1] == "egress" and egress[5:8] == ["0", "bit/s", "0"]
+    assert ingress[1] == "ingress" and " ".join(ingress[5:8]) == "10 Mbit/s 15"
+
+
+def test_lines_per_direction_fit_the_terminal(daemon, monkeypatch):
+    fake, _ = daemon
+    run("rule", "set", "wide", *[a for i in range(40) for a in ("--dst", f"10.1.0.{i}")], "--direction", "both",
+        "--protocol", "tcp", "--ports", ",".join(str(p) for p in range(1000, 1064, 2)), "--delay", "50ms",
+        "--jitter", "5ms", "--loss", "1%", "--rate", "10mbit")
+    run("rule", "set", "in", "--src", "10.2.0.0/16", "--delay", "5ms", "--ttl", "1h")
+    for columns in (200, 120, 90, 72):
+        for args in (("status",), ("rule", "list")):
+            code, out, _ = run(*args, env={"COLUMNS": str(columns)})
+            lines = out.strip().split("\n")
+            assert code == 0 and all(len(line) <= columns for line in lines), (columns, out)
+            assert lines[0].split()[:3] == ["NAME", "DIR", "PEERS"], (columns, out)
+    code, out, _ = run("status", env={"COLUMNS": "120"})
+    cols, rows = _table(out)
+    # A long port list gives way, not the counters a wide terminal has room for.
+    assert "MATCHED" in cols and "SENT" in cols
+    assert rows[2]["MATCH"].startswith("tcp/1000,") and rows[2]["MATCH"].endswith("..")
+    _traffic(monkeypatch, fake, [0.0], (1000, 0), direction="egress")
+    code, out, _ = run("status", "--watch", "--count", "1", env={"COLUMNS": "80"})
+    assert code == 0 and all(len(line) <= 80 for line in out.strip().split("\n"))
+    assert out.strip().split("\n")[1].split()[:3] == ["NAME", "DIR", "PEERS"]
+
+
+def test_show_has_a_line_per_direction(local, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: pg, dst: [10.0.0.0/24], direction: both, protocol: tcp, ports: [5432], "
+                     "delay: 5ms}\n")
+    assert run("apply", "--iface", "veth9", "-f", str(rules))[0] == 0
+    local.count(_peer("10.0.0.9"), 0, 100, "ingress", 6, 5432)
+    cols, rows = _table(run("show", "--iface", "veth9")[1])
+    assert cols[:4] == ["NAME", "DIR", "PEERS", "MATCH"]
+    assert [(r["NAME"], r["DIR"], r["MATCH"], r["MATCHED"]) for r in rows] == [
+        ("pg", "egress", "tcp/5432", "0p/0 B"), ("pg", "ingress", "tcp/5432", "1p/100 B")]
+    rows = json.loads(run("show", "--iface", "veth9", "-o", "json")[1])["rules"]
+    assert [(r["direction"], r["matched_packets"]) for r in rows] == [("egress", 0), ("ingress", 1)]
