@@ -5,6 +5,7 @@ ingress, the peer by source), "50 ms on the database's port 5432 only, not on it
 a live change of an ingress rule while other rules' traffic flows.  One lab for the module.
 """
 
+import json
 import math
 import subprocess
 import threading
@@ -78,6 +79,39 @@ def test_port_5432_only_next_to_an_unimpaired_port(lab):
     assert 48 <= pg["median"] - other["median"] <= 56 and pg["min"] >= 50
     assert 48 <= pg6["median"] - other6["median"] <= 56
     assert other["median"] < 20 and other6["median"] < 20
+
+
+def test_port_steering_over_a_vlan_device(lab):
+    """A VLAN sub-interface of the pod's veth (the host kernel of the kernel tier has no 8021q; the
+    tag-in-the-data case is tested there): the classifier on the parent sees both directions."""
+    sh("ip", "-n", lab.pod, "link", "add", "link", POD_IF, "name", "shp0.10", "type", "vlan", "id", "10")
+    sh("ip", "-n", lab.dst, "link", "add", "link", "shp1", "name", "shp1.10", "type", "vlan", "id", "10")
+    for ns, dev, addr in ((lab.pod, "shp0.10", "10.79.0.1/24"), (lab.dst, "shp1.10", "10.79.0.2/24")):
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    lab.shaper("apply", rules="""
+rules:
+  - name: vlan-pg
+    dst: [10.79.0.2]
+    direction: both
+    protocol: tcp
+    ports: [5432]
+    rate: 100mbit
+  - name: vlan-rest
+    dst: [10.79.0.2]
+    direction: both
+    rate: 100mbit
+""")
+    lab.ping("10.79.0.2", count=20)
+    lab.connect_ms("10.79.0.2", 5432, count=5)
+    r = rows(lab)
+    assert r[("vlan-pg", "egress")]["matched_packets"] >= 10 and r[("vlan-pg", "ingress")]["matched_packets"] >= 5
+    assert r[("vlan-rest", "egress")]["matched_packets"] >= 20 and r[("vlan-rest", "ingress")]["matched_packets"] >= 20
+
+
+def rows(lab) -> dict[tuple[str, str], dict]:
+    out = json.loads(lab.shaper("show", "-o", "json").stdout)["rules"]
+    return {(r["name"], r.get("direction", "egress")): r for r in out}
 
 
 def _ifbs(lab) -> list[str]:
