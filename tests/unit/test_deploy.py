@@ -153,6 +153,55 @@ def exported_metric_names() -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line and not line.startswith("#")}
 
 
+def metric_labels() -> dict[str, set[str]]:
+    """Every sample name /metrics has, with the label names it carries, with rules in each direction."""
+    service = Service(FakeDatapath(), "eth0")
+    service.start([parse_rule({"name": "a", "dst": ["10.0.0.0/8"], "direction": "both", "delay": "10ms",
+                               "jitter": "1ms", "loss": "1%", "rate": "2mbit"}),
+                   parse_rule({"name": "b", "src": ["fd00::/8"], "protocol": "tcp", "ports": [443], "rate": "1gbit"})])
+    body = Api(service).handle("GET", "/metrics", {}, b"").body.decode()
+    out: dict[str, set[str]] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.partition("{")
+            out.setdefault(name.split(" ")[0], set()).update(re.findall(r'(\w+)="', labels))
+    return out
+
+
+def test_dashboard_queries_filter_on_direction():
+    """A series with a direction label (egress, ingress) is always selected by $direction and never summed
+    across it (a rule in both directions would add its two classes up); a series without one is never
+    filtered on it (the filter would empty the panel once a direction is chosen)."""
+    dash = json.loads((DEPLOY / "grafana" / "shaper-dashboard.json").read_text())
+    labels = metric_labels()
+    directed = {name for name, keys in labels.items() if "direction" in keys}
+    assert {"shaper_class_bytes_total", "shaper_rule_matched_packets_total", "shaper_rule_delay_seconds",
+            "shaper_map_entries"} <= directed and "shaper_rules" not in directed
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    query = variables["direction"]["query"]["query"]
+    assert re.fullmatch(r"label_values\((shaper_[a-z_]+)\{[^}]*\}, direction\)", query)
+    assert re.search(r"shaper_[a-z_]+", query)[0] in directed
+    names = list(variables)
+    assert names.index("pod") < names.index("direction") < names.index("rule")  # rules of the chosen direction
+    exprs = [(p["title"], t["expr"], t.get("legendFormat", "")) for p in dash["panels"] for t in p["targets"]]
+    exprs += [(f"${name}", v["query"]["query"], "") for name, v in variables.items()
+              if isinstance(v.get("query"), dict) and name != "direction"]  # which lists the directions
+    filtered = 0
+    for where, expr, legend in exprs:
+        for metric, selector in re.findall(r"\b(shaper_[a-z_]+)(?:\{([^}]*)\})?", expr):
+            if metric in directed:
+                assert 'direction=~"$direction"' in selector, (where, expr)
+                filtered += 1
+            else:
+                assert "direction" not in selector, (where, expr)
+        for by in re.findall(r"\bby \(([^)]*)\)", expr):
+            if any(m in directed for m in re.findall(r"\bshaper_[a-z_]+", expr)) and by != "le":
+                assert "direction" in by, (where, expr)
+        if "{{rule}}" in legend or "direction" in expr.split("{")[0]:
+            assert "{{direction}}" in legend, (where, legend)
+    assert filtered >= 11  # the ten per-rule and prefix queries and $rule, today
+
+
 def test_dashboard_queries_name_exported_metrics():
     dash = json.loads((DEPLOY / "grafana" / "shaper-dashboard.json").read_text())
     exported = exported_metric_names()
