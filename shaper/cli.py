@@ -872,23 +872,23 @@ def _format(header: tuple[str, ...], lines: list[tuple], width: int | None = Non
     rows = cells(None, None)
     widths = _widths(header, rows)
     if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
-        # A long port list gives way first, to what the other columns need whole (never below 16);
-        # then the peers and the impairment, as without it.
+        flexible = {c for c in (dst_col, imp_col, match_col) if c is not None}
+        room = width - sum(w for i, w in enumerate(widths) if i not in flexible) - 2 * (len(widths) - 1)
         match_width = None
         if match_col is not None:
-            others = sum(w for i, w in enumerate(widths) if i != match_col)
-            match_width = max(_NARROWEST["MATCH"], min(widths[match_col], width - others - 2 * (len(widths) - 1)))
-            rows = cells(None, None, match_width)
-            widths = _widths(header, rows)
-        flexible = {c for c in (dst_col, imp_col) if c is not None}
-        room = width - sum(w for i, w in enumerate(widths) if i not in flexible) - 2 * (len(widths) - 1)
+            # Which traffic a rule takes gives way after where it goes (down to one peer and "+N")
+            # and before what it does to it.
+            rest = (16 if dst_col is not None else 0) + (widths[imp_col] if imp_col is not None else 0)
+            match_width = max(_NARROWEST["MATCH"], min(widths[match_col], room - rest))
+            room -= match_width
         if dst_col is not None and imp_col is not None:
             # What a rule does reads better whole; one destination and "+N" say enough of where.
             imp_width = max(10, min(widths[imp_col], room - 16))
             rows = cells(max(12, room - imp_width), imp_width, match_width)
-        elif flexible:
-            rows = (cells(max(12, room), None, match_width) if dst_col is not None
-                    else cells(None, max(10, room), match_width))
+        elif dst_col is not None:
+            rows = cells(max(12, room), None, match_width)
+        elif imp_col is not None:
+            rows = cells(None, max(10, room), match_width)
         widths = _widths(header, rows)
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows])
     if width is not None:  # whatever still does not fit is cut, never wrapped (a redraw in place would scroll)

@@ -444,3 +444,28 @@ def test_dry_run_flag_is_strict(api):
     status, err = call(api, "PUT", "/rules?dry_run=null", {"rules": []})
     assert status == 422 and err["field"] == "dry_run"
     assert call(api, "PUT", "/rules?dry_run=1&dry_run=1", {"rules": []})[0] == 422
+
+
+def test_the_readme_metrics_table_lists_every_family_with_its_labels(api, directions):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("\n## Metrics\n"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `shaper_") and len(cells) == 4:
+            for name in re.findall(r"`(shaper_[a-z_]+)`", cells[0]):
+                rows[name] = cells[1]
+    families = {}
+    for fam in text_string_to_metric_families(call(api, "GET", "/metrics")[1]):
+        if fam.name.startswith("shaper_") and not fam.name.endswith("_created"):  # prometheus_client's own
+            families[fam.name] = {k for s in fam.samples for k in s.labels} - {"interface", "le"}
+    for name, keys in families.items():
+        shown = next((rows[n] for n in (name, name + "_total") if n in rows), None)
+        assert shown is not None, f"README's Metrics table does not list {name}"
+        if keys == {"rule", "classid", "direction"}:
+            assert shown == "*rule*", name
+        else:
+            assert set(re.findall(r"`(\w+)`", shown)) == keys, name
