@@ -13,14 +13,15 @@ from pathlib import Path
 
 from lab import ROOT
 
-from . import accuracy, apply, classify, daemon, profile, report
+from . import accuracy, apply, classify, daemon, match, profile, report
 
-SECTIONS = ("classify", "apply", "latency", "disruption", "footprint", "accuracy", "profile")
+SECTIONS = ("classify", "match", "apply", "latency", "disruption", "footprint", "accuracy", "profile")
 
 
 def full(section: str, log):
     return {
         "classify": lambda: classify.run(log=log),
+        "match": lambda: match.run(log=log),
         # tcconfig at 1,000 rules takes ~10 minutes a run: one run there, three below.
         "apply": lambda: apply.run(tcconfig_repeats={1000: 1}, log=log),
         "latency": lambda: daemon.change_latency(log=log),
@@ -35,6 +36,7 @@ def smoke(section: str, log):
     """Tiny sizes: every mechanism and code path, in seconds (tests/kernel/test_bench_smoke.py)."""
     return {
         "classify": lambda: classify.run(counts=(1, 50), repeats=2, seconds=0.2, log=log),
+        "match": lambda: match.run(counts=(1, 50), repeats=2, seconds=0.2, log=log),
         "apply": lambda: apply.run(counts=(2,), repeats=1, big=300, log=log),
         "latency": lambda: daemon.change_latency(rule_counts=(5,), changes=20, keepalive_changes=3, log=log),
         "disruption": lambda: daemon.no_disruption(seconds=2.0, pps=5000, log=log),
