@@ -10,11 +10,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import accuracy, apply, classify, profile  # noqa: E402
+from . import accuracy, apply, classify, match, profile  # noqa: E402
 
 LABELS = {"baseline": "no classifier (HTB only)", "shaper": "shaper (BPF + LPM trie)",
           "u32": "u32 list (tcconfig, Litmus, Pumba)", "ipset": "iptables + ipset (Chaos Mesh)",
           "iptables": "iptables rule per address (comcast)"}
+MATCH_LABELS = {"shaper-addr": "shaper, address (egress)", "shaper-port": "shaper, address + udp port 9 (egress)",
+                "u32-port": "u32 list, dst + udp dport 9", "ipset-port": "iptables + ipset hash:ip,port",
+                "shaper-ingress": "shaper, source address (ingress, ifb)"}
 
 
 def _f(x: float, digits: int = 0) -> str:
@@ -105,6 +108,34 @@ def plot_classify(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_match(res: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    shaper = [m for m in res["mechanisms"] if m.startswith("shaper")]
+    for ax, kind in zip(axes, ("match", "miss")):
+        for i, mech in enumerate(_shaper_last(res["mechanisms"])):
+            if mech in shaper:
+                j = shaper.index(mech)
+                style = {**SHAPER_STYLE, "color": SHAPER_SHADES[j % len(SHAPER_SHADES)],
+                         "marker": ("D", "o", "s")[j % 3]}
+            else:
+                style = _style(mech.removesuffix("-port"), i)
+            rows = _rows(res, mech, kind)
+            ns = sorted(rows)
+            med = [rows[n]["pps"]["median"] for n in ns]
+            _series(ax, ns, med, [m - rows[n]["pps"]["min"] for n, m in zip(ns, med)],
+                    [rows[n]["pps"]["max"] - m for n, m in zip(ns, med)], MATCH_LABELS[mech], style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("addresses in the rule")
+        ax.set_title("traffic the rule matches" if kind == "match" else "traffic no rule matches")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="lower left")
+    axes[0].set_ylabel("packets/s (one sender)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_apply(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     # One series per method as measured: a method name that states its own shape ("1000 rules x 100
@@ -162,6 +193,125 @@ def plot_latency(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _rt(x: dict, unit: str = "") -> str:
+    return f"{x['median']:.2f}{unit} ({x['min']:.2f}-{x['max']:.2f}{unit})"
+
+
+def _per_n(pairs: list[tuple[int, dict]]) -> str:
+    """Per rule count: the ratio's median (min-max over the repeats)."""
+    return "; ".join(f"{n:,}: {_rt(x, 'x')}" for n, x in pairs)
+
+
+def match_bad_checks(res: dict) -> list:
+    """Runs where a mechanism did not classify exactly what it was sent (all of match, none of miss),
+    or where shaper's own rule counters disagree with its class."""
+    return [(r["n"], r["mechanism"], r["traffic"], ch) for r in res["rows"] for ch in r["checks"]
+            if ch["classified"] != (ch["sent"] if r["traffic"] == "match" else 0)
+            or ch.get("matched", ch["classified"]) != ch["classified"]]
+
+
+def write_match(m: dict, figdir: Path, w) -> list[str]:
+    """Section 7 (bench/match.py); returns its goal verdict lines."""
+    verdicts: list[str] = []
+    plot_match(m, figdir / "match.png")
+    mechs, counts = m["mechanisms"], m["counts"]
+    w("## 7. Match kinds: protocol and port, and ingress\n")
+    w(_doc(match) + "\n")
+    w("The packet rate is section 1's measure: transmission on a veth is synchronous, and the far end's receive "
+      "path (its clsact ingress, the ifb and its HTB for shaper-ingress) usually runs in the softirq the sender's "
+      "system call leaves behind, on the same CPU, so it counts in the rate too. "
+      f"Each point: {m['repeats']} runs of {m['seconds']:g} s per mechanism and traffic kind, in turns; the "
+      f"classifier's run time: {m['repeats']} more runs of {m['seconds']:g} s each for shaper's three, with the "
+      "statistics on (they add their own few tens of ns per run, the same for all three).\n")
+    w("shaper-ingress's matching traffic has one source, the sender's address, so all its trie lookups walk "
+      "one path, which stays in the CPU's caches; the egress mechanisms' matching traffic goes to 256 "
+      "destinations spread over the rule. The classifier's run time, ingress against egress, is therefore not "
+      "like for like at large sizes; the packet-rate ratio compares the two whole paths (for ingress: the "
+      "redirect and the ifb's HTB, for egress the interface's HTB).\n")
+    w("![packet rate against rule size, match kinds](benchmarks/match.png)\n")
+    for kind, title in (("match", "Traffic the rule matches"), ("miss", "Traffic no rule matches")):
+        w(f"### {title}: packets/s, median (min-max)\n")
+        w("| addresses | " + " | ".join(MATCH_LABELS[x] for x in mechs) + " |")
+        w("|---:|" + "---:|" * len(mechs))
+        for n in counts:
+            w(f"| {n:,} | " + " | ".join(_mmm(_rows(m, x, kind)[n]["pps"]) for x in mechs) + " |")
+        w("")
+    rows = {(x, k): _rows(m, x, k) for x in mechs for k in ("match", "miss")}
+    pairs = [(f"shaper-port / u32-port ({k})", "shaper-port", "u32-port", k) for k in ("match", "miss")] + \
+        [(f"shaper-port / ipset-port ({k})", "shaper-port", "ipset-port", k) for k in ("match", "miss")] + \
+        [(f"shaper-port / shaper-addr ({k})", "shaper-port", "shaper-addr", k) for k in ("match", "miss")] + \
+        [(f"ingress / egress: shaper-ingress / shaper-addr ({k})", "shaper-ingress", "shaper-addr", k)
+         for k in ("match", "miss")]
+    pairs = [p for p in pairs if p[1] in mechs and p[2] in mechs]
+    w("### Packet-rate ratios (per repeat, same run): median (min-max)\n")
+    w("| addresses | " + " | ".join(p[0] for p in pairs) + " |")
+    w("|---:|" + "---:|" * len(pairs))
+    for n in counts:
+        w(f"| {n:,} | " + " | ".join(_rt(_ratios(rows[(a, k)][n], rows[(b, k)][n])) for _, a, b, k in pairs) + " |")
+    w("")
+    costed = m.get("costed", [])
+    cost = {(r["mechanism"], r["traffic"]): {} for r in m.get("cost_rows", [])}
+    for r in m.get("cost_rows", []):
+        cost[(r["mechanism"], r["traffic"])][r["n"]] = r
+    if cost:
+        w("### The classifier's own run time: ns per run, median (min-max)\n")
+        w("Kernel BPF run-time statistics of the program (`run_time_ns / run_cnt` over each run): the egress "
+          "program (`classifier`) for shaper-addr and shaper-port, the ingress one (`classifier_in`) for "
+          "shaper-ingress. No other mechanism here is a BPF program.\n")
+        cols = [(x, k) for x in costed for k in ("match", "miss")]
+        w("| addresses | " + " | ".join(f"{x} ({k})" for x, k in cols) +
+          " | shaper-port / shaper-addr (match) | shaper-port / shaper-addr (miss) | ingress / egress (match) |")
+        w("|---:|" + "---:|" * (len(cols) + 3))
+
+        def ratio(a: str, b: str, k: str, n: int) -> dict | None:
+            if (a, k) not in cost or (b, k) not in cost:
+                return None
+            return _ratios({"samples": cost[(a, k)][n]["samples"]}, {"samples": cost[(b, k)][n]["samples"]})
+
+        for n in counts:
+            cells = [_mmm(cost[c][n]["ns_per_run"], 1, 1) for c in cols]
+            for a, b, k in (("shaper-port", "shaper-addr", "match"), ("shaper-port", "shaper-addr", "miss"),
+                            ("shaper-ingress", "shaper-addr", "match")):
+                x = ratio(a, b, k, n)
+                cells.append(_rt(x) if x else "-")
+            w(f"| {n:,} | " + " | ".join(cells) + " |")
+        w("")
+        port_match = [(n, ratio("shaper-port", "shaper-addr", "match", n)) for n in counts]
+        port_miss = [(n, ratio("shaper-port", "shaper-addr", "miss", n)) for n in counts]
+        if all(x for _, x in port_match):
+            verdicts.append("| the port lookup adds at most 10% to the classifier's own run time (shaper-port / "
+                            f"shaper-addr, matching traffic, per rule size) | {_per_n(port_match)} | "
+                            f"{_ok(all(x['median'] <= 1.10 for _, x in port_match))} |")
+        if all(x for _, x in port_miss):
+            verdicts.append("| an unmatched packet costs no more than today (shaper-port / shaper-addr classifier "
+                            f"run time, traffic no rule matches; <= 1.05) | {_per_n(port_miss)} | "
+                            f"{_ok(all(x['median'] <= 1.05 for _, x in port_miss))} |")
+    for label, a, b in (("shaper-port / u32-port", "shaper-port", "u32-port"),
+                        ("shaper-port / ipset-port", "shaper-port", "ipset-port"),
+                        ("ingress against egress: shaper-ingress / shaper-addr", "shaper-ingress", "shaper-addr")):
+        if a in mechs and b in mechs:
+            x = [(n, _ratios(rows[(a, "match")][n], rows[(b, "match")][n])) for n in counts]
+            verdicts.append(f"| packet rate, {label} (matching traffic, per rule size) | {_per_n(x)} | "
+                            "reported (no goal set) |")
+    bad = match_bad_checks(m)
+    w("**Check:** after every run the counters were read back: " +
+      ("every packet of matching traffic was counted in the rule's HTB class (for shaper-ingress: the ifb's), "
+       "and no packet of the other traffic, for every mechanism and size; shaper's own rule counters agree with "
+       "its classes." if not bad else f"MISMATCHES: {bad[:5]}") + "\n")
+    drops = sum(ch.get("dropped", 0) for r in m["rows"] for ch in r["checks"])
+    if drops:
+        w(f"The ifb's class dropped {drops:,} packets in all (counted as classified: they reached the class).\n")
+    setup = {(r["n"], r["mechanism"]): r["setup_s"] for r in m["rows"] if r["traffic"] == "match"}
+    w("Time to build each mechanism for the measurement (s; shaper's include compiling and loading the "
+      "classifier, and for shaper-ingress creating the ifb):\n")
+    w("| addresses | " + " | ".join(mechs) + " |")
+    w("|---:|" + "---:|" * len(mechs))
+    for n in counts:
+        w(f"| {n:,} | " + " | ".join(f"{setup[(n, x)]:.2f}" for x in mechs) + " |")
+    w("")
+    return verdicts
 
 
 def _doc(mod) -> str:
@@ -421,6 +571,10 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
                 verdicts.append(f"| rate to {r['dst']} ({r['configured_mbit']:g} Mbit/s) within 5% | "
                                 f"{r['error_pct']:+.2f}% | {_ok(r['within_goal'])} |")
             w("")
+
+    # 7 -------------------------------------------------------------------------------
+    if results.get("match"):
+        verdicts += write_match(results["match"], figdir, w)
 
     # profile -------------------------------------------------------------------------
     pr = results.get("profile")
