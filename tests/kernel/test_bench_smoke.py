@@ -1,6 +1,7 @@
 """The benchmarks at tiny sizes, so `make bench` cannot rot: every section and every
-mechanism (shaper, u32, iptables + ipset, iptables per address, tcconfig) runs for
-real and must classify, apply and count what it claims.  The netem accuracy half
+mechanism (shaper, u32, iptables + ipset, iptables per address, tcconfig; shaper's port
+and ingress matches against u32 and ipset port matches) runs for real and must
+classify, apply and count what it claims.  The netem accuracy half
 needs a VM boot and is left to `make bench`; its rate half runs here on this kernel."""
 
 import shutil
@@ -8,7 +9,7 @@ import shutil
 import pytest
 
 from bench import __main__ as bench_main
-from bench import accuracy, apply, classify, daemon, profile, report
+from bench import accuracy, apply, classify, daemon, match, profile, report
 from bench.common import sender_binary
 from tests.support.tiers import require_tier
 
@@ -34,6 +35,25 @@ def test_bench_smoke(tmp_path):
                 assert check["classified"] == check["sent"] and check["direct"] == 0, r
             else:
                 assert check["classified"] == 0 and check["direct"] == check["sent"], r
+
+    m = results["match"] = match.run(counts=(1, 50), repeats=2, seconds=0.2, log=lambda *_: None)
+    assert {(r["n"], r["mechanism"], r["traffic"]) for r in m["rows"]} == \
+        {(n, x, t) for n in (1, 50) for x in match.MECHANISMS for t in ("match", "miss")}
+    for r in m["rows"]:
+        assert r["pps"]["median"] > 1000, r
+        for check in r["checks"]:
+            assert check["sent"] > 0 and check["errors"] == 0, r
+            # Matching traffic all in the rule's class (the ifb's for ingress), the other traffic none of it.
+            assert check["classified"] == (check["sent"] if r["traffic"] == "match" else 0), r
+            # Unclassified packets: HTB's direct queue on egress; on ingress they never reach the ifb at all.
+            unclassified = 0 if r["traffic"] == "match" or r["mechanism"] == "shaper-ingress" else check["sent"]
+            assert check["direct"] == unclassified, r
+            if r["mechanism"].startswith("shaper"):
+                assert check["matched"] == check["classified"], r  # the classifier's own rule counters
+    assert {(r["n"], r["mechanism"], r["traffic"]) for r in m["cost_rows"]} == \
+        {(n, x, t) for n in (1, 50) for x in match.COSTED for t in ("match", "miss")}
+    for r in m["cost_rows"]:
+        assert r["runs"] > 0 and r["ns_per_run"]["min"] > 0, r
 
     a = results["apply"] = apply.run(counts=(2,), repeats=1, big=300, log=lambda *_: None)
     methods = {r["method"]: r for r in a["rows"]}
@@ -71,8 +91,14 @@ def test_bench_smoke(tmp_path):
     md = tmp_path / "benchmarks.md"
     verdicts = report.write(results, md, tmp_path / "benchmarks")
     text = md.read_text()
-    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## Where shaper's time goes"):
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Where shaper's time goes"):
         assert title in text, title
-    for png in ("classify.png", "apply.png", "latency.png"):
+    for png in ("classify.png", "match.png", "apply.png", "latency.png"):
         assert (tmp_path / "benchmarks" / png).stat().st_size > 10_000, png
     assert any("no disruption" in v and "**met**" in v for v in verdicts)
+    assert report.match_bad_checks(m) == [] and "MISMATCHES" not in text
+    # The section's goal lines: measured at each size, with a verdict (a noisy smoke run may miss them).
+    for goal in ("the port lookup adds at most 10%", "an unmatched packet costs no more than today",
+                 "shaper-port / u32-port", "shaper-port / ipset-port", "ingress against egress"):
+        line = next(v for v in verdicts if goal in v)
+        assert "1: " in line and "50: " in line, line
