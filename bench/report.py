@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from . import accuracy, apply, classify, match, profile  # noqa: E402
+from . import accuracy, apply, classify, match, profile
 
 LABELS = {"baseline": "no classifier (HTB only)", "shaper": "shaper (BPF + LPM trie)",
           "u32": "u32 list (tcconfig, Litmus, Pumba)", "ipset": "iptables + ipset (Chaos Mesh)",
@@ -527,7 +527,7 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
           "(polled every 10 ms; includes Python start-up and compiling and loading the classifier in the loader "
           "child, on an interface with nothing pinned). RSS is the daemon's VmRSS (VmHWM: its peak) after each "
           "rule set was applied through `PUT /rules`.\n")
-        mb = lambda kb: f"{kb / 1024:.1f}"  # noqa: E731
+        mb = lambda kb: f"{kb / 1024:.1f}"
         w("| measure | value |")
         w("|---|---:|")
         w(f"| start to ready, s, median (min-max) of {fp['ready_s']['n']} | {_mmm(fp['ready_s'], 1, 2)} |")
