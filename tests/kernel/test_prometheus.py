@@ -7,11 +7,12 @@ loopback, with a temporary config and storage; the test queries its HTTP API.
 import json
 import shutil
 import subprocess
+import sys
 from urllib.parse import quote
 
 import pytest
 
-from lab import V4, V6, NetnsHTTPConnection, wait_until
+from lab import V4, V6, NetnsHTTPConnection, sh, wait_until
 from tests.support.tiers import require_tier
 
 PROM_PORT = 9090
@@ -66,12 +67,21 @@ def get(lab, path):
         conn.close()
 
 
-def query(lab, promql: str) -> dict[str, float]:
-    """Instant query -> {rule label: value}."""
+def query(lab, promql: str, by: str = "rule") -> dict[str, float]:
+    """Instant query -> {value of the label `by`: value}."""
     status, body = get(lab, "/api/v1/query?query=" + quote(promql))
     data = json.loads(body)
     assert status == 200 and data["status"] == "success", body
-    return {r["metric"].get("rule", ""): float(r["value"][1]) for r in data["data"]["result"]}
+    return {r["metric"].get(by, ""): float(r["value"][1]) for r in data["data"]["result"]}
+
+
+# UDP datagrams from the dst namespace, from a given source address, to the pod: ingress on shp0.
+_INCOMING = ("import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind((sys.argv[1],0));"
+             "[s.sendto(b'x'*int(sys.argv[3]),(sys.argv[2],9)) for _ in range(int(sys.argv[4]))]")
+
+
+def send_to_pod(lab, src: str, count: int, size: int) -> None:
+    sh("ip", "netns", "exec", lab.dst, sys.executable, "-c", _INCOMING, src, V4["pod"], str(size), str(count))
 
 
 def test_promql_sees_per_rule_bytes_grow_by_what_was_sent(lab, prometheus):
@@ -94,10 +104,42 @@ def test_promql_sees_per_rule_bytes_grow_by_what_was_sent(lab, prometheus):
     assert after["b"] == before["b"]
     assert prometheus('shaper_class_bytes_total{rule="a"}')["a"] - before_class == sent
     assert prometheus('shaper_rule_matched_packets_total{rule="a"}')["a"] >= 50
-    # Labels are interface/rule/classid (plus Prometheus' own job/instance), never an address.
+    # Labels are interface/rule/classid/direction (plus Prometheus' own job/instance), never an address.
     status, body = get(lab, "/api/v1/series?match[]=" + quote('{__name__=~"shaper_.*"}'))
     labels = {k for s in json.loads(body)["data"] for k in s}
-    assert labels <= {"__name__", "job", "instance", "interface", "rule", "classid", "op", "change", "le"}
+    assert labels <= {"__name__", "job", "instance", "interface", "rule", "classid", "direction", "op", "change", "le"}
     rules = prometheus('shaper_rules{interface="shp0"}')
     assert list(rules.values()) == [2.0]
+    d.stop()
+
+
+def test_promql_sees_each_direction_of_a_rule_apart(lab, prometheus):
+    d = lab.daemon()
+    # udp: the ICMP errors each side answers the other's datagrams with are not the rule's.
+    d.request("PUT", "/rules/both", {"dst": [V4["a"]], "direction": "both", "protocol": "udp", "rate": "50mbit"})
+    d.request("PUT", "/rules/in", {"src": [V4["b"]], "rate": "50mbit"})
+    matched = 'shaper_rule_matched_packets_total{job="shaper",rule="%s"}'
+    assert wait_until(lambda: set(query(lab, matched % "both", "direction")) == {"egress", "ingress"}, 30, 0.5), \
+        "no scrape with both directions of rule 'both' reached Prometheus"
+    before = {name: query(lab, matched % name, "direction") for name in ("both", "in")}
+    assert set(before["in"]) == {"ingress"}
+
+    lab.send_udp(V4["a"], 30, size=200)  # out to both's peer
+    send_to_pod(lab, V4["a"], 12, 300)  # in from it
+    send_to_pod(lab, V4["b"], 7, 300)  # in from in's peer
+
+    def grown() -> dict:
+        now = {name: query(lab, matched % name, "direction") for name in ("both", "in")}
+        return {(name, d): now[name][d] - before[name][d] for name in now for d in now[name]}
+
+    want = {("both", "egress"): 30, ("both", "ingress"): 12, ("in", "ingress"): 7}
+    assert wait_until(lambda: grown() == want, 30, 0.5), f"grew by {grown()}, want {want}"
+    # A rule in both directions has one slot: one classid, a class in each tree.
+    classes = query(lab, 'shaper_class_packets_total{rule="both"}', "direction")
+    assert set(classes) == {"egress", "ingress"}
+    classids = set(query(lab, 'shaper_class_packets_total{rule="both"}', "classid"))
+    assert len(classids) == 1
+    entries = query(lab, 'shaper_map_entries{interface="shp0"}', "direction")
+    assert entries == {"egress": 1.0, "ingress": 2.0}
+    assert list(prometheus('shaper_rules{interface="shp0"}').values()) == [2.0]
     d.stop()
