@@ -98,7 +98,7 @@ def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: b
     """Run a shell command as root in a VM booting one of Debian's stock kernels (virtme-ng, TCG).
 
     The VM sees this host's filesystem read-only, `rwdir` writable (also its
-    TMPDIR), the netem/HTB/clsact/cls_bpf/veth modules loaded, and starts in
+    TMPDIR), the netem/HTB/clsact/cls_bpf/veth/ifb/8021q modules loaded, and starts in
     the source tree.  /dev/kvm does not work for a guest here, hence TCG.
     `kernel` is an image path (default: the newest).  With `on_line`, each line
     of output (the guest's and vng's, merged) is passed to it as it arrives and
@@ -110,7 +110,7 @@ def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: b
     script = Path(rwdir) / "guest.sh"
     script.write_text(
         "set -e\n"
-        "modprobe -a sch_netem sch_htb sch_ingress cls_bpf veth\n"
+        "modprobe -a sch_netem sch_htb sch_ingress cls_bpf veth ifb 8021q\n"
         f"cd {ROOT}\n"
         f"export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TMPDIR={rwdir} "
         f"SHAPER_READY_TIMEOUT_S={GUEST_READY_TIMEOUT_S:.0f}\n"
@@ -277,8 +277,12 @@ class Lab:
             raise
 
     def show(self) -> dict[str, dict]:
+        """Each rule's row by name: its egress row when it has one (`show` gives one row per direction)."""
         out = self.shaper("show", "-o", "json").stdout
-        return {r["name"]: r for r in json.loads(out)["rules"]}
+        rows: dict[str, dict] = {}
+        for r in json.loads(out)["rules"]:
+            rows.setdefault(r["name"], r)
+        return rows
 
     def ping(self, addr: str, count: int = 5, interval: float = 0.01, check: bool = True,
              timeout: float = 120) -> dict:

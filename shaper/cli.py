@@ -319,7 +319,8 @@ def field_options(fields: tuple[Field, ...]) -> Callable:
             elif "enum" in spec.schema:
                 kind = click.Choice(spec.schema["enum"])
             fn = click.option(spec.flag, *spec.option.aliases, spec.key, type=kind, metavar=spec.option.metavar,
-                              default=None, help=spec.help())(fn)
+                              multiple=spec.option.multiple, default=() if spec.option.multiple else None,
+                              help=spec.help())(fn)
         return fn
     return decorate
 
@@ -332,6 +333,8 @@ def _field_values(fields: dict) -> dict:
     out = {}
     for spec in OPTIONAL_FIELDS:
         value = fields.get(spec.key)
+        if spec.option.multiple:  # repeated: one list, as if written comma-separated
+            value = ",".join(value) if value else None
         if value is not None:
             out[spec.key] = spec.option.to_json(value) if spec.option.to_json else value
     return out

@@ -92,11 +92,12 @@ class Option:
     note: str = ""  # --help says it after the field's description
     to_json: Callable[[str], Any] | None = None  # the option's text -> the API's value (None: the text)
     aliases: tuple[str, ...] = ()  # more flags for the same option ("--port" for --ports)
+    multiple: bool = False  # may be repeated; the values are joined with "," before to_json
 
 
 @dataclass(frozen=True)
 class Gauge:
-    """A field's configuration gauge (labels interface, rule, classid): what metrics.py makes a family of."""
+    """A field's configuration gauge (labels interface, rule, classid, direction): what metrics.py makes a family of."""
 
     metric: str
     help: str
@@ -309,7 +310,8 @@ EXCEPT = Field(
                                        "maxItems": MAX_EXCEPT},
     "Prefixes carved out of the rule's peers: their traffic is classified as if the rule did not exist "
     "(a less specific rule, or none)", EXCEPT_FORM, f"list (or one) of CIDRs inside `dst` (max {MAX_EXCEPT})",
-    default=(), option=Option("CIDR[,CIDR...]", "Comma-separated.", lambda t: [p.strip() for p in t.split(",")]))
+    default=(), option=Option("CIDR[,CIDR...]", "Comma-separated or repeated.",
+                              lambda t: [p.strip() for p in t.split(",")], multiple=True))
 
 # The fields a rule may leave out, in the order they are parsed, checked, listed and offered.
 OPTIONAL_FIELDS: tuple[Field, ...] = (
@@ -329,8 +331,8 @@ OPTIONAL_FIELDS: tuple[Field, ...] = (
           "The peer's ports: the destination port on egress, the source port on ingress. Without a protocol: "
           "TCP, UDP and SCTP", PORTS_FORM, f"ports and ranges, e.g. `[5432, 8000-8100]` (max {MAX_PORT_ITEMS})",
           (), readme="See **Precedence** below.",
-          option=Option("PORT[,FIRST-LAST...]", "Comma-separated; --port is the same option.", _ports_option,
-                        ("--port",))),
+          option=Option("PORT[,FIRST-LAST...]", "Comma-separated or repeated; --port is the same option.",
+                        _ports_option, ("--port",), multiple=True)),
     EXCEPT,
     _duration("delay", "Added delay (netem)", max_us=MAX_DELAY_US, readme_form=_SHORT_DURATION,
               option=Option("DURATION", f"A DURATION is {DURATION_FORM}."),

@@ -68,7 +68,7 @@ def test_every_endpoint_against_the_kernel(lab):
 
     status, text = d.request("GET", "/metrics")
     assert status == 200 and 'shaper_rules{interface="shp0"} 1.0' in text
-    assert 'shaper_rule_matched_packets_total{classid="5348:1",interface="shp0",rule="a"} 30.0' in text
+    assert 'shaper_rule_matched_packets_total{classid="5348:1",direction="egress",interface="shp0",rule="a"} 30.0' in text
 
     assert d.request("DELETE", "/rules") == (200, {"deleted": ["a"]})
     assert classes(lab) == {}

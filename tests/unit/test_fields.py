@@ -107,6 +107,7 @@ def test_the_cli_options_are_made_from_the_fields(command):
     for spec in F.OPTIONAL_FIELDS:
         opt = options[spec.key]
         assert opt.opts == [spec.flag, *spec.option.aliases] and opt.help == spec.help(), spec.key
+        assert opt.multiple == spec.option.multiple, spec.key
         if spec.option.metavar:
             assert opt.metavar == spec.option.metavar
         if "enum" in spec.schema:
@@ -116,6 +117,10 @@ def test_the_cli_options_are_made_from_the_fields(command):
     assert cli._CLEARABLE == tuple(f.key for f in F.OPTIONAL_FIELDS)
     assert cli._field_values({"loss_ge": "p=1%,r=20%", "gap": 3, "delay": None}) == \
         {"loss_ge": {"p": "1%", "r": "20%"}, "gap": 3}
+    # --port and --except may be repeated, and take comma-separated lists: one list either way.
+    assert cli._field_values({"ports": ("5432", "8000-8100,9000"), "except": ()}) == \
+        {"ports": ["5432", "8000-8100", "9000"]}
+    assert _options(command)["ports"].multiple and _options(command)["except"].multiple
 
 
 def _gauges(rule, monkeypatch=None, fields=None) -> dict[str, tuple[str, float | None]]:
