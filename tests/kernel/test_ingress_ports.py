@@ -247,8 +247,8 @@ for _ in range(count):
 
 
 def vlan_devices_problem(ns: str) -> str | None:
-    """Why VLAN devices cannot be made (tried in the lab's own namespace), or None."""
-    probe = sh("ip", "-n", ns, "link", "add", "link", "lo", "name", "vlanprobe", "type", "vlan", "id", "2",
+    """Why VLAN devices cannot be made (tried on the lab's veth, in its own namespace), or None."""
+    probe = sh("ip", "-n", ns, "link", "add", "link", POD_IF, "name", "vlanprobe", "type", "vlan", "id", "2",
                check=False)
     if probe.returncode == 0:
         sh("ip", "-n", ns, "link", "del", "vlanprobe")
