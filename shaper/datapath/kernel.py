@@ -38,7 +38,7 @@ from shaper.core import plan as P
 from shaper.datapath.interface import AttachResult
 from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
 from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
-from shaper.core.model import Prefix, rule_from_record
+from shaper.core.model import Prefix
 from shaper.core.stats import ClassStats, RuleCounters
 from shaper.datapath.tc import FILTER_NAME, FILTER_NAME_OWN_CLSACT, FILTER_PREF, Tc, in_netns
 
@@ -621,12 +621,14 @@ class KernelDatapath:
         self.ingress_cfg.update(_SLOT.pack(0), abi.INGRESS_CFG.pack(index, 0))
         hook = self._ingress_hook()
         attached = hook.filter_prog_id()
-        if attached != prog_id(self.prog_in_fd):
-            if attached is not None and hook.filter_name() not in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
-                raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
-                               f"(BPF program id {attached}) that shaper did not attach; remove it "
-                               f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
-            hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")))
+        if attached is not None and attached != prog_id(self.prog_in_fd) and \
+                hook.filter_name() not in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
+            raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
+                           f"(BPF program id {attached}) that shaper did not attach; remove it "
+                           f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
+        # Attached (or replaced, atomically) once per process: its mirred action names the ifb by
+        # ifindex, which is another one if the ifb was made again.
+        hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")), redirect_to=index)
         self._ingress_ready = True
         return ifb
 
@@ -768,19 +770,7 @@ class KernelDatapath:
         ingress_classes = {slot: (cs.leaf or "pfifo") for slot, cs in ifb.class_stats().items()} if ifb else {}
         observed = P.Observed(entries=entries, classes=classes, ingress_entries=ingress_entries,
                               ingress_classes=ingress_classes, ports=ports)
-        attach_rules = getattr(P, "attach_rules", None)
-        if attach_rules is not None:
-            return attach_rules(observed, self._records())
-        # Until the core reconstructs rules from records and both tries: egress rules from dst_lpm.
-        dst_of: dict[int, list[Prefix]] = {}
-        for prefix, val in entries.items():
-            if val.slot and not val.derived:
-                dst_of.setdefault(val.slot, []).append(prefix)
-        rules = {}
-        for slot, record in self._records():
-            rule = rule_from_record(record["rule"], tuple(dst_of.get(slot, ())))
-            rules[rule.name] = P.ObservedRule(slot, rule, record.get("expires_ns", 0))
-        return replace(observed, rules=rules)
+        return P.attach_rules(observed, self._records())
 
     def rule_names(self) -> dict[int, str]:
         """slot -> rule name from the records alone (what a scrape needs; no trie walk)."""
