@@ -5,13 +5,15 @@
  *
  *   classify          clsact egress:  peer = destination, dst_lpm, the
  *                     interface's own HTB.  Always TC_ACT_OK.
- *   classify_ingress  clsact ingress: peer = source, src_lpm; a packet it
- *                     matched is redirected to the ifb in ingress_cfg[0],
- *                     whose HTB holds the ingress classes.  Unmatched
- *                     packets are never redirected.
+ *   classify_ingress  clsact ingress: peer = source, src_lpm; attached
+ *                     without direct action, with a mirred action that
+ *                     redirects to the ifb (whose HTB holds the ingress
+ *                     classes) the packets it reports a match for; it
+ *                     returns "no match" for the rest, which are never
+ *                     redirected.
  *
- * Compiled by bcc (shaper/datapath/loader.py), attached in direct-action
- * mode.  Neither program drops anything: they only choose a class.
+ * Compiled by bcc (shaper/datapath/loader.py).  Neither program drops
+ * anything: they only choose a class.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -27,11 +29,16 @@ BPF_LPM_TRIE(src_lpm, struct shaper_lpm_key, struct shaper_lpm_val, SHAPER_MAX_P
 BPF_LPM_TRIE(port_lpm, struct shaper_port_key, struct shaper_port_val, SHAPER_MAX_PORT_ENTRIES);
 BPF_PERCPU_ARRAY(rule_stats, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
 BPF_PERCPU_ARRAY(rule_stats_in, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
+/* The ifb's ifindex, written by the controller; the mirred action holds the redirect itself. */
 BPF_ARRAY(ingress_cfg, struct shaper_ingress_cfg, 1);
 /* Not used here: declared so bcc creates it beside the others (see shaper.h). */
 BPF_F_TABLE("hash", __u32, struct shaper_rule_meta, rule_meta, SHAPER_MAX_RULES + 1, BPF_F_NO_PREALLOC);
 
-#define IP_OFFSET_MASK 0x1FFF	/* iphdr.frag_off: the fragment offset bits */
+#define IP_OFFSET_MASK 0x1FFF
+/* classify_ingress's verdicts (cls_bpf without direct action): -1 is a match
+ * with the filter's own classid, which runs its actions; 0 (TC_ACT_OK, what
+ * every other path returns) is no match. */
+#define SHAPER_INGRESS_MATCH -1	/* iphdr.frag_off: the fragment offset bits */
 #define PORT_KEY_BITS (32 + 8 + 16)
 
 struct vlan_hdr_s {
@@ -97,16 +104,13 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 slot, __u32 class
 		st->bytes += skb->len;
 	}
 	skb->priority = classid;
-	if (ingress) {
-		__u32 zero = 0;
-		struct shaper_ingress_cfg *cfg = ingress_cfg.lookup(&zero);
-
-		/* To the ifb's egress: its HTB reads skb->priority, then the ifb
-		 * hands the packet back to this interface's receive path. */
-		if (cfg && cfg->ifb_ifindex)
-			return bpf_redirect(cfg->ifb_ifindex, 0);
-	}
-	return TC_ACT_OK;
+	/* Ingress: a match, for the filter's mirred action (the program is attached
+	 * without direct action there), which redirects the packet to the ifb's
+	 * egress: its HTB reads skb->priority, then the ifb hands the packet back to
+	 * this interface's receive path.  Not bpf_redirect(): on Debian 12's 6.1 it
+	 * leaves skb->redirected unset, and the ifb drops every packet that did not
+	 * come through mirred (all of them, in the VM tier). */
+	return ingress ? SHAPER_INGRESS_MATCH : TC_ACT_OK;
 }
 
 static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingress)

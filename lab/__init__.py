@@ -110,7 +110,7 @@ def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: b
     script = Path(rwdir) / "guest.sh"
     script.write_text(
         "set -e\n"
-        "modprobe -a sch_netem sch_htb sch_ingress cls_bpf veth ifb 8021q\n"
+        "modprobe -a sch_netem sch_htb sch_ingress cls_bpf act_mirred veth ifb 8021q\n"
         f"cd {ROOT}\n"
         f"export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TMPDIR={rwdir} "
         f"SHAPER_READY_TIMEOUT_S={GUEST_READY_TIMEOUT_S:.0f}\n"

@@ -387,9 +387,17 @@ class Tc:
         """Whether the attached filter says shaper added the clsact qdisc (see FILTER_NAME_OWN_CLSACT)."""
         return self._our_filter_option("TCA_BPF_NAME") == FILTER_NAME_OWN_CLSACT
 
-    def attach_filter(self, prog_fd: int, created_clsact: bool = False) -> None:
+    def attach_filter(self, prog_fd: int, created_clsact: bool = False, redirect_to: int | None = None) -> None:
         """Attach (or atomically replace) the classifier on this Tc's clsact hook; its name records
-        whether shaper created the clsact qdisc."""
+        whether shaper created the clsact qdisc.
+
+        `redirect_to` (the ingress classifier): attach it without direct action, with a mirred
+        action redirecting what it matches to that device's egress (the ifb).  mirred marks the
+        packet redirected, which the ifb requires; bpf_redirect() does not on Linux 6.1."""
+        how: dict = {"direct_action": True}
+        if redirect_to is not None:
+            how = {"direct_action": False, "action": [{"kind": "mirred", "direction": "egress",
+                                                       "action": "redirect", "ifindex": redirect_to}]}
         try:
             self.ipr.tc(
                 "replace-filter",
@@ -401,7 +409,7 @@ class Tc:
                 protocol=ETH_P_ALL,
                 fd=prog_fd,
                 name=FILTER_NAME_OWN_CLSACT if created_clsact else FILTER_NAME,
-                direct_action=True,
+                **how,
             )
         except NetlinkError as exc:
             raise _kernel_error(exc, "attach the classifier to", self.ifname) from None
