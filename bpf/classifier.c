@@ -188,7 +188,19 @@ static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingr
 			val = dst_lpm.lookup(&key);
 		if (!val)
 			return TC_ACT_OK;
-		if (val->group) {
+		if (val->flags & SHAPER_F_PORT) {
+			/* The key's one port rule, held in the value: compare, no lookup. */
+			__u8 plen = val->port_plen;
+			__u16 mask = plen >= 16 ? 0xFFFF : plen ? (__u16)(0xFFFF << (16 - plen)) : 0;
+			__u16 port, first;
+
+			if (!l4.parsed)
+				parse_l4(skb, &l4, l4_off, l4_proto, no_ports, ingress);
+			port = (__u16)l4.port[0] << 8 | l4.port[1];
+			first = (__u16)val->port_hi << 8 | val->port_lo;
+			if (l4.proto == val->port_proto && (port & mask) == first && live(val->port_expires_ns, &now))
+				return decide(skb, val->port_slot, SHAPER_HTB_MAJOR << 16 | val->port_slot, ingress);
+		} else if (val->group) {
 			if (!l4.parsed)
 				parse_l4(skb, &l4, l4_off, l4_proto, no_ports, ingress);
 			pkey.prefixlen = PORT_KEY_BITS;

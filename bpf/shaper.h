@@ -27,6 +27,8 @@
 /* shaper_lpm_val.flags: an entry written for an `except`.  The classifier
  * ignores it (it acts on slot and prefixlen alone); the controller reads it. */
 #define SHAPER_F_DERIVED 1
+/* shaper_lpm_val.flags: the port_* fields hold this key's one port rule. */
+#define SHAPER_F_PORT 2
 
 /* LPM trie key.  IPv4 is stored IPv4-mapped (::ffff:a.b.c.d, prefixlen 96+n)
  * so one trie and one lookup serve both families. */
@@ -43,8 +45,12 @@ struct shaper_lpm_key {
  * prefixlen is where the lookup falls back from, past an entry that decides
  * nothing (retry at prefixlen - 1); 0 stops there, unclassified, which is how
  * an `except` carves a prefix out of a shorter one.  group names the port and
- * protocol rules at this key in port_lpm (0: none).  group and flags sit where
- * the first version had a zero pad: its pins read the same. */
+ * protocol rules at this key in port_lpm (0: none).  When those are a single
+ * rule with one protocol and one port block (tcp port 5432, udp), the most
+ * common case, they are held here instead (flags & SHAPER_F_PORT): port_slot's
+ * rule matches protocol port_proto and the ports whose top port_plen bits
+ * equal port_hi:port_lo (plen 0: any), until port_expires_ns, at the cost of a
+ * comparison rather than a port_lpm lookup. */
 struct shaper_lpm_val {
 	__u32 classid;
 	__u32 slot;
@@ -52,6 +58,12 @@ struct shaper_lpm_val {
 	__u32 prefixlen;
 	__u16 group;
 	__u16 flags;
+	__u64 port_expires_ns;
+	__u32 port_slot;
+	__u8 port_proto;
+	__u8 port_plen;
+	__u8 port_hi;
+	__u8 port_lo;
 };
 
 /* port_lpm key: (group, protocol, port block).  The trie's prefixlen counts

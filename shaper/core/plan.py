@@ -50,9 +50,9 @@ from typing import Iterable, Mapping, Union
 from shaper.errors import InvalidInput, ShaperError
 from shaper.core.model import MAX_PREFIXES, MAX_RULES, Prefix, Rule, rule_from_record
 from shaper.core import tables
-from shaper.core.tables import DIRECTIONS, Entry, PortEntry, PortKey
+from shaper.core.tables import DIRECTIONS, Entry, Inline, PortEntry, PortKey
 
-__all__ = ["DIRECTIONS", "Entry", "PortEntry", "PortKey"]  # defined with the tables, used by every datapath
+__all__ = ["DIRECTIONS", "Entry", "Inline", "PortEntry", "PortKey"]  # defined with the tables, used by every datapath
 
 
 @dataclass(frozen=True)
@@ -319,15 +319,19 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
 
 
 _UNDO_KEY = struct.Struct("=B16s")  # prefixlen, addr
-_UNDO_VAL = struct.Struct("=BIQBHB")  # present, slot, expires_ns, fallback prefixlen, group, derived
+# present, slot, expires_ns, fallback prefixlen, group, derived; the inline port rule (slot 0: none): slot,
+# expires_ns, protocol, port, port bits
+_UNDO_VAL = struct.Struct("=BIQBHBIQBHB")
 _UNDO_PORT = struct.Struct("=IBHBBIQ")  # group, proto, port, plen, present, slot, expires_ns
 _COUNT = struct.Struct("=I")
 UNDO_VERSION = 2
 
 
 def _pack_value(v: Entry | None) -> bytes:
-    return _UNDO_VAL.pack(0, 0, 0, 0, 0, 0) if v is None else \
-        _UNDO_VAL.pack(1, v.slot, v.expires_ns, v.prefixlen, v.group, v.derived)
+    if v is None:
+        return _UNDO_VAL.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    one = v.inline or Inline(0, 0, 0, 0, 0)
+    return _UNDO_VAL.pack(1, v.slot, v.expires_ns, v.prefixlen, v.group, v.derived, *one)
 
 
 @dataclass(frozen=True)
@@ -398,9 +402,9 @@ class Undo:
                         chunk = vals[i:i + _UNDO_VAL.size]
                         value = decoded.get(chunk, False)
                         if value is False:
-                            present, slot, expires, fallback, group, derived = _UNDO_VAL.unpack(chunk)
-                            value = decoded[chunk] = Entry(slot, expires, fallback, group, bool(derived)) \
-                                if present else None
+                            present, slot, expires, fallback, group, derived, *one = _UNDO_VAL.unpack(chunk)
+                            value = decoded[chunk] = Entry(slot, expires, fallback, group, bool(derived),
+                                                           Inline(*one) if one[0] else None) if present else None
                         out[Prefix(addr, plen)] = value
                 (count,) = _COUNT.unpack_from(raw, at)
                 at += 4

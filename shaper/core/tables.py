@@ -48,6 +48,19 @@ class Entry:
     prefixlen: int  # where the classifier falls back from (0: nowhere: it stops here)
     group: int = 0  # the port group of the port and protocol rules at this key (0: none)
     derived: bool = False  # written for an `except`: the slot's rule does not name this prefix
+    inline: Inline | None = None  # the one port rule of this key, held here instead of in a group
+
+
+class Inline(NamedTuple):
+    """A key's port or protocol rules when they are one rule with one protocol and one port block
+    ("tcp port 5432", "udp"), the common case: held in the trie value itself, so classifying by it
+    costs a comparison instead of a port trie lookup."""
+
+    slot: int
+    expires_ns: int
+    proto: int
+    port: int  # the block's first port
+    plen: int  # 0: any port (protocol-only), 16: one port
 
 
 # Which trie a table belongs to: egress packets are looked up by destination, ingress ones by source.
@@ -235,18 +248,29 @@ def _max_prefixes() -> int:
 def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | None = None,
             taken_groups: Iterable[int] = (), *, check_only: bool = False) -> Tables:
     """The tables of `placed`.  `groups`: member slots -> id of groups that exist now, kept
-    for the same members; new member sets get the lowest ids not in `taken_groups` nor kept."""
+    for the same members; new member sets get the lowest ids not in `taken_groups` nor kept.
+
+    A key whose port and protocol rules are one rule with one port block holds it inline
+    (Entry.inline) and needs no group; the others share a group per set of rules."""
     by_direction = _directions(placed)
     sides = {d: _Direction(items, d) for d, items in by_direction.items()}
     # Port groups: the slots of the port and protocol rules at a key, each set one group.
     members: dict[str, dict[Prefix, tuple[int, ...]]] = {}
     wanted: dict[tuple[int, ...], list[Placed]] = {}
+    inline: dict[tuple[int, ...], Inline] = {}
     for d, side in sides.items():
         members[d] = {}
         for p, items in side.port_rules.items():
             key = tuple(sorted(i.slot for i in items)) if not check_only else tuple(sorted(id(i) for i in items))
             members[d][p] = key
-            wanted.setdefault(key, items)
+            if key in wanted or key in inline:
+                continue
+            keys = items[0].rule.port_keys() if len(items) == 1 else ()
+            if len(keys) == 1:
+                (proto, port, plen), = keys
+                inline[key] = Inline(items[0].slot, items[0].expires_ns, proto, port, plen)
+            else:
+                wanted[key] = items
     ids = _group_ids(list(wanted), groups or {}, taken_groups)
     ports: dict[PortKey, PortEntry] = {}
     if not check_only:
@@ -259,21 +283,27 @@ def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | No
         if len(ports) > MAX_PORT_ENTRIES:
             raise InvalidInput("rules", f"{len(ports)} port entries exceed the maximum {MAX_PORT_ENTRIES}",
                                "fewer port ranges, or fewer distinct sets of port rules sharing peers")
+
+    def port_part(key: tuple[int, ...] | None) -> tuple[int, Inline | None]:
+        if key is None:
+            return 0, None
+        return (0, inline[key]) if key in inline else (ids[key], None)
+
     tries: dict[str, dict[Prefix, Entry]] = {}
     for d, side in sides.items():
         trie = side.trie
         for p, key in members[d].items():
             base = trie.get(p)
-            g = ids[key]
-            trie[p] = Entry(base.slot, base.expires_ns, p.prefixlen, g) if base else Entry(0, 0, p.prefixlen, g)
+            g, one = port_part(key)
+            trie[p] = Entry(base.slot if base else 0, base.expires_ns if base else 0, p.prefixlen, g, False, one)
         barriers = {}  # worked out on the peers' keys alone, then written
         for node in side.excepts:
             answer, derived = side.barrier(node)
-            g = ids[members[d][node]] if node in members[d] else 0
+            g, one = port_part(members[d].get(node))
             if answer is None:
-                barriers[node] = Entry(0, 0, 0, g)
+                barriers[node] = Entry(0, 0, 0, g, False, one)
             else:
-                barriers[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived)
+                barriers[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived, one)
         trie.update(barriers)
         tries[d] = trie
     return Tables(tries, ports, {key: ids[key] for key in wanted})
@@ -319,6 +349,8 @@ def named_prefixes(tries: Mapping[str, Mapping[Prefix, Entry]],
             v = values[vid]
             if v.slot and not v.derived:
                 out[v.slot].update(prefixes)
+            if v.inline is not None:
+                out[v.inline.slot].update(prefixes)
             for slot in members.get(v.group, ()) if v.group else ():
                 out[slot].update(prefixes)
     return out
@@ -335,6 +367,10 @@ def classify(tries: Mapping[str, Mapping[Prefix, Entry]], ports: Mapping[PortKey
         if best is None:
             return 0
         v = trie[best]
+        one = v.inline
+        if one is not None and one.proto == proto and (not one.plen or port >> (16 - one.plen) == one.port >> (16 - one.plen)) \
+                and (one.expires_ns == 0 or now_ns < one.expires_ns):
+            return one.slot
         if v.group:
             hit = _port_lookup(ports, v.group, proto, port)
             if hit is not None and (hit.expires_ns == 0 or now_ns < hit.expires_ns):

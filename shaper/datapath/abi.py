@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shaper.core.model import MAX_PREFIXES, MAX_RULES
-from shaper.core.plan import Entry, PortEntry, PortKey
+from shaper.core.plan import Entry, Inline, PortEntry, PortKey
 
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
 
@@ -93,6 +93,7 @@ RULE_META = STRUCTS["shaper_rule_meta"].codec  # len, json
 META_LEN = CONSTANTS["SHAPER_META_LEN"]
 HTB_MAJOR = CONSTANTS["SHAPER_HTB_MAJOR"]
 F_DERIVED = CONSTANTS["SHAPER_F_DERIVED"]
+F_PORT = CONSTANTS["SHAPER_F_PORT"]
 PORT_KEY_BASE_BITS = 32 + 8  # a port key's prefixlen counts the group and the protocol, then port bits
 
 
@@ -103,14 +104,22 @@ for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", M
 
 def pack_entry(entry: Entry) -> bytes:
     """A trie value: the slot's class (skb->priority as is; 0 for slot 0), the slot, the deadline,
-    the prefix length to fall back from, the port group and the flags."""
+    the prefix length to fall back from, the port group, the flags and the inline port rule."""
+    one = entry.inline
+    flags = (F_DERIVED if entry.derived else 0) | (F_PORT if one is not None else 0)
+    if one is None:
+        return LPM_VAL.pack(classid(entry.slot) if entry.slot else 0, entry.slot, entry.expires_ns, entry.prefixlen,
+                            entry.group, flags, 0, 0, 0, 0, 0, 0)
     return LPM_VAL.pack(classid(entry.slot) if entry.slot else 0, entry.slot, entry.expires_ns, entry.prefixlen,
-                        entry.group, F_DERIVED if entry.derived else 0)
+                        entry.group, flags, one.expires_ns, one.slot, one.proto, one.plen, one.port >> 8,
+                        one.port & 0xFF)
 
 
 def unpack_entry(data: bytes) -> Entry:
-    _classid, slot, expires_ns, prefixlen, group, flags = LPM_VAL.unpack(data)
-    return Entry(slot, expires_ns, prefixlen, group, bool(flags & F_DERIVED))
+    (_classid, slot, expires_ns, prefixlen, group, flags, port_expires, port_slot, proto, plen, hi,
+     lo) = LPM_VAL.unpack(data)
+    one = Inline(port_slot, port_expires, proto, hi << 8 | lo, plen) if flags & F_PORT else None
+    return Entry(slot, expires_ns, prefixlen, group, bool(flags & F_DERIVED), one)
 
 
 def pack_port_key(key: PortKey) -> bytes:

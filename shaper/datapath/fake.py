@@ -227,6 +227,9 @@ class FakeDatapath:
                     raise InvariantBroken(f"{prefix} ({direction}) steers to class {val.slot}, which does not exist")
                 if val.prefixlen not in (0, prefix.prefixlen):
                     raise InvariantBroken(f"{prefix} ({direction}): inconsistent entry {val}")
+                if val.inline is not None and val.inline.slot not in classes:
+                    raise InvariantBroken(f"{prefix} ({direction}): its port rule steers to class {val.inline.slot}, "
+                                          f"which does not exist")
                 if val.group:
                     if val.group not in groups:
                         raise InvariantBroken(f"{prefix} ({direction}) points at port group {val.group}, which is "

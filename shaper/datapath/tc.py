@@ -383,6 +383,14 @@ class Tc:
         """The id of the program attached at shaper's pref and handle, if any."""
         return self._our_filter_option("TCA_BPF_ID")
 
+    def filter_redirect_ifindex(self) -> int | None:
+        """Where the attached filter's mirred action redirects (the ingress classifier's ifb), if it has one."""
+        act = self._our_filter_option("TCA_BPF_ACT")
+        try:
+            return act.get_attr("TCA_ACT_PRIO_1").get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")["ifindex"]
+        except (AttributeError, KeyError, TypeError):
+            return None
+
     def filter_created_clsact(self) -> bool:
         """Whether the attached filter says shaper added the clsact qdisc (see FILTER_NAME_OWN_CLSACT)."""
         return self._our_filter_option("TCA_BPF_NAME") == FILTER_NAME_OWN_CLSACT

@@ -127,7 +127,8 @@ def test_reset_on_a_fresh_interface_restores_default_and_pins(lab):
     # This lab's pins only: other shapers (another test run, a benchmark) may have theirs.
     pins = f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}"
     # intent: the crash-safety record's map, made by the first change (docs/reliability.md)
-    assert sorted(os.listdir(pins)) == ["classifier", "dst_lpm", "intent", "rule_meta", "rule_stats"]
+    assert sorted(os.listdir(pins)) == ["classifier", "classifier_in", "dst_lpm", "ingress_cfg", "intent", "port_lpm",
+                                        "rule_meta", "rule_stats", "rule_stats_in", "src_lpm"]
     assert "removed filter, clsact, htb root, pins" in lab.shaper("reset").stdout
     assert lab.tc_state() == before
     assert not os.path.exists(pins)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from shaper.core.plan import Entry, PortEntry, PortKey
+from shaper.core.plan import Entry, Inline, PortEntry, PortKey
 from shaper.datapath import abi
 
 
@@ -42,28 +42,36 @@ def test_sizes_offsets_and_constants_match_gcc(tmp_path):
 
 
 def test_expected_structs_present():
-    assert abi.LPM_KEY.size == 20 and abi.LPM_VAL.size == 24
+    assert abi.LPM_KEY.size == 20 and abi.LPM_VAL.size == 40
     assert abi.RULE_STATS.size == 16 and abi.RULE_META.size == 4 + abi.META_LEN
     assert abi.PORT_KEY.size == 12 and abi.PORT_VAL.size == 16 and abi.INGRESS_CFG.size == 8
 
 
-def test_lpm_value_reads_as_the_first_version_did():
-    # group and flags took the first version's zero pad: an entry without them packs to the same bytes.
+def test_lpm_value_starts_as_the_first_version_did():
+    # group and flags took the first version's zero pad, and the inline port rule follows: an entry
+    # without them starts with the first version's bytes and ends in zeros.
     first_version = struct.Struct("=IIQII")
-    assert abi.pack_entry(Entry(7, 5, 120)) == first_version.pack(0x53480007, 7, 5, 120, 0)
-    assert abi.unpack_entry(first_version.pack(0x53480007, 7, 5, 120, 0)) == Entry(7, 5, 120)
+    packed = abi.pack_entry(Entry(7, 5, 120))
+    assert packed[:24] == first_version.pack(0x53480007, 7, 5, 120, 0) and packed[24:] == bytes(16)
+    assert abi.unpack_entry(first_version.pack(0x53480007, 7, 5, 120, 0) + bytes(16)) == Entry(7, 5, 120)
 
 
 def test_codec_round_trip():
     v = Entry(7, 123456789, 120)
     assert abi.unpack_entry(abi.pack_entry(v)) == v
     # What the classifier reads: skb->priority's classid, the slot for rule_stats, zero padding.
-    assert abi.LPM_VAL.unpack(abi.pack_entry(v)) == (0x53480007, 7, 123456789, 120, 0, 0)
+    assert abi.LPM_VAL.unpack(abi.pack_entry(v)) == (0x53480007, 7, 123456789, 120, 0, 0, 0, 0, 0, 0, 0, 0)
     # A port group and an `except` entry: slot 0 has no class (classid 0), the flag marks it derived.
     for entry in (Entry(3, 0, 104, group=9), Entry(0, 0, 0, group=0, derived=True), Entry(0, 0, 96, 65535, True)):
         assert abi.unpack_entry(abi.pack_entry(entry)) == entry
-    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(0, 0, 0, derived=True))) == (0, 0, 0, 0, 0, abi.F_DERIVED)
-    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(4, 0, 128, group=2))) == (0x53480004, 4, 0, 128, 2, 0)
+    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(0, 0, 0, derived=True)))[:6] == (0, 0, 0, 0, 0, abi.F_DERIVED)
+    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(4, 0, 128, group=2)))[:6] == (0x53480004, 4, 0, 128, 2, 0)
+    # The key's one port rule in the value: tcp port 5432 (a /16 block) and udp protocol-only.
+    for one in (Inline(9, 77, 6, 5432, 16), Inline(3, 0, 17, 0, 0), Inline(2, 0, 6, 8064, 11)):
+        entry = Entry(4, 0, 128, inline=one)
+        assert abi.unpack_entry(abi.pack_entry(entry)) == entry
+    assert abi.LPM_VAL.unpack(abi.pack_entry(Entry(0, 0, 128, inline=Inline(9, 77, 6, 5432, 16)))) == \
+        (0, 0, 0, 128, 0, abi.F_PORT, 77, 9, 6, 16, 5432 >> 8, 5432 & 0xFF)
     key = abi.pack_key(120, bytes(range(16)))
     assert abi.unpack_key(key) == (120, bytes(range(16)))
     assert abi.unpack_meta(abi.pack_meta(b'{"a":1}')) == b'{"a":1}'

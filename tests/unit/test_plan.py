@@ -40,7 +40,9 @@ def desired_state_reached(dp, want):
             assert classes[slot] == r.class_params()
             assert leaves[slot] == r.leaf_params()
             for p in r.dst:
-                if r.selects_ports:  # through its port group: every key of its ports points at it
+                if r.selects_ports and trie[p].inline is not None:  # its one port block, in the entry
+                    assert trie[p].inline.slot == slot and len(r.port_keys()) == 1
+                elif r.selects_ports:  # through its port group: every key of its ports points at it
                     group = trie[p].group
                     assert {dp.ports[P.PortKey(group, *k)].slot for k in r.port_keys()} == {slot}
                 else:
