@@ -626,9 +626,10 @@ class KernelDatapath:
             raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
                            f"(BPF program id {attached}) that shaper did not attach; remove it "
                            f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
-        # Attached (or replaced, atomically) once per process: its mirred action names the ifb by
-        # ifindex, which is another one if the ifb was made again.
-        hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")), redirect_to=index)
+        # Attached, or replaced (atomically) when it is not this program or its mirred action names
+        # another ifindex than the ifb's (the ifb was made again).
+        if attached != prog_id(self.prog_in_fd) or hook.filter_redirect_ifindex() != index:
+            hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")), redirect_to=index)
         self._ingress_ready = True
         return ifb
 
