@@ -292,6 +292,25 @@ class Lab:
             raise AssertionError(proc.stderr)
         return parse_ping(proc.stdout)
 
+    def ping_during(self, addr: str, action, count: int = 300, interval: float = 0.01, lead_s: float = 0.5) -> dict:
+        """Ping `addr` from the pod (`count` at `interval`) while `action()` runs, started `lead_s` into
+        the pings; returns the pings' summary (parse_ping) once both are done."""
+        result: dict = {}
+
+        def pings() -> None:
+            proc = subprocess.run(["ip", "netns", "exec", self.pod, "ping", "-n", "-q", "-c", str(count), "-i",
+                                   str(interval), addr], capture_output=True, text=True, timeout=120 + count * interval)
+            result.update(parse_ping(proc.stdout))
+
+        t = threading.Thread(target=pings)
+        t.start()
+        try:
+            time.sleep(lead_s)
+            action()
+        finally:
+            t.join()
+        return result
+
     def send_udp(self, addr: str, count: int, size: int = 64) -> None:
         code = ("import socket,sys;a=sys.argv[1];f=socket.AF_INET6 if ':' in a else socket.AF_INET;"
                 "s=socket.socket(f,socket.SOCK_DGRAM);[s.sendto(b'x'*int(sys.argv[3]),(a,9)) "

@@ -7,11 +7,8 @@ a live change of an ingress rule while other rules' traffic flows.  One lab for 
 
 import json
 import math
-import subprocess
-import threading
-import time
 
-from lab import POD_IF, V4, V6, parse_ping, sh
+from lab import POD_IF, V4, V6, sh
 
 RULES = f"""
 rules:
@@ -122,18 +119,7 @@ def _ifbs(lab) -> list[str]:
 def test_live_change_of_an_ingress_rule_without_loss_to_others(lab):
     ifbs = _ifbs(lab)
     assert len(ifbs) == 1, ifbs
-    result = {}
-
-    def ping_b():
-        proc = subprocess.run(["ip", "netns", "exec", lab.pod, "ping", "-n", "-q", "-c", "300", "-i", "0.01",
-                               V4["b"]], capture_output=True, text=True, timeout=120)
-        result.update(parse_ping(proc.stdout))
-
-    t = threading.Thread(target=ping_b)
-    t.start()
-    time.sleep(0.5)
-    lab.shaper("apply", rules=RULES.replace("delay: 40ms", "delay: 10ms"))
-    t.join()
+    result = lab.ping_during(V4["b"], lambda: lab.shaper("apply", rules=RULES.replace("delay: 40ms", "delay: 10ms")))
     a = lab.ping(V4["a"], count=30, interval=0.05)
     print(f"\nVM live change of from-a 40ms -> 10ms: a rtt median {a['median']:.2f} ms; b (from-b, 5 ms) during "
           f"the change: {result['received']}/{result['sent']} received")

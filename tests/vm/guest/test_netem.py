@@ -5,11 +5,8 @@ One lab and one classifier compile for the module: bcc takes ~7 s per compile un
 
 import math
 import os
-import subprocess
-import threading
-import time
 
-from lab import POD_IF, V4, V6, parse_ping
+from lab import POD_IF, V4, V6
 
 RULES = f"""
 rules:
@@ -61,18 +58,7 @@ def test_loss_within_binomial_bounds(lab):
 
 def test_live_change_without_loss_to_others(lab):
     handles_before = lab.handles()
-    result = {}
-
-    def ping_b():
-        proc = subprocess.run(["ip", "netns", "exec", lab.pod, "ping", "-n", "-q", "-c", "300", "-i", "0.01",
-                               V4["b"]], capture_output=True, text=True, timeout=120)
-        result.update(parse_ping(proc.stdout))
-
-    t = threading.Thread(target=ping_b)
-    t.start()
-    time.sleep(0.5)
-    lab.shaper("apply", rules=RULES.replace("delay: 50ms", "delay: 10ms"))
-    t.join()
+    result = lab.ping_during(V4["b"], lambda: lab.shaper("apply", rules=RULES.replace("delay: 50ms", "delay: 10ms")))
     a = lab.ping(V4["a"], count=30, interval=0.05)
     print(f"\nVM live change a 50ms -> 10ms: a rtt median {a['median']:.2f} ms; b during change: "
           f"{result['received']}/{result['sent']} received")
