@@ -822,22 +822,27 @@ def _direction(row: dict) -> str:
 
 
 def _match(row: dict) -> str:
-    """What a rule selects beyond its peers, in the MATCH column: "tcp/5432,8000-8100", "udp", "port 53", "-"."""
+    """What a rule selects beyond its peers, in the MATCH column: "tcp/5432,8000-8100", "udp", "port 53",
+    "except 10.9.0.0/16", "-"."""
     proto = row.get("protocol")
     ports = ",".join(str(p) for p in row.get("ports", ()))
     if proto is not None and ports:
-        return f"{proto}/{ports}"
-    if ports:  # tcp, udp and sctp alike
-        return f"port {ports}"
-    return "-" if proto is None else str(proto)
+        text = f"{proto}/{ports}"
+    elif ports:  # tcp, udp and sctp alike
+        text = f"port {ports}"
+    else:
+        text = "" if proto is None else str(proto)
+    if row.get("except"):
+        text = " ".join(x for x in (text, "except " + ",".join(row["except"])) if x)
+    return text or "-"
 
 
 def _rule_columns(rows: list[dict]) -> tuple[tuple[str, ...], Callable[[dict], tuple]]:
     """NAME, then DIR once a row is not egress, the peers (DST, or PEERS once a row's are sources), MATCH once
-    a rule selects a protocol or ports, IMPAIRMENT and TTL: the header and each row's cells.  A table of
+    a rule selects a protocol or ports or carves prefixes out, IMPAIRMENT and TTL: the header and each row's cells.  A table of
     egress rules on any protocol reads as it did before rules had directions and ports."""
     directions = any(_direction(r) != "egress" for r in rows)
-    ports = any("protocol" in r or "ports" in r for r in rows)
+    ports = any("protocol" in r or "ports" in r or "except" in r for r in rows)
     header = ("NAME",) + (("DIR", "PEERS") if directions else ("DST",)) + (("MATCH",) if ports else ()) + \
         ("IMPAIRMENT", "TTL")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
+from shaper.core.fields import BY_KEY
 from shaper.core.model import FIELD_NAMES, Rule
 
 # Destinations quoted in one change; the rest are counted (a rule may hold 100,000).
@@ -78,9 +79,10 @@ def _dst_change(old: Iterable, new: Iterable) -> dict[str, Any]:
     return out
 
 
-def _value(value: Any) -> str:
-    if value is None:
-        return "(unset)"
+def _value(value: Any, key: str = "") -> str:
+    if value is None:  # left out: its default, when that is a word (direction egress), else unset
+        default = BY_KEY[key].default if key in BY_KEY else None
+        return default if isinstance(default, str) and default else "(unset)"
     if isinstance(value, Mapping):
         return ",".join(f"{k}={v}" for k, v in value.items())
     return str(value)
@@ -110,7 +112,7 @@ def describe(change: Mapping[str, Any]) -> str:
         parts += [f"{k} {_value(v)}" for k, v in change.get("fields", {}).items()]
         why = "created again: its TTL had passed" if change.get("expired") else "created"
         return f"+ {name} ({why})" + (": " + ", ".join(parts) if parts else "")
-    parts = [f"{k} {_value(v['old'])} -> {_value(v['new'])}" for k, v in change.get("fields", {}).items()]
+    parts = [f"{k} {_value(v['old'], k)} -> {_value(v['new'], k)}" for k, v in change.get("fields", {}).items()]
     dst = " ".join(t for t in (_dst_text(change, "+", "dst_added"), _dst_text(change, "-", "dst_removed")) if t)
     if dst:
         parts.append("dst " + dst)

@@ -221,3 +221,20 @@ def test_ipv6_and_ipv4_share_the_model():
     assert classify(rules, "egress", "fd00::1", TCP, 53) == "v6-all"
     assert classify(rules, "egress", "fd00:0:0:1::1", TCP, 53) is None
     assert str(ipaddress.ip_network("fd00::/48"))  # the forms above are plain CIDRs
+
+
+def test_dry_runs_and_tables_say_direction_ports_and_except_in_the_rules_words():
+    from shaper import cli
+    from shaper.core.changes import describe, rule_changes
+
+    old = parse_rule({"name": "pg", "dst": "10.0.0.5", "protocol": "tcp", "ports": [5432], "direction": "both"})
+    new = parse_rule({"name": "pg", "dst": "10.0.0.5", "protocol": "tcp", "ports": [5433]})
+    (change,) = rule_changes([old], [new])
+    # A field left out reads as its default when that is a word: the direction goes back to egress.
+    assert describe(change) == "~ pg: direction both -> egress, ports [5432] -> [5433]"
+    assert cli._match({"protocol": "tcp", "ports": [5432, "8000-8100"]}) == "tcp/5432,8000-8100"
+    assert cli._match({"ports": [53]}) == "port 53"
+    assert cli._match({"dst": ["10.0.0.0/8"], "except": ["10.9.0.0/16"]}) == "except 10.9.0.0/16"
+    assert cli._match({"protocol": "udp", "except": ["10.9.0.0/16", "10.8.0.0/16"]}) == \
+        "udp except 10.9.0.0/16,10.8.0.0/16"
+    assert cli._match({}) == "-"
