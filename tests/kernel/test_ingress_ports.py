@@ -309,7 +309,9 @@ def test_ports_over_a_vlan_device_attached_on_the_parent(lab):
         before = d.class_stats("ingress")[4].packets
         result = lab.ping("10.79.10.2", count=5)
         assert result["received"] == 5, result
-        assert d.class_stats("ingress")[4].packets - before >= 5
+        seen = {"class": d.class_stats("ingress")[4].packets - before, "matched": counts(d, [4], "ingress")[4],
+                "ifb": sh("tc", "-n", lab.pod, "-s", "qdisc", "show", "dev", ifb_name(d.ifindex)).stdout}
+        assert seen["class"] >= 5, seen
     finally:
         d.reset()
         d.close()
