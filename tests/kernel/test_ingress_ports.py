@@ -246,16 +246,6 @@ for _ in range(count):
 """
 
 
-def vlan_devices_problem(ns: str) -> str | None:
-    """Why VLAN devices cannot be made (tried on the lab's veth, in its own namespace), or None."""
-    probe = sh("ip", "-n", ns, "link", "add", "link", POD_IF, "name", "vlanprobe", "type", "vlan", "id", "2",
-               check=False)
-    if probe.returncode == 0:
-        sh("ip", "-n", ns, "link", "del", "vlanprobe")
-        return None
-    return f"this kernel has no VLAN devices (8021q): {probe.stderr.strip()}; the VM tier's kernel has them"
-
-
 def test_ports_with_a_vlan_tag_in_the_data(lab, dp):
     """One tag in the data (802.1Q or 802.1ad) is skipped and the inner packet classified, ports
     included; two tags pass unclassified.  A tag the kernel keeps in skb->vlan_tci (a VLAN device
@@ -271,50 +261,6 @@ def test_ports_with_a_vlan_tag_in_the_data(lab, dp):
     dp.execute([P.ResetStats(1), P.ResetStats(2)])
     sh("ip", "netns", "exec", lab.pod, sys.executable, "-c", _TAGGED, POD_IF, V4["a"], "5001", "5", "88a8,8100")
     assert counts(dp, [1, 2]) == {1: 0, 2: 0}
-
-
-def test_ports_over_a_vlan_device_attached_on_the_parent(lab):
-    """Attached on the parent (shp0), shaper sees the traffic of every VLAN on it, both ways:
-    on egress the tag is in skb->vlan_tci (reorder_hdr on) or in the data (off, skipped); on
-    ingress the kernel has taken it off into skb->vlan_tci before clsact runs, and the ifb
-    hands the packet back with it.  (Attached on a VLAN device, shaper sees that VLAN's
-    untagged packets: the plain case.)  vlan 10 has reorder_hdr off, vlan 11 on."""
-    problem = vlan_devices_problem(lab.pod)
-    if problem:
-        pytest.skip(problem)
-    for vid, reorder in ((10, "off"), (11, "on")):
-        sh("ip", "-n", lab.pod, "link", "add", "link", POD_IF, "name", f"{POD_IF}.{vid}", "type", "vlan", "id",
-           str(vid), "reorder_hdr", reorder)
-        sh("ip", "-n", lab.dst, "link", "add", "link", "shp1", "name", f"shp1.{vid}", "type", "vlan", "id", str(vid))
-        sh("ip", "-n", lab.pod, "addr", "add", f"10.79.{vid}.1/24", "dev", f"{POD_IF}.{vid}")
-        sh("ip", "-n", lab.dst, "addr", "add", f"10.79.{vid}.2/24", "dev", f"shp1.{vid}")
-        sh("ip", "-n", lab.pod, "link", "set", f"{POD_IF}.{vid}", "up")
-        sh("ip", "-n", lab.dst, "link", "set", f"shp1.{vid}", "up")
-    d = KernelDatapath(POD_IF, lab.pod)
-    try:
-        d.attach()
-        d.execute(classes({1: "100mbit", 2: "100mbit", 3: "100mbit"}) + classes({4: "100mbit"}, "ingress") + [
-            P.UpsertEntries({prefix("10.79.10.2"): P.Entry(2, 0, 128, group=1),
-                             prefix("10.79.11.2"): P.Entry(3, 0, 128, group=1)}),
-            P.UpsertPorts({P.PortKey(1, UDP, 5001, 16): P.PortEntry(1, 0)}),
-            P.UpsertEntries({prefix("10.79.10.2"): P.Entry(4, 0, 128)}, "ingress")])
-        lab.ping("10.79.10.2", count=1)
-        lab.ping("10.79.11.2", count=1)
-        d.execute([P.ResetStats(s) for s in (1, 2, 3, 4)])
-        packets(lab.pod, "udp", "10.79.10.2", 5001, 10)
-        packets(lab.pod, "udp", "10.79.10.2", 5002, 6)
-        packets(lab.pod, "udp", "10.79.11.2", 5001, 5)
-        got = counts(d, [1, 2, 3])
-        assert got[1] == 15 and 6 <= got[2] <= 7 and got[3] == 0, got
-        before = d.class_stats("ingress")[4].packets
-        result = lab.ping("10.79.10.2", count=5)
-        assert result["received"] == 5, result
-        seen = {"class": d.class_stats("ingress")[4].packets - before, "matched": counts(d, [4], "ingress")[4],
-                "ifb": sh("tc", "-n", lab.pod, "-s", "qdisc", "show", "dev", ifb_name(d.ifindex)).stdout}
-        assert seen["class"] >= 5, seen
-    finally:
-        d.reset()
-        d.close()
 
 
 def test_except_entries_stop_or_fall_back(lab, dp):
