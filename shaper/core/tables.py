@@ -373,6 +373,8 @@ def classify(tries: Mapping[str, Mapping[Prefix, Entry]], ports: Mapping[PortKey
             return one.slot
         if v.group:
             hit = _port_lookup(ports, v.group, proto, port)
+            if hit is not None and not (hit.expires_ns == 0 or now_ns < hit.expires_ns):
+                hit = ports.get(PortKey(v.group, proto, 0, 0))  # expired: the protocol-only rule, as classifier.c
             if hit is not None and (hit.expires_ns == 0 or now_ns < hit.expires_ns):
                 return hit.slot
         if v.slot and (v.expires_ns == 0 or now_ns < v.expires_ns):

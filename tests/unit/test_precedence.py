@@ -115,6 +115,21 @@ def test_an_expired_port_rule_falls_to_the_address_rule():
     assert dp.steer(addr("10.0.0.5"), 2 * 10**9, "egress", TCP, 5432) & 0xFFFF == slots["host"]
 
 
+
+def test_an_expired_port_rule_falls_to_the_protocol_rule_of_its_prefix():
+    # As classifier.c: a port entry that expired is absent, so the group's protocol-only entry answers
+    # before the address-only rule does (a port rule, then a protocol one, then the address: step 2).
+    rules = [{"name": "host", "dst": "10.0.0.5"}, {"name": "tcp", "dst": "10.0.0.5", "protocol": "tcp"},
+             {"name": "pg", "dst": "10.0.0.5", "protocol": "tcp", "ports": [5432], "ttl": "1s"}]
+    assert classify(rules, "egress", "10.0.0.5", TCP, 5432, now=1) == "pg"
+    dp = FakeDatapath()
+    Controller(dp, clock=lambda: 1).apply(parse_ruleset({"rules": rules}))
+    names = dp.rule_names()
+    after = 2 * 10**9
+    assert names[dp.steer(addr("10.0.0.5"), after, "egress", TCP, 5432) & 0xFFFF] == "tcp"
+    assert names[dp.steer(addr("10.0.0.5"), after, "egress", TCP, 22) & 0xFFFF] == "tcp"
+    assert names[dp.steer(addr("10.0.0.5"), after, "egress", UDP, 5432) & 0xFFFF] == "host"
+
 @pytest.mark.parametrize("rules, field, words", [
     ([ADDR_32, {**ADDR_32, "name": "again"}], "rules[again].dst", "already a destination of rule 'host'"),
     ([PORT_32, {**PORT_32, "name": "again"}], "rules[again].ports", "already selected by rule 'host-pg'"),
