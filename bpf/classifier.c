@@ -209,7 +209,16 @@ static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingr
 			pkey.port_hi = l4.port[0];
 			pkey.port_lo = l4.port[1];
 			pv = port_lpm.lookup(&pkey);
-			if (pv && live(pv->expires_ns, &now))
+			if (pv && !live(pv->expires_ns, &now)) {
+				/* An expired port rule is absent: the group's protocol-only
+				 * rule (ports never overlap within a group, so it is the only
+				 * other candidate) may still apply. */
+				pkey.prefixlen = 40;
+				pv = port_lpm.lookup(&pkey);
+				if (pv && !live(pv->expires_ns, &now))
+					pv = NULL;
+			}
+			if (pv)
 				return decide(skb, pv->slot, pv->classid, ingress);
 		}
 		if (val->slot && live(val->expires_ns, &now))
@@ -223,6 +232,12 @@ static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingr
 
 int classify(struct __sk_buff *skb)
 {
+	/* A packet that went through the ingress ifb keeps the ingress class it
+	 * was given there; forwarded or bridged out of this host, it would land in
+	 * the egress class of the same number (another rule's).  Egress starts
+	 * from no class of shaper's, so only what matches here is shaped here. */
+	if (skb->priority >> 16 == SHAPER_HTB_MAJOR)
+		skb->priority = 0;
 	return shaper_classify(skb, 0);
 }
 

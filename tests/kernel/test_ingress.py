@@ -7,6 +7,8 @@ one row per rule and direction.
 
 import json
 import signal
+import sys
+import time
 
 from lab import POD_IF, V4, V6, sh, wait_until
 
@@ -99,6 +101,37 @@ def test_port_and_protocol_steering_with_counters_v4_and_v6(lab):
     assert ("b-rest", "ingress") not in r and ("b-udp", "ingress") not in r
 
 
+
+def test_an_expired_port_rule_leaves_its_packets_to_the_protocol_rule_in_the_kernel(lab):
+    # No daemon: the classifier alone must skip pg once its TTL passed, to `b-tcp` (the same
+    # prefix, protocol only), not to the address-only `b-rest`.
+    lab.shaper("apply", rules=f"""
+rules:
+  - name: pg
+    dst: [{V4['b']}]
+    protocol: tcp
+    ports: [5432]
+    ttl: 3s
+    rate: 100mbit
+  - name: b-tcp
+    dst: [{V4['b']}]
+    protocol: tcp
+    rate: 100mbit
+  - name: b-rest
+    dst: [{V4['b']}]
+    rate: 100mbit
+""")
+    applied = time.monotonic()
+    tcp_connect(lab, V4["b"], 5432, count=3)
+    before = {k[0]: v["matched_packets"] for k, v in rows(lab).items()}
+    assert before["pg"] >= 3 * 2 and before["b-tcp"] == 0
+    time.sleep(max(0.0, applied + 3.5 - time.monotonic()))  # past pg's TTL
+    tcp_connect(lab, V4["b"], 5432, count=3)
+    after = {k[0]: v["matched_packets"] for k, v in rows(lab).items()}
+    assert after["pg"] == before["pg"], after
+    assert after["b-tcp"] >= 3 * 2 and after["b-rest"] == before["b-rest"], after
+
+
 def test_except_falls_through_to_a_less_specific_rule(lab):
     lab.shaper("apply", rules=f"""
 rules:
@@ -167,3 +200,68 @@ def test_kill_9_and_adoption_with_ingress_rules(lab, tmp_path):
     assert lab.throughput(V4["c"], 2, incoming=True) <= 22e6
     d2.stop(signal.SIGTERM)
     assert wait_until(lambda: ifbs(lab) == [], timeout=30)
+
+
+def test_the_daemon_puts_back_an_ifb_or_filter_removed_by_hand(lab):
+    d = lab.daemon()
+    d.request("PUT", "/rules/from-c", {"src": [V4["c"]], "rate": "20mbit"})
+    [ifb] = ifbs(lab)
+    qlen = json.loads(sh("ip", "-n", lab.pod, "-j", "link", "show", ifb).stdout)[0]["txqlen"]
+    assert qlen == 1000  # not the ifb default of 32: HTB's leaves take their limit from it
+
+    def shaped() -> bool:
+        classes = sh("tc", "-n", lab.pod, "class", "show", "dev", ifb).stdout if ifb in ifbs(lab) else ""
+        filters = sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "ingress").stdout
+        return "5348:1" in classes and "shaper_classifier" in filters
+
+    # The ifb deleted: mirred would drop every matched packet; the daemon makes it again, with its class.
+    sh("ip", "-n", lab.pod, "link", "del", ifb)
+    assert wait_until(shaped, timeout=15), d.log_text()
+    rate = lab.throughput(V4["c"], 2, incoming=True)
+    assert 18e6 <= rate <= 22e6
+    # The ingress filter removed: attached again.
+    sh("tc", "-n", lab.pod, "filter", "del", "dev", POD_IF, "ingress", "pref", str(0x5348))
+    assert wait_until(shaped, timeout=15), d.log_text()
+    assert lab.throughput(V4["c"], 2, incoming=True) <= 22e6
+    put_back = [x["put_back"] for x in d.logs() if x["event"] == "datapath.repaired"]
+    assert len(put_back) == 2, put_back
+    assert d.request("GET", "/readyz")[0] == 200
+    assert d.stop() == 0
+    assert ifbs(lab) == []
+
+
+def test_an_interface_made_again_does_not_leave_the_old_ifb(lab):
+    d = lab.daemon()
+    d.request("PUT", "/rules/from-c", {"src": [V4["c"]], "rate": "20mbit"})
+    [old] = ifbs(lab)
+    lab.delete_link()
+    assert wait_until(lambda: any(x["event"] == "interface.gone" for x in d.logs()), 5)
+    lab.make_link()
+    assert wait_until(lambda: d.request("GET", "/readyz")[0] == 200, 15), d.log_text()
+    assert wait_until(lambda: len(ifbs(lab)) == 1 and old not in ifbs(lab), 15), ifbs(lab)
+    assert lab.throughput(V4["c"], 2, incoming=True) <= 22e6
+    assert d.stop() == 0
+    assert ifbs(lab) == []
+
+
+def test_a_class_from_the_ifb_left_on_a_packet_does_not_pick_an_egress_class(lab):
+    # A packet shaped on ingress keeps skb->priority 5348:N; forwarded or bridged out again it
+    # would go to egress class N, another rule's.  A socket priority of 5348:2 stands in for it.
+    lab.shaper("apply", rules=RULES_TWO_CLASSES)
+    code = ("import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_PRIORITY,0x53480002);"
+            "[s.sendto(b'x',(sys.argv[1],9)) for _ in range(40)]")
+    sh("ip", "netns", "exec", lab.pod, sys.executable, "-c", code, V4["d"])  # d: no rule
+    r = rows(lab)
+    assert r[("b", "egress")]["class_packets"] == r[("b", "egress")]["matched_packets"] == 0, r
+
+
+RULES_TWO_CLASSES = f"""
+rules:
+  - name: a
+    dst: [{V4['a']}]
+    rate: 100mbit
+  - name: b
+    dst: [{V4['b']}]
+    rate: 100mbit
+"""
