@@ -241,6 +241,7 @@ def serve(service: Service, opts: DaemonOptions, kernel: KernelThread, stop: thr
     if not stop.is_set():
         audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
               rules=len(kernel.run(service.rules)))
+    repair_error: str | None = None
     while not stop.wait(tick_s) or pending:
         while pending:
             _on_signal(pending.pop(0), service, opts, kernel)
@@ -261,6 +262,14 @@ def serve(service: Service, opts: DaemonOptions, kernel: KernelThread, stop: thr
             kernel.run(service.expire)
         except ShaperError as exc:  # counted and logged by the service; try again next tick
             log.debug("expire failed: %s", exc)
+        try:
+            kernel.run(service.repair)
+            repair_error = None
+        except ShaperError as exc:  # an apply failure is counted by the service; try again next tick
+            if str(exc) != repair_error:  # said once, not every second
+                log.warning("datapath.repair_failed", extra={"fields": {"interface": opts.iface,
+                                                                        "error": str(exc)}})
+            repair_error = str(exc)
 
 
 def _on_signal(name: str, service: Service, opts: DaemonOptions, kernel: KernelThread) -> None:

@@ -245,6 +245,22 @@ class Service:
                          detail={"rules": gone}, observed=observed, op="expire")
             return gone
 
+    def repair(self) -> list[str]:
+        """Put back what someone removed of the datapath (the ingress ifb or filter) and re-plan,
+        which recreates the classes that went with it.  Returns what was put back."""
+        if not self.ready:
+            return []
+        with self.lock:
+            fixed = self.datapath.repair()
+            if not fixed:
+                return []
+            log.warning("datapath.repaired", extra={"fields": {"interface": self.datapath.ifname,
+                                                               "put_back": fixed}})
+            self._observed = None  # the ifb's classes went with it: read what is there
+            self._change("rules.repair", "daemon", lambda current: list(current.values()),
+                         detail={"put_back": fixed})
+            return fixed
+
     def _change(self, event: str, who: str, edit: Callable[[dict[str, Rule]], list[Rule]], *,
                 renew: Iterable[str] = (), detail: dict | None = None, observed: P.Observed | None = None,
                 op: str = "apply", require_ready: bool = True) -> None:

@@ -61,6 +61,9 @@ class FakeDatapath:
     # Called at attach(); raise from it to refuse the attach.
     before_attach: Callable[[], None] | None = None
     closed: bool = False
+    # What repair() reports and clears: a test that removes part of the ingress set-up
+    # (the ifb takes its classes: clear ingress_classes too) says so here.
+    broken: list[str] = field(default_factory=list)
 
     # -- life cycle --------------------------------------------------------------
     def attach(self) -> AttachResult:
@@ -79,6 +82,10 @@ class FakeDatapath:
 
     def link_present(self) -> bool:
         return self.present
+
+    def repair(self) -> list[str]:
+        broken, self.broken = self.broken, []  # set by a test: what someone removed
+        return broken
 
     def reset(self) -> list[str]:
         removed = ["filter", "htb root"] if self.attached and self.present else []

@@ -53,6 +53,12 @@ class Datapath(Protocol):
         removed or replaced it).  Readiness asks this; may raise KernelError."""
         ...
 
+    def repair(self) -> list[str]:
+        """Put back what someone removed of shaper's set-up that traffic depends on (the ingress
+        ifb and filter) and return what was put back, [] when intact.  Cheap: the daemon asks
+        every second; the caller plans again after a repair.  Raises ShaperError."""
+        ...
+
     def link_present(self) -> bool:
         """Whether the interface this datapath was opened on still exists (the same ifindex).
 

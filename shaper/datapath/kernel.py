@@ -529,6 +529,7 @@ class KernelDatapath:
                 # it), or of an earlier namespace whose inode number this one reuses (a
                 # pod killed without cleanup): the same name and ifindex, but no program
                 # on the interface. Start afresh rather than adopt its rules.
+                self._clear_ingress_leftovers()
                 self.remove_pins()
                 created.append("pins")
                 os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
@@ -560,6 +561,23 @@ class KernelDatapath:
             self._undo(created)
             raise
         return "adopted" if adopted else "attached"
+
+    def _clear_ingress_leftovers(self) -> None:
+        """Before a fresh start: remove the ingress filter and ifb an earlier start left (its egress
+        classifier gone, say), so its program stops redirecting by stale rules.  Only shaper's:
+        the filter named as shaper names it, the ifbs the old record names or of this ifindex,
+        aliased as shaper's for this interface."""
+        try:
+            own = _record0(self.pin_dir) if self._pins_complete() else None
+        except (OSError, ValueError, ShaperError):
+            own = None
+        hook = self._ingress_hook()
+        attached, name, _redirect = hook.filter_summary()
+        if attached is not None and name in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
+            hook.detach_filter()
+            log.info("ingress.leftover_removed", extra={"fields": {"interface": self.ifname, "object": "filter"}})
+        for removed in self._remove_old_ifb(own or {}) + self._remove_old_ifb({"ingress": ifb_name(self.tc.ifindex)}):
+            log.info("ingress.leftover_removed", extra={"fields": {"interface": self.ifname, "object": removed}})
 
     def _refuse_first_version_pins(self, attached: int | None) -> None:
         """Pins the first shaper version made (no ingress maps) are not someone else's: say whose they are."""
@@ -602,6 +620,14 @@ class KernelDatapath:
             return self._ifb_tc
         assert self.ingress_cfg is not None and self.prog_in_fd is not None
         own = self.read_record(0) or {}
+        # Refusals first, so a refused apply has created nothing.
+        hook = self._ingress_hook()
+        attached, filter_name, redirect = hook.filter_summary()
+        if attached is not None and attached != prog_id(self.prog_in_fd) and \
+                filter_name not in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
+            raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
+                           f"(BPF program id {attached}) that shaper did not attach; remove it "
+                           f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
         found = self._ifb()
         if found is not None and not self._ifb_is_ours(found, own):
             index, kind, alias = found
@@ -619,16 +645,9 @@ class KernelDatapath:
         ifb = self._ifb_hook(index)
         ifb.ensure_root()
         self.ingress_cfg.update(_SLOT.pack(0), abi.INGRESS_CFG.pack(index, 0))
-        hook = self._ingress_hook()
-        attached = hook.filter_prog_id()
-        if attached is not None and attached != prog_id(self.prog_in_fd) and \
-                hook.filter_name() not in (FILTER_NAME, FILTER_NAME_OWN_CLSACT):
-            raise Conflict(f"{self.ifname} has a classifier at shaper's pref {FILTER_PREF} on clsact ingress "
-                           f"(BPF program id {attached}) that shaper did not attach; remove it "
-                           f"(tc filter del dev {self.ifname} ingress pref {FILTER_PREF}), then apply again")
         # Attached, or replaced (atomically) when it is not this program or its mirred action names
         # another ifindex than the ifb's (the ifb was made again).
-        if attached != prog_id(self.prog_in_fd) or hook.filter_redirect_ifindex() != index:
+        if attached != prog_id(self.prog_in_fd) or redirect != index:
             hook.attach_filter(self.prog_in_fd, created_clsact=bool(own.get("created_clsact")), redirect_to=index)
         self._ingress_ready = True
         return ifb
@@ -643,9 +662,35 @@ class KernelDatapath:
     def _ingress_tree(self) -> Tc | None:
         """The ifb's Tc if the ifb is there (ingress classes live on it), else None."""
         found = self._ifb()
-        if found is None or found[1] != "ifb":
-            return None
+        if found is None or not self._ifb_is_ours(found, (self.read_record(0) if self.meta else None) or {}):
+            return None  # none, or a device of that name shaper did not make: not its classes
         return self._ifb_hook(found[0])
+
+    def repair(self) -> list[str]:
+        """Put back shaper's ingress set-up where someone removed part of it; returns what was put back.
+
+        With the ifb deleted, the ingress filter's mirred action has no target and drops every
+        packet the classifier matched; with the filter removed, ingress rules stop applying.
+        Cheap when intact (one record read, one link lookup, one filter dump), so the daemon
+        asks every second; nothing to do before the first ingress rule.  The ifb's classes
+        went with it: the caller plans again (observe() then reports them missing)."""
+        if self.prog_in_fd is None or self.meta is None:
+            return []
+        own = self.read_record(0) or {}
+        if not own.get("ingress"):
+            return []
+        found = self._ifb()
+        broken = []
+        if found is None or not self._ifb_is_ours(found, own):
+            broken.append(f"ifb {ifb_name(self.tc.ifindex)}")
+        attached, _name, redirect = self._ingress_hook().filter_summary()
+        if attached != prog_id(self.prog_in_fd) or (found is not None and redirect != found[0]):
+            broken.append("ingress filter")
+        if not broken:
+            return []
+        self._ingress_ready = False
+        self._ensure_ingress()
+        return broken
 
     def _reset_ingress(self, own: dict | None) -> list[str]:
         """Remove shaper's filter at clsact ingress and its ifb (which takes the ifb's qdiscs).
@@ -666,6 +711,27 @@ class KernelDatapath:
             removed.append(f"ifb {ifb_name(self.tc.ifindex)}")
         self._ingress_ready = False
         return removed
+
+    def _remove_old_ifb(self, own: dict | None = None) -> list[str]:
+        """Delete the ifb that the pinned record names, if it is still there and shaper's (its
+        alias names this interface): the ifb of an earlier link of this name, which took its
+        clsact filters with it but not the ifb."""
+        if own is None:
+            try:
+                own = (self.read_record(0) if self.meta else _record0(self.pin_dir)) or {}
+            except (OSError, ValueError, ShaperError):
+                own = {}
+        name = own.get("ingress")
+        if not name:
+            return []
+        found = self.tc.link_info(name)
+        if found is None or found[1] != "ifb" or found[2] != IFB_ALIAS + self.ifname:
+            return []
+        if self._ifb_tc is not None:
+            self._ifb_tc.close()
+            self._ifb_tc = None
+        self.tc.del_link(found[0])
+        return [f"ifb {name}"]
 
     def _undo(self, created: list[str]) -> None:
         """Remove what a failed attach created, newest first, and let go of what it opened."""
@@ -922,7 +988,9 @@ class KernelDatapath:
         removed: list[str] = []
         own = None
         if not self.tc.link_present():
-            # The interface went and its tc objects with it; only the pins are left.
+            # The interface went and its tc objects with it; its pins are left, and its
+            # ifb (a device of its own, named by the old ifindex).
+            removed += self._remove_old_ifb()
             self.close_maps()
             if os.path.isdir(self.pin_dir):
                 self.remove_pins()

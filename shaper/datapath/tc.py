@@ -45,6 +45,7 @@ FILTER_NAME = "shaper_classifier"
 # qdisc: reset then removes it even when the pins that record it too are gone
 # (a private bpffs, a bpffs unmounted, pins removed by hand).
 FILTER_NAME_OWN_CLSACT = "shaper_classifier+clsact"
+IFB_TXQLEN = 1000  # the ingress ifb's queue length (see Tc.add_ifb)
 ETH_P_ALL = 0x0003
 HTB_QUANTUM = 60_000  # classes never borrow (no parent class), so any legal quantum will do
 
@@ -272,7 +273,9 @@ class Tc:
         Created with its alias in two steps: whoever removes it checks the alias, or, in
         the moment between, that its own record names the device (kernel.py)."""
         try:
-            self.ipr.link("add", ifname=name, kind="ifb", mtu=self.mtu())
+            # txqueuelen: an ifb's default is 32, and HTB's direct queue and default leaves take
+            # their limit from it; 1000 (a veth's, an Ethernet NIC's) queues a burst as egress would.
+            self.ipr.link("add", ifname=name, kind="ifb", mtu=self.mtu(), txqlen=IFB_TXQLEN)
             index = self.ipr.link_lookup(ifname=name)[0]
             self.ipr.link("set", index=index, ifalias=alias, state="up")
         except NetlinkError as exc:
@@ -385,7 +388,18 @@ class Tc:
 
     def filter_redirect_ifindex(self) -> int | None:
         """Where the attached filter's mirred action redirects (the ingress classifier's ifb), if it has one."""
-        act = self._our_filter_option("TCA_BPF_ACT")
+        return self._redirect_of(self._our_filter_option("TCA_BPF_ACT"))
+
+    def filter_summary(self) -> tuple[int | None, str | None, int | None]:
+        """(program id, name, mirred target) of the filter at shaper's pref, from one dump."""
+        f = self.our_filter()
+        opts = f.get_attr("TCA_OPTIONS") if f is not None else None
+        if not opts:
+            return None, None, None
+        return opts.get_attr("TCA_BPF_ID"), opts.get_attr("TCA_BPF_NAME"), self._redirect_of(opts.get_attr("TCA_BPF_ACT"))
+
+    @staticmethod
+    def _redirect_of(act) -> int | None:
         try:
             return act.get_attr("TCA_ACT_PRIO_1").get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS")["ifindex"]
         except (AttributeError, KeyError, TypeError):

@@ -249,3 +249,22 @@ def test_a_pod_bandwidth_clash_is_reported_and_the_sidecar_starts(tmp_path, capl
     assert d.error is None
     [conflict] = audited(caplog, "rules.conflict")
     assert "kubernetes.io/egress-bandwidth ignored" in conflict["error"] and "'all'" in conflict["error"]
+
+
+def test_the_loop_puts_back_an_ingress_set_up_removed_by_hand_and_its_classes(caplog):
+    caplog.set_level(logging.INFO, logger="shaper")
+    d = Daemon(rules=[rule("in", "10.0.0.1", direction="ingress"), rule("out", "10.0.0.2")])
+    with d:
+        wait_for(d.ready, "readiness")
+        assert set(d.dp.ingress_classes) == {1} and set(d.dp.classes) == {2}
+        # Someone deleted the ifb: the classes on it went too.
+        d.dp.ingress_classes.clear()
+        d.dp.ingress_leaves.clear()
+        d.dp.broken = ["ifb shpin1"]
+        wait_for(lambda: audited(caplog, "datapath.repaired"), "the loop to repair")
+        wait_for(lambda: set(d.dp.ingress_classes) == {1}, "the ingress class to be made again")
+        assert audited(caplog, "datapath.repaired") == [{"interface": "fake0", "put_back": ["ifb shpin1"]}]
+        assert set(d.dp.classes) == {2} and names(d.dp) == {"in", "out"} and d.ready()
+        time.sleep(10 * TICK)
+        assert len(audited(caplog, "datapath.repaired")) == 1  # intact again: nothing more to do
+    assert d.error is None
