@@ -576,9 +576,10 @@ def validate_ruleset(rules: Iterable[Rule]) -> tuple[Rule, ...]:
     rules = tuple(rules)
     if len(rules) > MAX_RULES:
         raise InvalidInput("rules", f"{len(rules)} rules exceed the maximum {MAX_RULES}", f"at most {MAX_RULES}")
-    if any(r.direction != "egress" or r.selects_ports or r.excepts for r in rules):
+    if any(r.direction != "egress" or r.selects_ports or r.excepts or r.ttl_us for r in rules):
         # Directions, ports and excepts: the tables' own checks (shaper.core.tables), which know
-        # which rules may share a prefix.  Imported here: tables builds on this module.
+        # which rules may share a prefix; TTLs too: how many expired prefixes a packet may have
+        # to fall past.  Imported here: tables builds on this module.
         from shaper.core import tables  # noqa: PLC0415
 
         _check_names(rules)

@@ -23,6 +23,9 @@ never falls back into the rule that carved them out.  A port or protocol rule wh
 prefix contains an except of another rule, and is more specific than that barrier's
 answer, would have to be merged into the barrier: refused (InvalidInput) instead.
 
+The classifier looks up at most MAX_FALLBACK keys per packet: a set in which a packet may
+fall through more keys in a row before the one that decides is refused (`_check_fallback`).
+
 `check` validates a rule set as the planner will compile it (no slots needed); `compile`
 builds the tables; `classify` is classifier.c in Python, for tests.
 """
@@ -92,6 +95,8 @@ MAX_GROUPS = 0xFFFF  # the value's group is a u16; 0 is "none"
 MAX_PORT_ENTRIES = 65536  # bpf/shaper.h's SHAPER_MAX_PORT_ENTRIES
 
 _PREFIXLEN = itemgetter(1)
+_ADDR = itemgetter(0)
+_SIZES = [1 << (128 - n) for n in range(129)]  # addresses in a prefix of each length
 _ACCEPTED = "each peer, protocol and port in one rule per direction (overlapping prefixes are fine: the longest wins)"
 
 
@@ -253,6 +258,7 @@ def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | No
     A key whose port and protocol rules are one rule with one port block holds it inline
     (Entry.inline) and needs no group; the others share a group per set of rules."""
     by_direction = _directions(placed)
+    expirable = {item.slot for item in placed if item.expires_ns or item.rule.ttl_us}
     sides = {d: _Direction(items, d) for d, items in by_direction.items()}
     # Port groups: the slots of the port and protocol rules at a key, each set one group.
     members: dict[str, dict[Prefix, tuple[int, ...]]] = {}
@@ -305,8 +311,84 @@ def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | No
             else:
                 barriers[node] = Entry(answer.slot, answer.expires_ns, 0, g, derived, one)
         trie.update(barriers)
+        _check_fallback(trie, side, expirable)
         tries[d] = trie
     return Tables(tries, ports, {key: ids[key] for key in wanted})
+
+
+def _check_fallback(trie: Mapping[Prefix, Entry], side: _Direction, expirable: set[int]) -> None:
+    """Refuse a trie in which some packet needs more than MAX_FALLBACK lookups to be decided.
+
+    The classifier walks a packet's keys longest first, going on past a key that may decide
+    nothing for it (no address-only rule, or one with a TTL) and stopping at the first that always
+    decides or has prefix length 0.  A walk starting at key S looks up the run of such
+    fall-through keys from S up, then the key that ends the run (if there is one that decides
+    anything).  Only keys some address starts at count: a key its longer keys cover entirely never
+    begins a walk.  One sweep over the keys sorted as address ranges: the open ones contain the next."""
+    # A walk past the limit needs MAX_FALLBACK nested fall-through keys, so as many prefix lengths
+    # among the keys that may fall through: most sets (no TTL, or none nesting) end here.
+    lengths = set(map(_PREFIXLEN, side.port_rules))
+    for slot in expirable:
+        item = side.by_slot.get(slot)
+        if item is not None:
+            lengths.update(map(_PREFIXLEN, item.rule.dst))
+    if len(lengths) < MAX_FALLBACK:
+        return
+    # Each open key: [last address, its run of fall-through keys, the key ending the run (None: none),
+    # addresses its longer keys cover, its size, prefix, the open key containing it].
+    stack: list[list] = []
+
+    def close(node: list) -> None:
+        end = node[2]
+        value = trie[end] if end is not None else None
+        needed = node[1] + (value is not None and bool(value.slot or value.group or value.inline))
+        if needed > MAX_FALLBACK:
+            raise _too_deep(trie, side, node, needed)
+
+    keys = sorted(trie)
+    for p, first, value in zip(keys, map(int.from_bytes, map(_ADDR, keys)), map(trie.__getitem__, keys)):
+        while stack and stack[-1][0] < first:
+            node = stack.pop()
+            if node[3] < node[4]:  # some address starts its walk here
+                close(node)
+        parent = stack[-1] if stack else None
+        size = _SIZES[p.prefixlen]
+        if value.prefixlen and (not value.slot or value.slot in expirable):
+            run, end = (parent[1] + 1, parent[2]) if parent else (1, None)
+        else:
+            run, end = 0, p
+        if parent:
+            parent[3] += size
+        stack.append([first + size - 1, run, end, 0, size, p, parent])
+    while stack:
+        node = stack.pop()
+        if node[3] < node[4]:
+            close(node)
+
+
+def _too_deep(trie: Mapping[Prefix, Entry], side: _Direction, node: list, needed: int) -> InvalidInput:
+    chain = []
+    while node is not None and len(chain) <= MAX_FALLBACK:
+        chain.append(node[5])
+        if node[5] == node[2]:
+            break
+        node = node[6]
+
+    def names(p: Prefix) -> list[str]:
+        v = trie[p]
+        out = [i.rule.name for i in side.port_rules.get(p, ())]
+        if v.slot and not v.derived:
+            out.append(side.by_slot[v.slot].rule.name)
+        return out or [i.rule.name for i in side.excepts.get(p, ())]
+
+    start = names(chain[0])[0]
+    where = ", ".join(f"{p} ({'+'.join(names(p))})" for p in chain)
+    return InvalidInput(
+        f"rules[{start}].dst",
+        f"a packet to {chain[0]} may take {needed} lookups, the classifier makes at most {MAX_FALLBACK}"
+        f"{f' ({side.direction})' if side.direction != 'egress' else ''}: {where}",
+        f"at most {MAX_FALLBACK - 1} nested prefixes in a row that may let a packet on to a shorter one (only port "
+        f"or protocol rules, or a ttl) before one that decides; an address-only rule without ttl ends the run")
 
 
 def _group_ids(keys: list[tuple[int, ...]], existing: Mapping[tuple[int, ...], int],

@@ -253,3 +253,128 @@ def test_dry_runs_and_tables_say_direction_ports_and_except_in_the_rules_words()
     assert cli._match({"protocol": "udp", "except": ["10.9.0.0/16", "10.8.0.0/16"]}) == \
         "udp except 10.9.0.0/16,10.8.0.0/16"
     assert cli._match({}) == "-"
+
+
+# -- how far the classifier falls back ------------------------------------------------------------------------
+def nested(n: int, **fields) -> list[dict]:
+    """n rules on 10.0.0.0/16, /17, ... each inside the one before."""
+    return [{"name": f"p{k}", "dst": f"10.0.0.0/{16 + k}", **fields} for k in range(n)]
+
+
+def port_rules(n: int) -> list[dict]:
+    return [{**r, "protocol": "tcp", "ports": [5000 + k]} for k, r in enumerate(nested(n))]
+
+
+def both_ways(rules: list, placed_at: int, now: int, peer: str, proto: int, port: int,
+              monkeypatch: pytest.MonkeyPatch) -> tuple[str | None, str | None]:
+    """The rule the classifier picks with its fallback limit, and the one it would with none."""
+    placed = [tables.Placed(r, i + 1, placed_at + r.ttl_us * 1000 if r.ttl_us else 0) for i, r in enumerate(rules)]
+    built = tables.compile(placed)
+    name_of = {i + 1: r.name for i, r in enumerate(rules)}
+    limited = tables.classify(built.tries, built.ports, "egress", addr(peer), proto, port, now)
+    with monkeypatch.context() as m:
+        m.setattr(tables, "MAX_FALLBACK", 10**6)
+        unlimited = tables.classify(built.tries, built.ports, "egress", addr(peer), proto, port, now)
+    return name_of.get(limited), name_of.get(unlimited)
+
+
+@pytest.mark.parametrize("kind", ["ports", "ttl"])
+def test_the_longest_run_the_classifier_walks_is_accepted_and_one_more_refused(kind, monkeypatch):
+    # 7 prefixes that may let a packet through, then `all`: 8 lookups, the classifier's MAX_FALLBACK.
+    run = tables.MAX_FALLBACK - 1
+    make = port_rules if kind == "ports" else (lambda n: nested(n, ttl="1s"))
+    rules = parse_ruleset({"rules": [ALL, *make(run)]})
+    later = 5 * 10**9  # every ttl passed
+    for k in range(run):
+        peer = "10.0.0.1"
+        if kind == "ports":
+            assert both_ways(rules, 1, 1, peer, TCP, 5000 + k, monkeypatch) == (f"p{k}", f"p{k}")
+        else:
+            assert both_ways(rules, 1, 1, peer, TCP, 22, monkeypatch) == (f"p{run - 1}", f"p{run - 1}")
+    assert both_ways(rules, 1, later, "10.0.0.1", TCP, 22, monkeypatch) == ("all", "all")
+    assert both_ways(rules, 1, later, "10.0.0.1", UDP, 5000, monkeypatch) == ("all", "all")
+    # One more and a packet the shorter prefix should decide would pass unclassified: refused, naming the run.
+    with pytest.raises(InvalidInput) as err:
+        parse_ruleset({"rules": [ALL, *make(run + 1)]})
+    assert err.value.field == f"rules[p{run}].dst"
+    assert f"at most {tables.MAX_FALLBACK}" in err.value.problem and "9 lookups" in err.value.problem
+    assert all(f"({name})" in str(err.value) for name in ["all", *(f"p{k}" for k in range(run + 1))])
+    placed = [tables.Placed(r, i + 1) for i, r in enumerate(parse_ruleset({"rules": [ALL, *make(run)]}))]
+    extra = parse_rule({**make(run + 1)[-1]})
+    with pytest.raises(InvalidInput):  # the planner's compile refuses it too
+        tables.compile([*placed, tables.Placed(extra, len(placed) + 1, 10**9 if kind == "ttl" else 0)])
+
+
+def test_a_run_with_nothing_shorter_counts_no_miss(monkeypatch):
+    # 8 port-only prefixes and nothing shorter: the 8th is the 8th lookup; past it the packet passes either way.
+    rules = parse_ruleset({"rules": port_rules(tables.MAX_FALLBACK)})
+    assert both_ways(rules, 1, 1, "10.0.0.1", TCP, 5007, monkeypatch) == ("p7", "p7")
+    assert both_ways(rules, 1, 1, "10.0.0.1", TCP, 22, monkeypatch) == (None, None)
+    with pytest.raises(InvalidInput, match="9 lookups"):  # a 9th: its port would never be looked at
+        parse_ruleset({"rules": port_rules(tables.MAX_FALLBACK + 1)})
+
+
+def test_a_prefix_its_longer_ones_cover_starts_no_walk(monkeypatch):
+    # 8 port-only prefixes over `all` would be 9 lookups from 10.0.0.0/23, but both halves of the /23 have an
+    # address-only rule, so every walk through it starts there and stops there; the longest walk starts at
+    # the /22 (7 port prefixes, then `all`).
+    halves = [{"name": "h0", "dst": "10.0.0.0/24"}, {"name": "h1", "dst": "10.0.1.0/24"}]
+    rules = parse_ruleset({"rules": [ALL, *halves, *port_rules(tables.MAX_FALLBACK)]})
+    assert both_ways(rules, 1, 1, "10.0.2.1", TCP, 22, monkeypatch) == ("all", "all")
+    assert both_ways(rules, 1, 1, "10.0.1.1", TCP, 5007, monkeypatch) == ("h1", "h1")
+    with pytest.raises(InvalidInput, match=r"10\.0\.0\.0/23"):  # one half left open: a walk starts at the /23
+        parse_ruleset({"rules": [ALL, halves[0], *port_rules(tables.MAX_FALLBACK)]})
+
+
+def test_an_ingress_run_says_its_direction():
+    with pytest.raises(InvalidInput, match=r"\(ingress\)"):
+        parse_ruleset({"rules": [{**r, "direction": "ingress"} for r in [ALL, *port_rules(tables.MAX_FALLBACK)]]})
+
+
+def test_an_except_ends_the_run(monkeypatch):
+    # Port prefixes 10.0.0.0/16../23 over `all` are 9 lookups; an except on the /16 makes that key a barrier
+    # (prefix length 0), which ends every walk with its own answer (`all`, as if `cut` did not exist).
+    cut = {"name": "cut", "dst": "10.0.0.0/8", "except": ["10.0.0.0/16"]}
+    rules = parse_ruleset({"rules": [ALL, cut, *port_rules(tables.MAX_FALLBACK)]})
+    assert both_ways(rules, 1, 1, "10.0.0.1", TCP, 22, monkeypatch) == ("all", "all")
+    assert both_ways(rules, 1, 1, "10.0.0.1", TCP, 5000, monkeypatch) == ("p0", "p0")
+
+
+NESTED = st.sampled_from([f"10.0.0.0/{n}" for n in range(14, 30)] + ["10.0.0.128/25", "10.0.2.0/23", "0.0.0.0/0"])
+
+
+@st.composite
+def deep_rule(draw, i):
+    rule = {"name": f"r{i}", "dst": [draw(NESTED)]}
+    kind = draw(st.sampled_from(["addr", "port", "proto"]))
+    if kind == "port":
+        rule.update(protocol="tcp", ports=[draw(st.sampled_from([22, 80, 5432]))])
+    elif kind == "proto":
+        rule["protocol"] = draw(st.sampled_from(["tcp", "udp"]))
+    if draw(st.booleans()):
+        rule["ttl"] = draw(st.sampled_from(["1s", "2s", "3s"]))
+    return rule
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(6, 14).flatmap(lambda n: st.tuples(*[deep_rule(i) for i in range(n)])))
+def test_an_accepted_set_classifies_as_with_no_fallback_limit(drawn):
+    """Whatever check() accepts, the classifier's MAX_FALLBACK never changes a packet's rule, at any time."""
+    try:
+        rules = parse_ruleset({"rules": list(drawn)})
+    except InvalidInput:
+        return
+    placed = [tables.Placed(r, i + 1, r.ttl_us * 1000 if r.ttl_us else 0) for i, r in enumerate(rules)]
+    built = tables.compile(placed)
+    limit = tables.MAX_FALLBACK
+    for now in (1, 1_500_000_000, 2_500_000_000, 3_500_000_000):
+        for host in ("10.0.0.1", "10.0.0.129", "10.0.1.1", "10.0.2.1", "10.0.3.255", "10.2.0.1", "192.168.0.1"):
+            for proto, port in ((TCP, 22), (TCP, 5432), (UDP, 80), (ICMP, 0)):
+                packet = (built.tries, built.ports, "egress", addr(host), proto, port, now)
+                got = tables.classify(*packet)
+                try:
+                    tables.MAX_FALLBACK = 10**6
+                    want = tables.classify(*packet)
+                finally:
+                    tables.MAX_FALLBACK = limit
+                assert got == want, (host, proto, port, now)
