@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
+from shaper.core.fields import PORT_PROTOCOLS
 from shaper.core.model import Prefix, Rule
 from shaper.errors import InvalidInput
 
@@ -126,22 +127,6 @@ def _supernets(p: Prefix) -> Iterator[Prefix]:
         yield Prefix((value & mask).to_bytes(16, "big"), length)
 
 
-def _overlap(a: Rule, b: Rule) -> tuple[int, int] | None:
-    """(protocol, port) that two port or protocol rules at one prefix both select, if any; port 0: no port."""
-    keys_a = {(proto, port, plen) for proto, port, plen in a.port_keys()}
-    for proto, port, plen in b.port_keys():
-        for proto_a, port_a, plen_a in keys_a:
-            if proto_a != proto or (plen == 0) != (plen_a == 0):
-                continue  # a protocol-only entry and a port entry coexist: the port wins
-            if plen == 0:
-                return proto, 0
-            # Two blocks overlap when the shorter one's bits agree.
-            shift = 16 - min(plen, plen_a)
-            if port >> shift == port_a >> shift:
-                return proto, max(port, port_a)
-    return None
-
-
 class _Direction:
     """One direction's keys, built from the rules in it."""
 
@@ -153,19 +138,14 @@ class _Direction:
         self.by_slot: dict[int, Placed] = {}
         self.port_rules: dict[Prefix, list[Placed]] = defaultdict(list)
         self.excepts: dict[Prefix, list[Placed]] = defaultdict(list)
-        clashes: dict[tuple[int, int], tuple[int, int] | None] = {}
+        shared: dict[Prefix, None] = {}  # prefixes with several port or protocol rules, in the order they became so
         for item in placed:
             rule = item.rule
             if rule.selects_ports:
                 for p in rule.dst:
                     others = self.port_rules[p]
-                    for other in others:
-                        pair = (id(item), id(other))
-                        if pair not in clashes:
-                            clashes[pair] = _overlap(rule, other.rule)
-                        both = clashes[pair]
-                        if both is not None:
-                            raise _clash(rule, other.rule, p, direction, both)
+                    if others:
+                        shared[p] = None
                     others.append(item)
             else:
                 self.by_slot[item.slot] = item
@@ -177,6 +157,41 @@ class _Direction:
                     self._find_shared(placed, item)
             for e in rule.excepts:
                 self.excepts[e].append(item)
+        for p in shared:
+            self._check_clash(p)
+
+    def _check_clash(self, p: Prefix) -> None:
+        """Refuse two rules at prefix p selecting one protocol and port: per protocol, a second
+        protocol-only rule, or port ranges that overlap (one sort and sweep; a rule's own ranges
+        are merged, so an overlap is always with another rule's).  A protocol-only rule and port
+        rules of its protocol coexist: the port wins.  The error names the later rule of a pair that
+        clashes, and the lowest port of that protocol where two of the ranges overlap."""
+        items = self.port_rules[p]
+        only: dict[int, int] = {}  # protocol -> the index in items of its protocol-only rule
+        spans: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # protocol -> (first, last, index)
+        for i, item in enumerate(items):
+            rule = item.rule
+            for proto in (rule.protocol,) if rule.protocol is not None else PORT_PROTOCOLS:
+                if rule.ports:
+                    spans[proto] += [(first, last, i) for first, last in rule.ports]
+                elif proto in only:
+                    raise _clash(rule, items[only[proto]].rule, p, self.direction, (proto, 0))
+                else:
+                    only[proto] = i
+        found: tuple[int, int, int, int] | None = None  # (later index, port, protocol, earlier index)
+        for proto, ranges in spans.items():
+            ranges.sort()
+            end, owner = -1, -1  # the furthest last port so far, and its rule
+            for first, last, i in ranges:
+                if first <= end:
+                    here = (max(i, owner), first, proto, min(i, owner))
+                    found = here if found is None else min(found, here)
+                    break
+                if last > end:
+                    end, owner = last, i
+        if found is not None:
+            later, port, proto, earlier = found
+            raise _clash(items[later].rule, items[earlier].rule, p, self.direction, (proto, port))
 
     def _find_shared(self, placed: Sequence[Placed], upto: Placed) -> None:
         owner: dict[Prefix, Placed] = {}
