@@ -198,7 +198,11 @@ def _record_fields(rule: Rule) -> tuple:
 
 
 def _same_except_dst(a: Rule, b: Rule) -> bool:
-    return a.class_params() == b.class_params() and a.leaf_params() == b.leaf_params() and a.ttl_us == b.ttl_us
+    """True when the rules differ at most in their peers (and in how a default is written): a change
+    of anything else restarts the TTL (README, **TTL**; changes.rule_changes says so in a dry run)."""
+    return (a.class_params() == b.class_params() and a.leaf_params() == b.leaf_params() and a.ttl_us == b.ttl_us
+            and a.direction == b.direction and a.protocol == b.protocol and a.ports == b.ports
+            and a.excepts == b.excepts)
 
 
 def plan(desired: Iterable[Rule], observed: Observed, now_ns: int,

@@ -127,6 +127,32 @@ def test_ttl_kept_on_reapply_refreshed_on_change_and_restarted_after_expiry():
     assert len(dp.classes) == 1  # the expired rule's class is gone
 
 
+
+@pytest.mark.parametrize("change", [{"direction": "both"}, {"protocol": "udp"}, {"ports": [5433]},
+                                    {"except": ["10.0.0.0/25"]}, {"dst": "10.0.0.0/24", "rate": "2mbit"}])
+def test_changing_what_a_rule_matches_restarts_its_ttl_as_the_dry_run_says(change):
+    from shaper.core.changes import rule_changes
+
+    c, dp, clock = ctl()
+    spec = {"name": "a", "dst": "10.0.0.0/24", "protocol": "tcp", "ports": [5432], "rate": "1mbit", "ttl": "10s"}
+    if "except" in change:
+        spec = {"name": "a", "dst": "10.0.0.0/24", "rate": "1mbit", "ttl": "10s"}
+    c.apply(rules(spec))
+    clock["now"] += 5 * 10**9
+    (said,) = rule_changes(rules(spec), rules({**spec, **change}))
+    c.apply(rules({**spec, **change}))
+    assert said.get("restarts_ttl") is True
+    assert dp.observe().rules["a"].expires_ns == clock["now"] + 10 * 10**9
+
+
+def test_new_destinations_alone_keep_the_ttl():
+    c, dp, clock = ctl()
+    spec = {"name": "a", "dst": "10.0.0.1", "rate": "1mbit", "ttl": "10s"}
+    c.apply(rules(spec))
+    clock["now"] += 5 * 10**9
+    c.apply(rules({**spec, "dst": ["10.0.0.1", "10.0.0.2"]}))
+    assert dp.observe().rules["a"].expires_ns == NOW + 10 * 10**9
+
 def test_expired_entry_falls_back_to_shorter_prefix():
     c, dp, clock = ctl()
     c.apply(rules({"name": "all", "dst": "::/0", "delay": "1ms"},
