@@ -243,6 +243,10 @@ class Api:
         # Under the service's lock, so that two patches of one rule never lose one another's change.
         with self.service.lock:
             merged = self.service.rule(name).to_dict()
+            # The rule reads back with dst; peers given as src replace them (and dst replaces a src).
+            for given, other in (("src", "dst"), ("dst", "src")):
+                if patch.get(given) is not None:
+                    merged.pop(other, None)
             for key, value in patch.items():
                 if value is None:
                     merged.pop(key, None)

@@ -49,6 +49,24 @@ def test_patch_changes_the_fields_given_and_keeps_the_others(env):
     assert status == 200 and body["dst"] == ["10.0.0.6/32"] and body["rate"] == "5mbit"
 
 
+
+def test_patch_names_the_peers_by_src_or_dst(env):
+    fake, _, api = env
+    assert call(api, "PUT", "/rules/cache", {"src": ["10.0.0.7"], "rate": "2mbit"})[0] == 200
+    # The rule is read back with dst; a patch's src replaces it (and a dst would replace a src).
+    status, body = call(api, "PATCH", "/rules/cache", {"src": ["10.0.0.8"]})
+    assert status == 200, body
+    assert body == {"name": "cache", "dst": ["10.0.0.8/32"], "direction": "ingress", "rate": "2mbit"}
+    status, body = call(api, "PATCH", "/rules/cache", {"dst": ["10.0.0.9"], "rate": "3mbit"})
+    assert status == 200 and body["dst"] == ["10.0.0.9/32"] and body["direction"] == "ingress", body
+    assert fake.observe().rules["cache"].rule.rate_bits_per_s == 3_000_000
+    status, body = call(api, "PATCH", "/rules/cache", {"src": ["10.0.0.1"], "dst": ["10.0.0.2"]})
+    assert status == 422 and "given with dst" in body["error"]
+    # src names an ingress rule's peers: on a rule of both directions it is refused, saying why.
+    call(api, "PUT", "/rules/db", {**DB, "direction": "both"})
+    status, body = call(api, "PATCH", "/rules/db", {"src": ["10.0.0.1"]})
+    assert status == 422 and "names the peers of an ingress rule" in body["error"]
+
 @pytest.mark.parametrize("patch,status,words", [
     ({}, 422, "nothing to change"),
     ({"dely": "20ms"}, 422, "did you mean 'delay'?"),
