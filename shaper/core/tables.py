@@ -294,16 +294,19 @@ def compile(placed: Sequence[Placed], groups: Mapping[tuple[int, ...], int] | No
                 wanted[key] = items
     ids = _group_ids(list(wanted), groups or {}, taken_groups)
     ports: dict[PortKey, PortEntry] = {}
-    if not check_only:
+    if check_only:  # the entries are not built, only counted: a group's rules never share a key (_check_clash)
+        count = sum(len(item.rule.port_keys()) for items in wanted.values() for item in items)
+    else:
         for key, items in wanted.items():
             g = ids[key]
             for item in items:
                 value = PortEntry(item.slot, item.expires_ns)
                 for proto, port, plen in item.rule.port_keys():
                     ports[PortKey(g, proto, port, plen)] = value
-        if len(ports) > MAX_PORT_ENTRIES:
-            raise InvalidInput("rules", f"{len(ports)} port entries exceed the maximum {MAX_PORT_ENTRIES}",
-                               "fewer port ranges, or fewer distinct sets of port rules sharing peers")
+        count = len(ports)
+    if count > MAX_PORT_ENTRIES:
+        raise InvalidInput("rules", f"{count} port entries exceed the maximum {MAX_PORT_ENTRIES}",
+                           "fewer port ranges, or fewer distinct sets of port rules sharing peers")
 
     def port_part(key: tuple[int, ...] | None) -> tuple[int, Inline | None]:
         if key is None:

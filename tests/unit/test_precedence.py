@@ -422,3 +422,17 @@ def test_rules_on_one_prefix_clash_exactly_when_they_select_a_protocol_and_port_
         assert earlier < later and (proto, port) in both[(earlier, later)]  # the later rule's field is named
     else:
         assert not any(both.values())
+
+
+def test_port_entries_past_the_map_are_refused_by_validation_as_by_the_planner():
+    # 32 ranges of 11 aligned blocks each, for tcp, udp and sctp: 1,056 port entries per rule, each rule its own group.
+    ports = [f"{a * 2048 + 1}-{a * 2048 + 2047}" for a in range(32)]
+    fits = tables.MAX_PORT_ENTRIES // 1056
+    many = [{"name": f"r{i}", "dst": f"10.0.{i >> 8}.{i & 255}", "ports": ports} for i in range(fits + 1)]
+    rules = parse_ruleset({"rules": many[:fits]})
+    assert len(tables.compile([tables.Placed(r, i + 1) for i, r in enumerate(rules)]).ports) == fits * 1056
+    words = f"{(fits + 1) * 1056} port entries exceed the maximum {tables.MAX_PORT_ENTRIES}"
+    with pytest.raises(InvalidInput, match=words):
+        parse_ruleset({"rules": many})
+    with pytest.raises(InvalidInput, match=words):
+        tables.compile([tables.Placed(parse_rule(r), i + 1) for i, r in enumerate(many)])
