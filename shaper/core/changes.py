@@ -85,6 +85,8 @@ def _value(value: Any, key: str = "") -> str:
         return default if isinstance(default, str) and default else "(unset)"
     if isinstance(value, Mapping):
         return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):  # ports, except: as the CLI takes them (5432,8000-8100)
+        return ",".join(map(str, value))
     return str(value)
 
 

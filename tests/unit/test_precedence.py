@@ -247,7 +247,14 @@ def test_dry_runs_and_tables_say_direction_ports_and_except_in_the_rules_words()
     new = parse_rule({"name": "pg", "dst": "10.0.0.5", "protocol": "tcp", "ports": [5433]})
     (change,) = rule_changes([old], [new])
     # A field left out reads as its default when that is a word: the direction goes back to egress.
-    assert describe(change) == "~ pg: direction both -> egress, ports [5432] -> [5433]"
+    assert describe(change) == "~ pg: direction both -> egress, ports 5432 -> 5433"
+    # Lists read as the CLI takes them: comma-separated, ranges as first-last.
+    wide = parse_rule({"name": "pg", "dst": "10.0.0.0/8", "ports": [5432, "8000-8100"], "except": ["10.9.0.0/16"]})
+    narrow = parse_rule({"name": "pg", "dst": "10.0.0.0/8", "ports": [5432]})
+    (change,) = rule_changes([narrow], [wide])
+    assert describe(change) == "~ pg: ports 5432 -> 5432,8000-8100, except (unset) -> 10.9.0.0/16"
+    (created,) = rule_changes([], [wide])
+    assert describe(created) == "+ pg (created): dst 10.0.0.0/8, ports 5432,8000-8100, except 10.9.0.0/16"
     assert cli._match({"protocol": "tcp", "ports": [5432, "8000-8100"]}) == "tcp/5432,8000-8100"
     assert cli._match({"ports": [53]}) == "port 53"
     assert cli._match({"dst": ["10.0.0.0/8"], "except": ["10.9.0.0/16"]}) == "except 10.9.0.0/16"
