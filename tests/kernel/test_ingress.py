@@ -265,3 +265,18 @@ rules:
     dst: [{V4['b']}]
     rate: 100mbit
 """
+
+
+def test_a_fresh_start_clears_the_ingress_an_earlier_start_left(lab):
+    lab.shaper("apply", rules=INGRESS_RATE)
+    [old_ifb] = ifbs(lab)
+    old_index = json.loads(sh("ip", "-n", lab.pod, "-j", "link", "show", old_ifb).stdout)[0]["ifindex"]
+    # The egress classifier removed by hand: the next start cannot adopt and starts afresh.
+    sh("tc", "-n", lab.pod, "filter", "del", "dev", POD_IF, "egress", "pref", str(0x5348))
+    lab.shaper("apply", rules=INGRESS_RATE)
+    [ifb] = ifbs(lab)
+    assert json.loads(sh("ip", "-n", lab.pod, "-j", "link", "show", ifb).stdout)[0]["ifindex"] != old_index
+    filters = sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "ingress").stdout
+    assert filters.count("shaper_classifier") == 1
+    assert 18e6 <= lab.throughput(V4["c"], 2, incoming=True) <= 22e6
+    assert rows(lab)[("from-c", "ingress")]["matched_packets"] > 1000
