@@ -290,7 +290,7 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
         if data.get("dst") is not None:
             raise InvalidInput(prefix + "src", "given with dst; both name the rule's peers",
                                "dst (any direction) or src (an ingress rule), not both")
-        if data.get("direction", "ingress") != "ingress":
+        if data.get("direction") not in (None, "ingress"):  # null: left out, as for every optional field
             raise InvalidInput(prefix + "src", f"names the peers of an ingress rule, not of a {data['direction']!r} "
                                "one", "dst with direction egress or both; src with direction ingress")
         peers = "src"
@@ -298,8 +298,8 @@ def parse_rule(data: object, *, where: str = "", name: str | None = None) -> Rul
     if isinstance(raw_dst, str):
         raw_dst = [raw_dst]
     if not isinstance(raw_dst, list) or not raw_dst:
-        raise InvalidInput(prefix + "dst", "at least one destination is required (or src for an ingress rule)",
-                           DST_FORM)
+        raise InvalidInput(prefix + peers, "at least one source is required" if peers == "src" else
+                           "at least one destination is required (or src for an ingress rule)", DST_FORM)
     if len(raw_dst) > MAX_PREFIXES:
         raise InvalidInput(prefix + peers, f"{len(raw_dst)} destinations exceed {MAX_PREFIXES}", DST_FORM)
     dst = _parse_dst(raw_dst, prefix, peers)

@@ -328,3 +328,23 @@ def test_ipv4_mapped_prefixes_are_their_ipv4_form_everywhere(mapped, v4):
     with pytest.raises(InvalidInput) as exc:  # ... and in two rules it is the same destination twice.
         parse_ruleset({"rules": [{"name": "a", "dst": [mapped]}, {"name": "b", "dst": [v4]}]})
     assert f"{v4} is already a destination of rule 'a'" in str(exc.value)
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({"src": [], "name": "a"}, "src", "at least one source"),
+    ({"src": {"x": 1}, "name": "a"}, "src", "at least one source"),
+    ({"src": ["10.0.0.1", ["10.0.0.2"]], "name": "a"}, "src[1]", "expected a string"),
+    ({"src": "10.0.0.1", "direction": "egress", "name": "a"}, "src", "not of a 'egress' one"),
+    ({"src": "10.0.0.1", "dst": "10.0.0.2", "name": "a"}, "src", "given with dst"),
+    ({"dst": [], "name": "a"}, "dst", "at least one destination"),
+])
+def test_an_error_in_a_rules_peers_names_the_field_written(body, field, words):
+    with pytest.raises(InvalidInput) as err:
+        parse_rule(body)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_src_with_direction_null_is_an_ingress_rule_like_src_alone():
+    # null means "left out" for every optional field; it must not read as a direction.
+    assert parse_rule({"name": "a", "src": "10.0.0.1", "direction": None}).direction == "ingress"
+    assert parse_rule({"name": "a", "src": "10.0.0.1", "direction": None}) == parse_rule({"name": "a", "src": "10.0.0.1"})
