@@ -328,33 +328,9 @@ class Lab:
         pod_addr = V6["pod"] if ":" in addr else V4["pod"]
         # The receiver listens where the data goes; the sender binds `addr` when it is the peer, so
         # the pod sees the packets come from `addr` (the dst namespace holds every peer address).
-        receiver, listen, sender, source = (self.pod, pod_addr, self.dst, addr) if incoming else \
-            (self.dst, addr, self.pod, "")
-        server = subprocess.Popen(["ip", "netns", "exec", receiver, sys.executable, "-u", "-c", _RECEIVER, listen,
-                                   str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            # The receiver says "listening" once it is: a condition to wait on, not a guess.
-            start = time.monotonic()
-            ready, _, _ = select.select([server.stdout], [], [], start_timeout)
-            line = server.stdout.readline() if ready else ""
-            if line.strip() != "listening":
-                state = "still running" if server.poll() is None else f"exited {server.returncode}"
-                if server.poll() is None:
-                    server.kill()
-                _, err = server.communicate(timeout=30)
-                raise RuntimeError(f"receiver on {listen} (netns {receiver}) not listening after "
-                                   f"{time.monotonic() - start:.1f}s (bound {start_timeout:.0f}s): {state}; "
-                                   f"stdout {line.strip()!r}; stderr: {err.strip() or '(empty)'}")
-            sh("ip", "netns", "exec", sender, sys.executable, "-c", _SENDER, listen, str(seconds), source,
-               timeout=start_timeout + 2 * seconds)
-            out, err = server.communicate(timeout=start_timeout + seconds)
-            if server.returncode != 0:
-                raise RuntimeError(f"receiver on {listen} exited {server.returncode}: {err.strip()}")
-            return float(out)
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+        if incoming:
+            return tcp_goodput(self.dst, addr, self.pod, pod_addr, seconds, start_timeout=start_timeout)
+        return tcp_goodput(self.pod, "", self.dst, addr, seconds, start_timeout=start_timeout)
 
     def connect_ms(self, addr: str, port: int, count: int = 20, *, incoming: bool = False) -> dict:
         """TCP connect() times in ms between the pod and `addr`:`port` (incoming: from `addr`, bound
@@ -526,12 +502,44 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock = netns_connect(self.netns, self.host, self.port, self.timeout)
 
 
+
+def tcp_goodput(sender: str, source: str, receiver: str, listen: str, seconds: float = 2, *,
+                port: int = 5201, start_timeout: float = 120) -> float:
+    """TCP goodput in bit/s from namespace `sender` (bound to `source` when given) to `listen`:`port`
+    in namespace `receiver`, measured by the receiver over `seconds` from its first byte."""
+    server = subprocess.Popen(["ip", "netns", "exec", receiver, sys.executable, "-u", "-c", _RECEIVER, listen,
+                               str(seconds), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The receiver says "listening" once it is: a condition to wait on, not a guess.
+        start = time.monotonic()
+        ready, _, _ = select.select([server.stdout], [], [], start_timeout)
+        line = server.stdout.readline() if ready else ""
+        if line.strip() != "listening":
+            state = "still running" if server.poll() is None else f"exited {server.returncode}"
+            if server.poll() is None:
+                server.kill()
+            _, err = server.communicate(timeout=30)
+            raise RuntimeError(f"receiver on {listen} (netns {receiver}) not listening after "
+                               f"{time.monotonic() - start:.1f}s (bound {start_timeout:.0f}s): {state}; "
+                               f"stdout {line.strip()!r}; stderr: {err.strip() or '(empty)'}")
+        sh("ip", "netns", "exec", sender, sys.executable, "-c", _SENDER, listen, str(seconds), source, str(port),
+           timeout=start_timeout + 2 * seconds)
+        out, err = server.communicate(timeout=start_timeout + seconds)
+        if server.returncode != 0:
+            raise RuntimeError(f"receiver on {listen} exited {server.returncode}: {err.strip()}")
+        return float(out)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 _RECEIVER = """
 import socket, sys, time
-addr, seconds = sys.argv[1], float(sys.argv[2])
+addr, seconds, port = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((addr, 5201))
+srv.bind((addr, port))
 srv.listen(1)
 print("listening", flush=True)
 conn, _ = srv.accept()
@@ -552,8 +560,8 @@ print(total * 8 / (last - first) if last and last > first else 0.0)
 """
 _SENDER = """
 import socket, sys, time
-addr, seconds, source = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-s = socket.create_connection((addr, 5201), timeout=30, source_address=(source, 0) if source else None)
+addr, seconds, source, port = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+s = socket.create_connection((addr, port), timeout=30, source_address=(source, 0) if source else None)
 buf = bytes(1 << 16)
 end = time.monotonic() + seconds
 try:

@@ -6,7 +6,6 @@ vlan and ifb is created here (the lab fixture) and removed again, shaper's pins 
 """
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -14,53 +13,12 @@ import time
 
 import pytest
 
-from lab import POD_IF, ROOT, V4, V6, sh
+from lab import POD_IF, ROOT, V4, V6, sh, tcp_goodput
 from shaper.core import plan as P
 from shaper.core.model import Prefix, parse_rule
 from shaper.datapath.kernel import KernelDatapath, ifb_name
 
 TCP, UDP, ICMP = 6, 17, 1
-
-_RECEIVE = """
-import socket, sys, time
-addr, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((addr, port))
-srv.listen(1)
-print("listening", flush=True)
-conn, _ = srv.accept()
-total, first, last = 0, None, None
-while True:
-    data = conn.recv(1 << 16)
-    if not data:
-        break
-    last = time.monotonic()
-    if first is None:
-        first = last  # what queued up before the first read would inflate a slow rate
-        continue
-    total += len(data)
-    if last - first >= seconds:
-        break
-print(total * 8 / (last - first) if last and last > first else 0.0)
-"""
-
-_SEND = """
-import socket, sys, time
-src, addr, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-s.bind((src, 0))
-s.settimeout(30)
-s.connect((addr, port))
-buf = bytes(1 << 16)
-end = time.monotonic() + seconds
-try:
-    while time.monotonic() < end:
-        s.sendall(buf)
-except (BrokenPipeError, ConnectionResetError, TimeoutError):
-    pass
-s.close()
-"""
 
 # Packets of each kind to (addr, port) from the namespace it runs in: UDP datagrams, or TCP
 # connection attempts (nobody listens: each is one SYN answered by a RST).
@@ -120,24 +78,6 @@ def ifb_packets(lab, dp: KernelDatapath) -> int:
     return int(sent[2])
 
 
-def tcp_rate(sender_ns: str, src: str, receiver_ns: str, addr: str, seconds: float = 3) -> float:
-    """TCP goodput from `src` (in sender_ns) to `addr` (in receiver_ns), bit/s, measured by the receiver."""
-    server = subprocess.Popen(["ip", "netns", "exec", receiver_ns, sys.executable, "-u", "-c", _RECEIVE, addr,
-                               "5301", str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([server.stdout], [], [], 60)
-        assert ready and server.stdout.readline().strip() == "listening", server.stderr.read()
-        sh("ip", "netns", "exec", sender_ns, sys.executable, "-c", _SEND, src, addr, "5301", str(seconds),
-           timeout=60 + 2 * seconds)
-        out, err = server.communicate(timeout=60 + seconds)
-        assert server.returncode == 0, err
-        return float(out)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-
-
 @pytest.fixture
 def dp(lab):
     d = KernelDatapath(POD_IF, lab.pod)
@@ -158,13 +98,13 @@ def test_ingress_shapes_matched_sources_and_leaves_the_rest_alone(lab, dp):
     assert "5348:1" in sh("tc", "-n", lab.pod, "class", "show", "dev", ifb_name(dp.ifindex)).stdout
     assert "shaper_classifier" in sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "ingress").stdout
 
-    shaped = tcp_rate(lab.dst, V4["a"], lab.pod, V4["pod"])
+    shaped = tcp_goodput(lab.dst, V4["a"], lab.pod, V4["pod"], 3, port=5301)
     ingress = dp.class_stats("ingress")[1]
     assert ingress.packets > 100 and counts(dp, [1], "ingress")[1] > 100
     assert counts(dp, [1])[1] == 0  # the egress counters are another array
 
     before = ifb_packets(lab, dp)
-    unshaped = tcp_rate(lab.dst, V4["b"], lab.pod, V4["pod"])
+    unshaped = tcp_goodput(lab.dst, V4["b"], lab.pod, V4["pod"], 3, port=5301)
     print(f"\ningress rate from a (10mbit): {shaped / 1e6:.2f} Mbit/s; unmatched b: {unshaped / 1e6:.0f} Mbit/s")
     assert 8.5e6 <= shaped <= 11e6
     assert unshaped > 100e6
