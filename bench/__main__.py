@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, tc, BPF, iptables)", file=sys.stderr)
         return 2
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds every lab's `with`: namespaces and pins go too
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` or a CI timeout, not only Ctrl-C
 
     def log(msg: str) -> None:
         print(msg, flush=True)
