@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (network namespaces, tc, BPF, iptables)", file=sys.stderr)
         return 2
 
+    bench_pid = os.getpid()
+
     def stop(signum: int, _frame: object) -> None:
+        if os.getpid() != bench_pid:
+            # A forked child (pyroute2 opens its netns sockets in one, and ends it with SIGTERM)
+            # holds a copy of the bench's stack: unwinding it there would delete the namespaces.
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)  # unwinds every lab's `with`: namespaces and pins go too
 
     signal.signal(signal.SIGTERM, stop)  # `kill` or a CI timeout, not only Ctrl-C
