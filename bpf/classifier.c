@@ -71,6 +71,10 @@ static __always_inline int live(__u64 expires_ns, __u64 *now)
  * (they carry no transport header), have port 0.  bpf_skb_load_bytes reads
  * headers that are not in the linear data too, and keeps the verifier out of
  * the variable IPv4 header length. */
+/* Ethernet, one VLAN tag and the longest IPv4 header: a bound the verifier can
+ * check a packet pointer plus the transport offset against. */
+#define SHAPER_MAX_L4_OFF (14 + 4 + 60)
+
 static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l4, __u32 l4_off, __u8 proto,
 				     int no_ports, const int ingress)
 {
@@ -80,7 +84,18 @@ static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l4, 
 		return;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
 		return;
-	/* TCP, UDP and SCTP all start with the source port, then the destination port. */
+	/* TCP, UDP and SCTP all start with the source port, then the destination port.
+	 * Read in place when the ports are in the linear data (the usual case: the
+	 * helper call alone was most of the port lookup's cost), else copied. */
+	if (l4_off <= SHAPER_MAX_L4_OFF) {
+		__u8 *ports = (__u8 *)(long)skb->data + l4_off;
+
+		if ((void *)(ports + 4) <= (void *)(long)skb->data_end) {
+			l4->port[0] = ports[ingress ? 0 : 2];
+			l4->port[1] = ports[ingress ? 1 : 3];
+			return;
+		}
+	}
 	if (bpf_skb_load_bytes(skb, l4_off + (ingress ? 0 : 2), l4->port, 2) < 0) {
 		l4->port[0] = 0;
 		l4->port[1] = 0;

@@ -172,18 +172,36 @@ def test_ports_and_protocols_before_the_address_rule_at_the_same_prefix(lab, dp)
 _TAGGED = """
 import socket, struct, sys
 ifname, dst, dport, count, tags = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+options = b"\\x01" * int(sys.argv[6]) if len(sys.argv) > 6 else b""  # IPv4 NOP options, a multiple of 4
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))
 mac = s.getsockname()[4]
 udp = struct.pack("!HHHH", 40000, dport, 8 + 16, 0) + bytes(16)
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton("10.77.0.1"),
-                 socket.inet_aton(dst))
+ip = struct.pack("!BBHHHBBH4s4s", 0x45 + len(options) // 4, 0, 20 + len(options) + len(udp), 1, 0, 64, 17, 0,
+                 socket.inet_aton("10.77.0.1"), socket.inet_aton(dst)) + options
 head = b"\\xff" * 6 + mac
-for tpid in tags.split(","):
+for tpid in filter(None, tags.split(",")):
     head += struct.pack("!HH", int(tpid, 16), 10)
 for _ in range(count):
     s.send(head + struct.pack("!H", 0x0800) + ip + udp)
 """
+
+
+def test_ports_after_ipv4_options(lab, dp):
+    """The port is read where the IPv4 header says it ends (ihl 6 and 15, with and without a
+    tag), for a port rule held in the address entry and for one in the port trie."""
+    dp.execute(classes({1: "100mbit", 2: "100mbit", 3: "100mbit", 4: "100mbit"}) + [
+        P.UpsertEntries({prefix(V4["a"]): P.Entry(2, 0, 128, inline=P.Inline(1, 0, UDP, 5001, 16)),
+                         prefix(V4["b"]): P.Entry(4, 0, 128, group=1)}),
+        P.UpsertPorts({P.PortKey(1, UDP, 5001, 16): P.PortEntry(3, 0)})])
+    for tags, options in (("", 4), ("", 40), ("8100", 40)):
+        dp.execute([P.ResetStats(slot) for slot in (1, 2, 3, 4)])
+        for addr in (V4["a"], V4["b"]):
+            sh("ip", "netns", "exec", lab.pod, sys.executable, "-c", _TAGGED, POD_IF, addr, "5001", "10", tags,
+               str(options))
+            sh("ip", "netns", "exec", lab.pod, sys.executable, "-c", _TAGGED, POD_IF, addr, "5002", "6", tags,
+               str(options))
+        assert counts(dp, [1, 2, 3, 4]) == {1: 10, 2: 6, 3: 10, 4: 6}, (tags, options)
 
 
 def test_ports_with_a_vlan_tag_in_the_data(lab, dp):
