@@ -5,8 +5,8 @@ The newest kernel runs the netem, API, fuzzer and seed-scenario tests; older one
 the netem, ingress and API tests.  Ingress runs on the older kernels only: 6.1 is
 where the ifb's quirks live (it drops what mirred did not send it), and the kernel
 tier covers ingress on the running kernel; the fuzzer and the seed scenario test
-shaper, not the kernel.  Each suite takes about 15 minutes under TCG (ingress alone
-about 7.5), so the tier stays near 35 minutes; the timeouts leave half as much again."""
+shaper, not the kernel.  Each suite takes 7-9 minutes under TCG on an idle machine and
+15-25 on a busy one (ingress is about half of the 6.1 suite); the timeouts are 25 minutes each."""
 
 import re
 import sys
