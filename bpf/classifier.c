@@ -68,11 +68,10 @@ static __always_inline int live(__u64 expires_ns, __u64 *now)
 /* The protocol and the peer's port (the destination port on egress, the
  * source port on ingress).  No IPv6 extension-header walk: nexthdr is the
  * protocol.  Protocols without ports, and IPv4 fragments after the first
- * (they carry no transport header), have port 0.  bpf_skb_load_bytes reads
- * headers that are not in the linear data too, and keeps the verifier out of
- * the variable IPv4 header length. */
-/* Ethernet, one VLAN tag and the longest IPv4 header: a bound the verifier can
- * check a packet pointer plus the transport offset against. */
+ * (they carry no transport header), have port 0.  The ports are read in
+ * place when they are in the linear data; bpf_skb_load_bytes reads them when
+ * they are not.  SHAPER_MAX_L4_OFF (Ethernet, one VLAN tag, the longest IPv4
+ * header) bounds the variable transport offset for the verifier. */
 #define SHAPER_MAX_L4_OFF (14 + 4 + 60)
 
 static __always_inline void parse_l4(struct __sk_buff *skb, struct l4_info *l4, __u32 l4_off, __u8 proto,
