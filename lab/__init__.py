@@ -502,7 +502,6 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock = netns_connect(self.netns, self.host, self.port, self.timeout)
 
 
-
 def tcp_goodput(sender: str, source: str, receiver: str, listen: str, seconds: float = 2, *,
                 port: int = 5201, start_timeout: float = 120) -> float:
     """TCP goodput in bit/s from namespace `sender` (bound to `source` when given) to `listen`:`port`

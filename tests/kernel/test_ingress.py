@@ -231,16 +231,15 @@ def test_the_daemon_puts_back_an_ifb_or_filter_removed_by_hand(lab):
 
 
 def test_a_local_apply_puts_back_an_ifb_or_filter_removed_by_hand(lab):
-    rules = f"rules:\n  - name: from-c\n    src: [{V4['c']}]\n    rate: 20mbit\n"
-    lab.shaper("apply", rules=rules)
+    lab.shaper("apply", rules=INGRESS_RATE)
     [ifb] = ifbs(lab)
     sh("ip", "-n", lab.pod, "link", "del", ifb)
-    lab.shaper("apply", rules=rules)  # the same rules: only the put-back differs
+    lab.shaper("apply", rules=INGRESS_RATE)  # the same rules: only the put-back differs
     assert ifbs(lab) == [ifb]
     assert "5348:1" in sh("tc", "-n", lab.pod, "class", "show", "dev", ifb).stdout
     assert 18e6 <= lab.throughput(V4["c"], 2, incoming=True) <= 22e6
     sh("tc", "-n", lab.pod, "filter", "del", "dev", POD_IF, "ingress", "pref", str(0x5348))
-    lab.shaper("apply", rules=rules)
+    lab.shaper("apply", rules=INGRESS_RATE)
     assert "shaper_classifier" in sh("tc", "-n", lab.pod, "filter", "show", "dev", POD_IF, "ingress").stdout
     assert lab.throughput(V4["c"], 2, incoming=True) <= 22e6
 

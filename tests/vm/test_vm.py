@@ -19,10 +19,10 @@ from lab import kernel_release, run_in_vm, vm_kernels
 from tests.support.tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()
-FULL = ("tests/vm/guest/test_netem.py tests/vm/guest/test_api.py tests/vm/guest/test_schemathesis.py "
+NEWEST = ("tests/vm/guest/test_netem.py tests/vm/guest/test_api.py tests/vm/guest/test_schemathesis.py "
         "tests/vm/guest/test_seed.py")
-NETEM_AND_API = "tests/vm/guest/test_netem.py tests/vm/guest/test_ingress.py tests/vm/guest/test_api.py"
-GUEST_TIMEOUT_S = {FULL: 1500, NETEM_AND_API: 1500}
+OLDER = "tests/vm/guest/test_netem.py tests/vm/guest/test_ingress.py tests/vm/guest/test_api.py"
+GUEST_TIMEOUT_S = 1500
 
 
 def test_two_kernel_series_for_the_vm_tier():
@@ -37,11 +37,11 @@ def test_two_kernel_series_for_the_vm_tier():
 @pytest.mark.parametrize("kernel", KERNELS or [None], ids=lambda k: kernel_release(k) if k else "none")
 def test_guest_suite_in_vm(kernel, tmp_path):
     require_tier(vm_tier_problem(kernel))
-    suite = FULL if kernel == KERNELS[-1] else NETEM_AND_API
+    suite = NEWEST if kernel == KERNELS[-1] else OLDER
     start = time.monotonic()
     print(f"\n--- VM {kernel_release(kernel)}: {suite} ---", flush=True)
     proc = run_in_vm(f"SHAPER_IN_VM=1 SHAPER_REQUIRE_ALL_TIERS=1 {sys.executable} -m pytest {suite} -q -s "
-                     "-p no:cacheprovider -ra", str(tmp_path), kernel=kernel, timeout=GUEST_TIMEOUT_S[suite],
+                     "-p no:cacheprovider -ra", str(tmp_path), kernel=kernel, timeout=GUEST_TIMEOUT_S,
                      on_line=lambda line: print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True))
     assert proc.returncode == 0, f"guest tests on {kernel_release(kernel)} failed (output above)"
     # pytest's own final line (the guests' output may itself say "skipped", e.g. schemathesis phases).
@@ -52,4 +52,4 @@ def test_guest_suite_in_vm(kernel, tmp_path):
 def test_every_guest_file_runs_on_some_kernel():
     """A guest test file in neither suite would never run, and the tier would still pass."""
     guest = {str(p) for p in Path("tests/vm/guest").glob("test_*.py")}
-    assert guest and guest <= set(FULL.split()) | set(NETEM_AND_API.split()), sorted(guest)
+    assert guest and guest <= set(NEWEST.split()) | set(OLDER.split()), sorted(guest)
