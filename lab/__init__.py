@@ -502,11 +502,20 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock = netns_connect(self.netns, self.host, self.port, self.timeout)
 
 
+def in_namespace(netns: str) -> list[str]:
+    """The command prefix that runs a program in a network namespace: a name (`ip netns exec`), or
+    pid:PID for the namespace of a process with no name (`nsenter`: a node agent's "pod")."""
+    if netns.startswith("pid:"):
+        return ["nsenter", "-t", netns[4:], "-n"]
+    return ["ip", "netns", "exec", netns]
+
+
 def tcp_goodput(sender: str, source: str, receiver: str, listen: str, seconds: float = 2, *,
                 port: int = 5201, start_timeout: float = 120) -> float:
     """TCP goodput in bit/s from namespace `sender` (bound to `source` when given) to `listen`:`port`
-    in namespace `receiver`, measured by the receiver over `seconds` from its first byte."""
-    server = subprocess.Popen(["ip", "netns", "exec", receiver, sys.executable, "-u", "-c", _RECEIVER, listen,
+    in namespace `receiver`, measured by the receiver over `seconds` from its first byte.
+    Either namespace may be pid:PID (see in_namespace)."""
+    server = subprocess.Popen([*in_namespace(receiver), sys.executable, "-u", "-c", _RECEIVER, listen,
                                str(seconds), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The receiver says "listening" once it is: a condition to wait on, not a guess.
@@ -521,7 +530,7 @@ def tcp_goodput(sender: str, source: str, receiver: str, listen: str, seconds: f
             raise RuntimeError(f"receiver on {listen} (netns {receiver}) not listening after "
                                f"{time.monotonic() - start:.1f}s (bound {start_timeout:.0f}s): {state}; "
                                f"stdout {line.strip()!r}; stderr: {err.strip() or '(empty)'}")
-        sh("ip", "netns", "exec", sender, sys.executable, "-c", _SENDER, listen, str(seconds), source, str(port),
+        sh(*in_namespace(sender), sys.executable, "-c", _SENDER, listen, str(seconds), source, str(port),
            timeout=start_timeout + 2 * seconds)
         out, err = server.communicate(timeout=start_timeout + seconds)
         if server.returncode != 0:

@@ -11,8 +11,10 @@ Commands parse input into the model and turn errors into exit codes: 0 ok,
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -207,24 +209,36 @@ rule_filter_option = click.option(
     help="Only rules whose name matches this shell pattern (e.g. 'db*'); repeat for more.")
 
 
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+
+
 def client_options(fn):
-    """--server and --token-file, shared by every command that talks to a daemon."""
-    fn = click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
-                      type=click.Path(dir_okay=False),
-                      help="File holding the daemon's bearer token (or set SHAPER_TOKEN).")(fn)
+    """--server, --token-file and --target, shared by every command that talks to a daemon."""
+    @functools.wraps(fn)
+    def with_target(*args, target: str | None = None, **kwargs):
+        _TARGET.set(target)
+        return fn(*args, **kwargs)
+
+    cmd = click.option("--target", envvar="SHAPER_TARGET", show_envvar=True, default=None, metavar="TARGET",
+                       help="With --server at a node agent (shaper agent): the pod or container to act on, e.g. "
+                            "10.244.1.7, container:web, pid:4242 (see `shaper agent --help`).")(with_target)
+    cmd = click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
+                       type=click.Path(dir_okay=False),
+                       help="File holding the daemon's bearer token (or set SHAPER_TOKEN).")(cmd)
     return click.option("--server", envvar="SHAPER_SERVER", show_envvar=True, default=DEFAULT_SERVER,
-                        show_default=True, metavar="URL", help="URL of the shaper daemon.")(fn)
+                        show_default=True, metavar="URL", help="URL of the shaper daemon.")(cmd)
 
 
 def _client(server: str, token_file: str | None) -> Client:
-    return Client(server, read_token(token_file))
+    return Client(server, read_token(token_file), target=_TARGET.get())
 
 
 def _complete_rule_name(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Shell completion of rule names, asked of the daemon (quietly nothing if it is not there)."""
     server = ctx.params.get("server") or os.environ.get("SHAPER_SERVER") or DEFAULT_SERVER
     try:
-        names = [r["name"] for r in Client(server, read_token(ctx.params.get("token_file")), timeout=2).rules()]
+        names = [r["name"] for r in Client(server, read_token(ctx.params.get("token_file")), timeout=2,
+                                           target=ctx.params.get("target")).rules()]
     except (ShaperError, KeyError, TypeError):
         return []
     return sorted((n for n in names if n.startswith(incomplete)), key=natural_key)
@@ -297,6 +311,84 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
         daemon.run(daemon.DaemonOptions(iface=iface, netns=netns, listen=listen, rules=rules, token=token,
                                         keep_on_exit=keep_on_exit, insecure=insecure, initial_rules=initial,
                                         rules_file=rules_file))
+
+
+@main.command()
+@click.option("--iface", "-i", default="eth0", show_default=True, metavar="IFACE",
+              help="The interface shaped in each target's network namespace (a pod's eth0).")
+@click.option("--listen", default=":2333", show_default=True,
+              help="Where the API and /metrics are served (ADDR:PORT, :PORT); on a node, its hostIP.")
+@click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="File holding the bearer token changes need (or SHAPER_TOKEN).")
+@click.option("--reset-on-exit", is_flag=True,
+              help="Remove every target's shaping on exit. By default it stays, and a restarted agent adopts it.")
+@click.option("--insecure", is_flag=True,
+              help="Serve beyond loopback without a token: anyone who can reach the port can change shaping.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Lowest level logged (JSON lines on stderr).")
+def agent(iface: str, listen: str, token_file: str | None, reset_on_exit: bool, insecure: bool,
+          log_level: str) -> None:
+    """Run the node agent: shape other pods' and containers' network namespaces, no sidecar needed.
+
+    One per node (a DaemonSet with hostNetwork and hostPID, see deploy/agent/).
+    Each target gets the datapath a sidecar would build on its IFACE, pinned
+    per target; a target is named in the URL, /targets/TARGET/rules[/NAME],
+    or with --target on the client commands, as one of:
+
+    \b
+      10.244.1.7 or fd00::7     the pod holding that address
+      pid:4242                  the namespace of a process (the node's PIDs)
+      netns:NAME, netns:/path   a name from `ip netns list`, or a namespace file
+      container:NAME_OR_ID      asked of podman and crictl (CRI-O, containerd)
+      podman:NAME, cri:NAME     asked of that runtime only
+
+    The first PUT of a rule starts shaping a target; DELETE /targets/TARGET
+    removes it. A target whose namespace is gone is swept (its pins too), as
+    are the pins dead sidecars left. On SIGTERM the shaping stays and the next
+    agent adopts it (--reset-on-exit removes it).
+    """
+    from shaper import agent as node_agent
+    from shaper.http.server import configure_logging
+
+    with _errors():
+        token = read_token(token_file)
+        configure_logging(log_level)
+        node_agent.run(node_agent.AgentOptions(iface=iface, listen=listen, token=token, insecure=insecure,
+                                               reset_on_exit=reset_on_exit))
+
+
+@main.group()
+def target() -> None:
+    """The targets of a node agent (shaper agent): list them, or remove one's shaping.
+
+    Every client command (rule ..., status, apply, reset) acts on one target
+    with --target, e.g. `shaper rule set db --dst 10.0.0.5 --delay 50ms
+    --server http://NODE:2333 --target 10.244.1.7`.
+    """
+
+
+@target.command("list")
+@output_option
+@client_options
+def target_list(output: str, server: str, token_file: str | None) -> None:
+    """The targets the agent shapes, with their rules and what it knows of them."""
+    with _errors():
+        rows = _client(server, token_file).targets()
+        _emit({"targets": rows}, output, lambda: _format(
+            ("TARGET", "NETNS", "PID", "POD", "RULES", "SINCE"),
+            [(r["target"], str(r["netns"]), str(r.get("pid") or "-"),
+              f"{r['namespace']}/{r['pod']}" if r.get("pod") else r.get("container") or "-",
+              str(r.get("rules") if r.get("rules") is not None else "-"), r.get("since", "-")) for r in rows]))
+
+
+@target.command("rm")
+@click.argument("name", metavar="TARGET")
+@client_options
+def target_rm(name: str, server: str, token_file: str | None) -> None:
+    """Remove everything shaper made in a target, and let go of it."""
+    with _errors():
+        done = _client(server, token_file).remove_target(name)
+        click.echo(f"{server}: {done['deleted']}: removed {', '.join(done['removed']) or 'nothing'}")
 
 
 # -- rules on a daemon ---------------------------------------------------------------------------------------
@@ -619,6 +711,7 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
             else:
                 click.echo(f"{server}: {len(result['rules'])} rule(s) applied")
             return
+        _no_target_with_iface()
         progress.step(f"{'reading' if dry_run else 'attaching to'} {iface}")
         with _datapath(iface, netns, attach=not dry_run) as dp:
             progress.step(f"{'planning' if dry_run else 'applying'} {counted} on {iface}")
@@ -653,6 +746,7 @@ def reset(iface: str | None, netns: str | None, server: str, token_file: str | N
             deleted = _client(server, token_file).clear()
             click.echo(f"{server}: deleted {len(deleted)} rule(s)")
             return
+        _no_target_with_iface()
         from shaper.datapath.kernel import KernelDatapath, claim_interface
 
         dp = KernelDatapath(iface, netns)
@@ -685,6 +779,12 @@ def _print_dry_run(target: str, changes: list[dict] | None, total: int, ops: lis
 def _unseen_hint() -> str:
     """What a non-root user is told when shaper finds nothing: its pins may be out of this user's sight."""
     return "" if os.geteuid() == 0 else " (as seen by a non-root user, who cannot read shaper's pins: run as root)"
+
+
+def _no_target_with_iface() -> None:
+    if _TARGET.get():
+        raise InvalidInput("--target", "names a node agent's target: it goes with --server, not with --iface",
+                           "--target with --server URL-OF-THE-AGENT, or --iface (and --netns) alone")
 
 
 def _no_netns_without_iface(netns: str | None) -> None:

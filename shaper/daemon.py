@@ -26,6 +26,7 @@ from shaper import __version__
 from shaper.control.service import Service, audit
 from shaper.core.model import Rule
 from shaper.datapath.interface import AttachResult, Datapath
+from shaper.datapath.tc import netns_path
 from shaper.errors import InvalidInput, ShaperError
 from shaper.http.api import Api
 from shaper.http.client import DEFAULT_PORT
@@ -326,7 +327,7 @@ def _follow_interface(service: Service, opts: DaemonOptions, stop: threading.Eve
     waited = failures = 0
     while not stop.wait(tick_s * min(30, 2 ** failures)):  # 1 tick while absent; backs off while attach fails
         waited += 1
-        if opts.netns and not os.path.exists(f"/run/netns/{opts.netns}"):
+        if opts.netns and not os.path.exists(netns_path(opts.netns)):
             raise ShaperError(f"network namespace {opts.netns} is gone, and {opts.iface} with it")
         try:
             dp = kernel.run(open_datapath, opts.iface, opts.netns)

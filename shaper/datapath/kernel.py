@@ -40,7 +40,7 @@ from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
 from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
 from shaper.core.model import Prefix
 from shaper.core.stats import ClassStats, RuleCounters
-from shaper.datapath.tc import FILTER_NAME, FILTER_NAME_OWN_CLSACT, FILTER_PREF, Tc, in_netns
+from shaper.datapath.tc import FILTER_NAME, FILTER_NAME_OWN_CLSACT, FILTER_PREF, Tc, in_netns, netns_path
 
 log = logging.getLogger("shaper")
 
@@ -172,9 +172,28 @@ class _Claim(socket.socket):
         super().close()
 
 
-def _holder(name: bytes) -> str:
-    """Who listens on an abstract claim: the kernel gives the listener's credentials."""
-    return _claimed_by(name) or "another process"
+def _holder(name: bytes, ifname: str = "") -> str:
+    """Who listens on an abstract claim: the node agent (it says so with a second claim), or the
+    listener's process as the kernel gives it, with its command line where this process sees it."""
+    if ifname and _claimed_by(_agent_claim(ifname)) is not None:
+        return "the shaper agent of this node (shaper agent; ask it at /targets/<target>/rules)"
+    who = _claimed_by(name)
+    if who is None:
+        return "another process"
+    pid = who.rpartition(" ")[2]
+    if pid == "0":  # in a PID namespace this process cannot see (a pod's sidecar, seen from the node)
+        return "a process outside this PID namespace"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read(200).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        cmd = ""
+    return f"{who}: {cmd}" if cmd else who
+
+
+def _agent_claim(ifname: str) -> bytes:
+    """The second claim the node agent holds on a target's interface, so that who is refused knows who holds it."""
+    return f"\0shaper/agent/{ifname}".encode()
 
 
 def _claimed_by(name: bytes) -> str | None:
@@ -195,7 +214,7 @@ def _claimed_by(name: bytes) -> str | None:
         probe.close()
 
 
-def claim_interface(ifname: str, netns: str | None) -> socket.socket:
+def claim_interface(ifname: str, netns: str | None, agent: bool = False) -> socket.socket:
     """Hold the interface for this process: one controller per interface.
 
     The claim is an abstract unix socket bound in the interface's network
@@ -206,6 +225,7 @@ def claim_interface(ifname: str, netns: str | None) -> socket.socket:
     name is refused), and one after the name, so nobody takes the name while
     a daemon waits for its vanished interface to come back.  Returns the
     socket; keep it open while in control.  Raises Conflict naming the holder.
+    The node agent (`agent`) holds a third, which names it to whoever it refuses.
     """
     where = f" in network namespace {netns}" if netns else ""
     advice = "stop it first, or talk to it with the client commands (shaper rule ..., --server)"
@@ -232,21 +252,27 @@ def claim_interface(ifname: str, netns: str | None) -> socket.socket:
         held = bind(by_index) if ifindex else None
         if ifindex and held is None:
             raise Conflict(f"{ifname}{where} (ifindex {ifindex}) is controlled by another shaper "
-                           f"({_holder(by_index)}), which may know it by an earlier name; {advice}")
+                           f"({_holder(by_index, ifname)}), which may know it by an earlier name; {advice}")
         named = bind(by_name)
         if named is None:
             if held is not None:
                 held.close()
-            raise Conflict(f"{ifname}{where} is controlled by another shaper ({_holder(by_name)}); {advice}")
+            raise Conflict(f"{ifname}{where} is controlled by another shaper ({_holder(by_name, ifname)}); {advice}")
         if held is not None:
             named.also.append(held)
+        if agent:
+            marker = bind(_agent_claim(ifname))
+            if marker is None:  # only a holder of by_name binds it: a leftover cannot be
+                named.close()
+                raise Conflict(f"{ifname}{where} is controlled by another shaper agent; {advice}")
+            named.also.append(marker)
         return named
 
     return in_netns(netns, claim) if netns else claim()
 
 
 def netns_id(netns: str | None) -> int:
-    return os.stat(f"/run/netns/{netns}" if netns else "/proc/self/ns/net").st_ino
+    return os.stat(netns_path(netns) if netns else "/proc/self/ns/net").st_ino
 
 
 def _pack_entries(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
@@ -346,8 +372,12 @@ class KernelDatapath:
     ifname: str
     _intent: Map | None = None  # the intent map, opened on first use
 
-    def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None):
+    def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None,
+                 agent: dict | None = None):
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
+        # The node agent's description of its target (kept in rule_meta[0]): shaping set up
+        # by the agent is adopted only by the agent, and a sidecar's only by a sidecar.
+        self.agent = agent
         join_host_mounts(self.bpffs)
         self.tc = Tc(ifname, netns)
         self.ifname = ifname
@@ -518,6 +548,8 @@ class KernelDatapath:
                                and attached == self._pinned_prog_id())
                 if not adopted:
                     self.close_maps()
+                else:
+                    self._check_owner(own)
             if not adopted:
                 self.check_accounted()
                 # Before the compile and the pins: a root someone else configured refuses the
@@ -536,7 +568,8 @@ class KernelDatapath:
                 loader.load_and_pin(self.pin_dir)
                 self.open_maps()
                 self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex,
-                                       "ifname": self.ifname, "created_clsact": False})
+                                       "ifname": self.ifname, "created_clsact": False,
+                                       **({"agent": self.agent} if self.agent is not None else {})})
             own = self.read_record(0) or {}
             if own and own.get("ifname") != self.ifname:  # adopted after a rename
                 own = {**own, "ifname": self.ifname}
@@ -561,6 +594,19 @@ class KernelDatapath:
             self._undo(created)
             raise
         return "adopted" if adopted else "attached"
+
+    def _check_owner(self, own: dict) -> None:
+        """Refuse to adopt shaping that the other kind of controller set up (node agent / sidecar)."""
+        theirs = own.get("agent")
+        if self.agent is not None and theirs is None:
+            raise Conflict(f"{self.ifname} is shaped by a shaper that is not this node's agent (a sidecar, `shaper "
+                           f"run` or `shaper apply`, pinned in {self.pin_dir}); the agent leaves it alone: stop that "
+                           f"shaper, or remove its shaping with `shaper reset` in that namespace, then try again")
+        if self.agent is None and theirs is not None:
+            target = theirs.get("target", "?") if isinstance(theirs, dict) else "?"
+            raise Conflict(f"{self.ifname} is shaped by the shaper agent of this node (target {target}); change it "
+                           f"through the agent (/targets/{target}/rules), or delete the target there "
+                           f"(DELETE /targets/{target}) before shaping it from here")
 
     def _clear_ingress_leftovers(self) -> None:
         """Before a fresh start: remove the ingress filter and ifb an earlier start left (its egress

@@ -146,15 +146,21 @@ _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
+def netns_path(netns: str) -> str:
+    """The file of a network namespace: a name from `ip netns list` (/run/netns/NAME), or an
+    absolute path to a namespace file as it is (/proc/PID/ns/net, /proc/self/fd/N: the node agent's)."""
+    return netns if netns.startswith("/") else f"/run/netns/{netns}"
+
+
 def in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread that joined a named network namespace; sockets it opens stay there.
+    """Run fn in a thread that joined a network namespace (see netns_path); sockets it opens stay there.
 
     setns() moves only the calling thread, so the rest of the process is untouched."""
     result: dict[str, object] = {}
 
     def run() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            fd = os.open(netns_path(netns), os.O_RDONLY)
             try:
                 if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns into {netns}")
@@ -200,10 +206,12 @@ class Tc:
         self.netns = netns
         self.hook = hook
         self.filter_parent = HOOK_PARENTS[hook]
-        if netns and ("/" in netns or netns in (".", "..")):
+        if netns and not netns.startswith("/") and ("/" in netns or netns in (".", "..")):
             raise InvalidInput("netns", f"{netns!r} is not a namespace name", "a name listed by `ip netns list`")
-        if netns and not os.path.exists(f"/run/netns/{netns}"):
-            raise InvalidInput("netns", f"no network namespace named {netns!r}", "a name listed by `ip netns list`")
+        if netns and not os.path.exists(netns_path(netns)):
+            what = f"no network namespace at {netns}" if netns.startswith("/") else \
+                f"no network namespace named {netns!r}"
+            raise InvalidInput("netns", what, "a name listed by `ip netns list`")
         try:
             self.ipr = IPRoute(netns=netns) if netns else IPRoute()
         except NetlinkError as exc:

@@ -40,7 +40,8 @@ def read_token(token_file: str | None) -> str | None:
 class Client:
     transport: Transport | None = None
 
-    def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout: float = 120):
+    def __init__(self, server: str = DEFAULT_SERVER, token: str | None = None, timeout: float = 120,
+                 target: str | None = None):
         if "://" not in server:
             server = "http://" + server
         url = urlsplit(server)
@@ -50,6 +51,8 @@ class Client:
         self.url = url
         self.token = token
         self.timeout = timeout
+        # A node agent's target (shaper agent): /rules and /stats become /targets/{target}/...
+        self.target = target or None
 
     def _http(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, bytes]:
         cls = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
@@ -75,6 +78,8 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        if self.target and path.startswith(("/rules", "/stats")):
+            path = f"/targets/{quote(self.target, safe='')}{path}"
         send = self.transport if self.transport is not None else self._http
         status, raw = send(method, path, headers, body)
         try:
@@ -113,3 +118,10 @@ class Client:
     def patch(self, name: str, changes: dict) -> dict:
         """Change some fields of a rule (a JSON merge patch: null removes a field); returns the stored rule."""
         return self.request("PATCH", f"/rules/{quote(name, safe='')}", changes)
+
+    # -- the node agent -------------------------------------------------------------
+    def targets(self) -> list[dict]:
+        return self.request("GET", "/targets")["targets"]
+
+    def remove_target(self, target: str) -> dict:
+        return self.request("DELETE", f"/targets/{quote(target, safe='')}")

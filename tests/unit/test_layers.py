@@ -1,6 +1,6 @@
 """The package's layers, checked on its imports: each module imports only its own layer or lower.
 
-errors <- core <- datapath <- control <- http <- k8s <- daemon, cli (README, "How it works").
+errors <- core <- datapath <- control <- http <- k8s <- daemon, agent, cli (README, "How it works").
 A change that needs an upward import belongs in a higher layer, or needs an interface
 (shaper.datapath.interface is how control reaches the kernel).
 """
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "shaper"
 LAYERS = {"shaper.errors": 0, "shaper.core": 1, "shaper.datapath": 2, "shaper.control": 3, "shaper.http": 4,
-          "shaper.k8s": 5, "shaper.daemon": 6, "shaper.cli": 6, "shaper.__main__": 7, "shaper": 0}
+          "shaper.k8s": 5, "shaper.daemon": 6, "shaper.agent": 6, "shaper.cli": 6, "shaper.__main__": 7, "shaper": 0}
 # The pure core parses and plans; it never reaches the kernel, the network, files or processes.
 CORE_MAY_IMPORT = {"__future__", "contextlib", "dataclasses", "itertools", "operator", "typing", "difflib", "gc",
                    "ipaddress", "json", "logging", "math", "re", "socket", "struct", "yaml", "zlib", "fnmatch",

@@ -32,6 +32,14 @@ def test_no_shell_and_no_subprocess_outside_the_loader():
         if path.name == "loader.py":
             runs = [node for node, name in calls(tree) if name.startswith("subprocess.")]
             assert len(runs) == 1 and isinstance(runs[0].args[0], ast.List), "the loader runs one argv list"
+        elif path.name == "discover.py":
+            # The agent asks container runtimes (podman, crictl): one subprocess call, through `run`,
+            # and every run given a literal argv list whose program is a literal.
+            runs = [node for node, name in calls(tree) if name.startswith("subprocess.")]
+            assert len(runs) == 1 and ast.unparse(runs[0].args[0]) == "argv", "discover runs argv through _run"
+            asked = [node for node, name in calls(tree) if name == "self.run"]
+            assert asked and all(isinstance(n.args[0], ast.List) and isinstance(n.args[0].elts[0], ast.Constant)
+                                 for n in asked), "every runtime command is a literal argv list"
         else:
             assert "subprocess" not in imported, f"{path.name} imports subprocess"
 

@@ -1,0 +1,87 @@
+"""`shaper agent`: the node-level daemon (see shaper.agent.agent), its API and its main loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import disable_created_metrics
+
+from shaper import __version__
+from shaper.control.service import audit
+from shaper.daemon import IGNORED_SIGNALS, STOP_SIGNALS, TICK_S
+
+log = logging.getLogger("shaper")
+
+DEFAULT_AGENT_PORT = 2333  # beside the daemon's 2332: a node may run both (the agent on hostNetwork)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    iface: str = "eth0"
+    listen: str = f":{DEFAULT_AGENT_PORT}"
+    token: str | None = None
+    insecure: bool = False
+    reset_on_exit: bool = False
+
+
+def run(opts: AgentOptions) -> None:
+    """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
+    from shaper.agent.agent import Agent
+    from shaper.agent.api import AgentApi
+    from shaper.datapath.kernel import ensure_bpffs, join_host_mounts
+    from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
+
+    stop = threading.Event()
+    caught: list[str] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        caught.append(signal.Signals(signum).name)
+        stop.set()
+
+    def on_other(signum: int, _frame: object) -> None:
+        log.info("signal.ignored", extra={"fields": {"signal": signal.Signals(signum).name,
+                                                     "reason": "not used by the agent"}})
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop)
+    for sig in (signal.SIGHUP, *IGNORED_SIGNALS):
+        signal.signal(sig, on_other)
+    host, port = parse_listen(opts.listen)
+    check_exposure(host, opts.token, opts.insecure)
+    disable_created_metrics()
+    agent = Agent(opts.iface)
+    join_host_mounts(agent.bpffs)  # under `ip netns exec`: one thread yet, as setns() into mounts needs
+    ensure_bpffs(agent.bpffs)
+    kernel = KernelThread()
+    try:
+        httpd = make_server(host, port, AgentApi(agent, opts.token), kernel=kernel)
+        httpd.start()
+    except BaseException:
+        kernel.close()
+        raise
+    bound = httpd.server_address
+    audit("agent.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), interface=opts.iface,
+          pid=os.getpid(), version=__version__)
+    if not opts.token and not is_loopback(host):
+        log.warning("api.open", extra={"fields": {"reason": "--insecure: no token, anyone who can reach the port "
+                                                            "can change shaping"}})
+    try:
+        kernel.run(agent.adopt_all)
+        audit("agent.ready", targets=len(agent.targets), adopted=sorted(t.name for t in agent.targets.values()))
+        while not stop.wait(TICK_S):
+            try:
+                kernel.run(agent.tick)
+            except Exception:  # a bug: say so, keep the agent (and every target's shaping) alive
+                log.exception("agent.tick_failed")
+        audit("agent.stop", signal=caught[0] if caught else None)
+    finally:
+        httpd.stop()
+        try:
+            kernel.run(agent.close, opts.reset_on_exit)
+            audit("agent.exit", kept=not opts.reset_on_exit)
+        finally:
+            kernel.close()

@@ -1,0 +1,358 @@
+"""Finding a target's network namespace on the node, and telling when it is gone.
+
+Everything here reads /proc (the agent runs with hostPID) or asks a container runtime's
+own command (podman, crictl for CRI-O and containerd), where one is installed; nothing
+enters a namespace except to read the addresses of one that no process is in.
+
+A namespace is alive while a process other than the agent is in it, a bind mount of it
+exists (`ip netns add`, a container runtime's /run/netns/...), or another process holds
+it open.  The agent's own references (its netlink sockets and the file it holds open)
+do not count: they are what keeps a dead target's namespace, and the pod's veth with it,
+around until the agent lets go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from shaper.agent.targets import TargetSpec
+from shaper.errors import Conflict, InvalidInput, NotFound, ShaperError
+
+PROC = "/proc"
+RUNTIME_TIMEOUT_S = 10.0
+# The runtimes asked for container:NAME, in this order (by the program's name, where installed).
+RUNTIMES = ("podman", "crictl")
+_LOCAL_V4 = re.compile(r"\|-- (\S+)\n\s+/32 host LOCAL")
+
+
+@dataclass
+class Namespace:
+    inode: int
+    pids: list[int] = field(default_factory=list)  # processes in it (the node's PIDs)
+    mounts: list[str] = field(default_factory=list)  # bind mounts of it, as the node's init sees them
+
+
+@dataclass(frozen=True)
+class Found:
+    """A resolved target: its namespace, a file to open it by now, and what the agent learnt of it."""
+
+    inode: int
+    path: str
+    pid: int | None
+    labels: dict[str, str]  # container, pod, namespace: where known
+
+
+def _nsfs_mounts(proc: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for table in dict.fromkeys((f"{proc}/1/mountinfo", f"{proc}/self/mountinfo")):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            head, _, tail = line.partition(" - ")
+            fields = head.split()
+            if tail.startswith("nsfs ") and len(fields) > 4 and fields[3].startswith("net:["):
+                out.setdefault(int(fields[3][5:-1]), []).append(fields[4])
+    return out
+
+
+def scan(proc: str = PROC) -> dict[int, Namespace]:
+    """Every network namespace a process other than this one is in, or a bind mount holds."""
+    me = os.getpid()
+    found: dict[int, Namespace] = {}
+    for name in os.listdir(proc):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            inode = os.stat(f"{proc}/{name}/ns/net").st_ino
+        except OSError:  # gone meanwhile, or a kernel thread's we may not read
+            continue
+        found.setdefault(inode, Namespace(inode)).pids.append(int(name))
+    for inode, mounts in _nsfs_mounts(proc).items():
+        found.setdefault(inode, Namespace(inode)).mounts.extend(mounts)
+    return found
+
+
+def held_open(inodes: Iterable[int], proc: str = PROC) -> set[int]:
+    """Which of `inodes` some other process holds open by a file descriptor (slow: every fd on the node)."""
+    want = {f"net:[{i}]": i for i in inodes}
+    held: set[int] = set()
+    if not want:
+        return held
+    me = str(os.getpid())
+    for name in os.listdir(proc):
+        if not name.isdigit() or name == me:
+            continue
+        try:
+            fds = os.listdir(f"{proc}/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{proc}/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if link in want:
+                held.add(want[link])
+        if len(held) == len(want):
+            break
+    return held
+
+
+def alive(inodes: Iterable[int], proc: str = PROC) -> set[int]:
+    """Which of `inodes` are namespaces that still exist for someone other than the agent."""
+    inodes = set(inodes)
+    live = inodes & set(scan(proc))
+    return live | held_open(inodes - live, proc)
+
+
+def node_inodes(proc: str = PROC) -> set[int]:
+    """The node's own network namespace (init's) and the agent's: never a target."""
+    out = {os.stat(f"{proc}/self/ns/net").st_ino}
+    try:
+        out.add(os.stat(f"{proc}/1/ns/net").st_ino)
+    except OSError:
+        pass
+    return out
+
+
+def v4_local(fib_trie: str) -> set[str]:
+    """The local IPv4 addresses in a /proc/net/fib_trie text."""
+    return set(_LOCAL_V4.findall(fib_trie))
+
+
+def v6_local(if_inet6: str) -> set[str]:
+    """The IPv6 addresses in a /proc/net/if_inet6 text, in their short form."""
+    out = set()
+    for line in if_inet6.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if len(word) == 32:
+            out.add(str(ipaddress.IPv6Address(bytes.fromhex(word))))
+    return out
+
+
+def addresses(ns: Namespace, proc: str = PROC) -> set[str]:
+    """The addresses of a namespace, read through one of its processes (or, with none, from a thread
+    that joins its bind mount just to read them)."""
+    def read(base: str) -> set[str]:
+        out: set[str] = set()
+        for name, parse in (("fib_trie", v4_local), ("if_inet6", v6_local)):
+            try:
+                with open(f"{base}/{name}") as f:
+                    out |= parse(f.read())
+            except OSError:  # no IPv6 in that namespace, or the process went
+                continue
+        return out
+
+    for pid in ns.pids[:3]:
+        got = read(f"{proc}/{pid}/net")
+        if got:
+            return got
+    for mount in ns.mounts[:1]:
+        from shaper.datapath.tc import in_netns
+
+        path = mount if os.path.exists(mount) else f"{proc}/1/root{mount}"
+        try:
+            return in_netns(path, lambda: read("/proc/thread-self/net"))
+        except OSError:
+            continue
+    return set()
+
+
+Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
+
+
+def _run(argv: list[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUNTIME_TIMEOUT_S, check=False)
+
+
+class Resolver:
+    """Spec -> Found.  `proc`, `which` and `run` are parameters so the unit tests drive it with
+    recorded runtime answers; the agent uses the node's."""
+
+    def __init__(self, proc: str = PROC, which: Callable[[str], str | None] = shutil.which, run: Runner = _run):
+        self.proc = proc
+        self.which = which
+        self.run = run
+
+    def resolve(self, spec: TargetSpec) -> Found:
+        if spec.kind == "pid":
+            found = self._by_pid(int(spec.value), {})
+        elif spec.kind == "netns":
+            found = self._by_path(spec.value)
+        elif spec.kind == "ip":
+            found = self._by_ip(spec.value)
+        else:
+            found = self._by_container(spec)
+        if found.inode in node_inodes(self.proc):
+            raise InvalidInput("target", f"{spec} is in the node's own network namespace (a hostNetwork pod, or a "
+                               "process of the node): the agent shapes only the namespaces of pods and containers",
+                               "a pod or container with its own network namespace")
+        return found
+
+    def path_of(self, inode: int) -> str | None:
+        """A file of a namespace by its inode now (a process in it, or a bind mount), if it still exists."""
+        ns = scan(self.proc).get(inode)
+        if ns is None:
+            return None
+        if ns.pids:
+            return f"{self.proc}/{ns.pids[0]}/ns/net"
+        mount = ns.mounts[0]
+        return mount if os.path.exists(mount) else f"{self.proc}/1/root{mount}"
+
+    def _by_pid(self, pid: int, labels: dict[str, str]) -> Found:
+        path = f"{self.proc}/{pid}/ns/net"
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            raise NotFound(f"no process {pid} on this node (it may have exited)") from None
+        except OSError as exc:
+            raise ShaperError(f"cannot read the network namespace of process {pid}: {exc.strerror} (the agent "
+                              "needs hostPID and CAP_SYS_PTRACE, or it runs in another PID namespace)") from None
+        return Found(inode, path, pid, labels)
+
+    def _by_path(self, value: str) -> Found:
+        from shaper.datapath.tc import netns_path
+
+        path = netns_path(value)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no network namespace at {path}") from None
+        except OSError as exc:
+            raise ShaperError(f"cannot read {path}: {exc.strerror}") from None
+        if not _is_netns(path):
+            raise InvalidInput("target", f"{path} is not a network namespace file", "netns:/proc/PID/ns/net")
+        return Found(st.st_ino, path, None, {})
+
+    def _by_ip(self, addr: str) -> Found:
+        namespaces = scan(self.proc)
+        node = node_inodes(self.proc)
+        holders = [ns for inode, ns in sorted(namespaces.items()) if addr in addresses(ns, self.proc)]
+        if not holders:
+            raise NotFound(f"no network namespace on this node holds the address {addr} (is the pod on this node? "
+                           "ask the agent on the pod's hostIP)")
+        pods = [ns for ns in holders if ns.inode not in node]
+        if not pods:
+            raise InvalidInput("target", f"{addr} is an address of the node's own network namespace (a hostNetwork "
+                               "pod, or the node): the agent shapes only pods and containers",
+                               "a pod's own address")
+        if len(pods) > 1:
+            raise Conflict(f"the address {addr} is held by {len(pods)} network namespaces on this node ("
+                           + "; ".join(_describe(ns) for ns in pods[:5]) + "): name the target by pid:PID, "
+                           "netns:PATH or container:NAME instead")
+        ns = pods[0]
+        if ns.pids:
+            return Found(ns.inode, f"{self.proc}/{ns.pids[0]}/ns/net", ns.pids[0], {})
+        return Found(ns.inode, self.path_of(ns.inode) or ns.mounts[0], None, {})
+
+    def _by_container(self, spec: TargetSpec) -> Found:
+        runtimes = {"podman": ("podman",), "cri": ("crictl",), "container": RUNTIMES}[spec.kind]
+        present = [name for name in runtimes if self.which(name)]
+        if not present:
+            raise NotFound(f"no container runtime to ask for {spec}: none of {', '.join(runtimes)} is installed "
+                           "where the agent runs")
+        found: list[Found] = []
+        errors: list[str] = []
+        for name in present:
+            try:
+                hit = self._podman(spec.value) if name == "podman" else self._crictl(spec.value)
+            except ShaperError as exc:
+                errors.append(f"{name}: {exc}")
+                continue
+            if hit is not None:
+                found.append(hit)
+        if len(found) > 1 and len({f.inode for f in found}) > 1:
+            raise Conflict(f"{spec.value} names containers in {len(found)} runtimes (" +
+                           ", ".join(sorted(f.labels.get('runtime', '?') for f in found)) +
+                           f"): name it as podman:{spec.value} or cri:{spec.value}")
+        if found:
+            return found[0]
+        if errors:
+            raise ShaperError(f"cannot look up {spec}: " + "; ".join(errors))
+        raise NotFound(f"no running container named {spec.value} (asked {', '.join(present)})")
+
+    def _podman(self, name: str) -> Found | None:
+        done = self.run(["podman", "inspect", "--type", "container", "--format", "json", name])
+        if done.returncode != 0:
+            if "no such" in (done.stderr or "").lower():
+                return None
+            raise ShaperError((done.stderr or "").strip().splitlines()[-1] if done.stderr else
+                              f"podman inspect exited {done.returncode}")
+        info = _json(done.stdout, "podman inspect")
+        if not isinstance(info, list) or not info:
+            return None
+        state = info[0].get("State") or {}
+        cname = str(info[0].get("Name", name)).lstrip("/")
+        if not state.get("Running") or not state.get("Pid"):
+            raise NotFound(f"container {cname} is not running")
+        labels = {"runtime": "podman", "container": cname, "container_id": str(info[0].get("Id", ""))[:12]}
+        return self._by_pid(int(state["Pid"]), labels)
+
+    def _crictl(self, name: str) -> Found | None:
+        done = self.run(["crictl", "ps", "-o", "json"])
+        if done.returncode != 0:
+            raise ShaperError((done.stderr or "").strip() or f"crictl ps exited {done.returncode}")
+        listed = _json(done.stdout, "crictl ps").get("containers") or []
+        hits = [c for c in listed if str(c.get("id", "")).startswith(name)
+                or (c.get("metadata") or {}).get("name") == name]
+        if not hits:
+            return None
+        if len(hits) > 1:
+            raise Conflict(f"{name} names {len(hits)} CRI containers (" +
+                           ", ".join(str(c.get("id", ""))[:12] for c in hits[:5]) + "): give the container id")
+        cid = str(hits[0]["id"])
+        done = self.run(["crictl", "inspect", "-o", "json", cid])
+        if done.returncode != 0:
+            raise ShaperError((done.stderr or "").strip() or f"crictl inspect exited {done.returncode}")
+        info = _json(done.stdout, "crictl inspect")
+        pid = (info.get("info") or {}).get("pid")
+        if not pid:
+            raise NotFound(f"CRI container {cid[:12]} has no process (not running)")
+        status = info.get("status") or {}
+        klabels = status.get("labels") or {}
+        labels = {"runtime": "cri", "container": str((status.get("metadata") or {}).get("name", name)),
+                  "container_id": cid[:12]}
+        if klabels.get("io.kubernetes.pod.name"):
+            labels["pod"] = str(klabels["io.kubernetes.pod.name"])
+        if klabels.get("io.kubernetes.pod.namespace"):
+            labels["namespace"] = str(klabels["io.kubernetes.pod.namespace"])
+        return self._by_pid(int(pid), labels)
+
+
+def _is_netns(path: str) -> bool:
+    """Whether `path` is a network namespace file (nsfs): opening it and asking the kernel."""
+    import fcntl
+
+    NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == 0x40000000  # CLONE_NEWNET
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _describe(ns: Namespace) -> str:
+    where = f"processes {', '.join(map(str, ns.pids[:3]))}" if ns.pids else f"mounted at {ns.mounts[0]}"
+    return f"namespace {ns.inode}, {where}"
+
+
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ShaperError(f"{what} did not answer JSON") from None
