@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -31,15 +32,16 @@ TOKEN = "agent-tier-token-0123456789abcdef"
 BPFFS = os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
 
 
-def pod_ips(i: int) -> tuple[str, str]:
-    """(the pod's address, its peer's in the node) of pod number i (0..2047)."""
-    return f"10.{80 + i // 256}.{i % 256}.2", f"10.{80 + i // 256}.{i % 256}.1"
+def pod_ips(i: int, base: int = 80) -> tuple[str, str]:
+    """(the pod's address, its peer's in the node) of pod number i (0..1023) of a node whose pods' addresses
+    start at 10.<base>.0.0: each node its own, since the agent finds a pod by its address on the whole host."""
+    return f"10.{base + i // 256}.{i % 256}.2", f"10.{base + i // 256}.{i % 256}.1"
 
 
 class Pod:
     def __init__(self, node: "Node", i: int):
         self.i = i
-        self.ip, self.peer = pod_ips(i)
+        self.ip, self.peer = pod_ips(i, node.base)
         self.proc = subprocess.Popen(["unshare", "-n", "sleep", "3600"], start_new_session=True,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.pid = self.proc.pid
@@ -87,13 +89,14 @@ class Pod:
 
 
 class Agent:
-    def __init__(self, node: "Node", how: str, args: tuple[str, ...]):
+    def __init__(self, node: "Node", how: str, args: tuple[str, ...], env: dict[str, str] | None = None):
         self.log = tempfile.NamedTemporaryFile(prefix="shaper-agent-", suffix=".log", delete=False)
         enter = ["ip", "netns", "exec", node.name] if how == "ip-netns-exec" else \
             ["nsenter", f"--net=/run/netns/{node.name}"]
         self.proc = subprocess.Popen([*enter, sys.executable, "-m", "shaper", "agent", "--listen",
                                       f"{NODE_IP}:{AGENT_PORT}", "--token-file", node.token_file, *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **env} if env else None,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def logs(self) -> list[dict]:
@@ -136,6 +139,7 @@ class Agent:
 class Node:
     def __init__(self) -> None:
         self.tag = "sha" + uuid.uuid4().hex[:5]
+        self.base = random.randrange(80, 160, 4)  # 10.<base>.0.0/14: unlikely to be another node's at once
         self.name = f"{self.tag}-node"
         self.client = f"{self.tag}-cli"
         self.pods: list[Pod] = []
@@ -180,8 +184,10 @@ class Node:
         self.pods.append(pod)
         return pod
 
-    def agent(self, *args: str, how: str = "nsenter", wait: bool = True) -> Agent:
-        agent = Agent(self, how, args)
+    def agent(self, *args: str, how: str = "nsenter", wait: bool = True, env: dict[str, str] | None = None) -> Agent:
+        """`shaper agent` in the node's namespace; `env` is added to this process's environment for it
+        (e.g. CONTAINERS_CONF, so the podman it asks sees what the test's podman calls see)."""
+        agent = Agent(self, how, args, env)
         self.agents.append(agent)
         if wait:
             ok = wait_until(lambda: agent.proc.poll() is not None or self._ready(), timeout=120, step=0.1)

@@ -191,7 +191,8 @@ class Agent:
         for name in sorted(_listdir(base)):
             inode_text, _, ifname = name.partition("-")
             path = os.path.join(base, name)
-            if ifname != self.iface or not inode_text.isdigit() or not _pins_complete_in(path):
+            if ifname != self.iface or not inode_text.isdigit() or int(inode_text) in self.targets \
+                    or not _pins_complete_in(path):
                 continue
             try:
                 record = _record0(path) or {}

@@ -25,7 +25,7 @@ from shaper import __version__
 from shaper.agent.agent import Agent
 from shaper.control.service import Service
 from shaper.datapath.fake import FakeDatapath
-from shaper.errors import NotFound
+from shaper.errors import NotFound, NotReady
 from shaper.http.api import Api, Response, Route, _flag, error, json_response
 
 # Routes of the per-target API: (method, path under the target, Api method, changes state, may start shaping).
@@ -65,6 +65,8 @@ class AgentApi(Api):
 
     def _per_target(self, name: str, starts: bool):
         def handler(target: str, **kw: Any) -> Response:
+            if not self.agent.ready:  # the targets of an earlier run are being adopted
+                raise NotReady("not ready: the agent is still adopting the targets of an earlier run")
             create = starts and not _flag(kw.get("query", {}), "dry_run")
             shaped, found = self.agent.lookup(target, create)
             if shaped is not None:

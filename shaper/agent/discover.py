@@ -29,6 +29,18 @@ PROC = "/proc"
 RUNTIME_TIMEOUT_S = 10.0
 # The runtimes asked for container:NAME, in this order (by the program's name, where installed).
 RUNTIMES = ("podman", "crictl")
+# The state containerd and CRI-O keep of each running container (its OCI config.json, with the
+# kubelet's annotations, and its PID): read where no crictl is installed, as in the agent's image.
+CRI_STATE = ("/run/containerd/io.containerd.runtime.v2.task", "/run/containers/storage/overlay-containers")
+PID_FILES = ("init.pid", "userdata/pidfile")  # containerd, CRI-O
+CONFIG_FILES = ("config.json", "userdata/config.json")
+# Annotations naming a container and its pod: containerd's CRI plugin, then CRI-O's.
+_ANNOTATIONS = {
+    "container": ("io.kubernetes.cri.container-name", "io.kubernetes.container.name"),
+    "pod": ("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"),
+    "namespace": ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"),
+    "type": ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType"),
+}
 _LOCAL_V4 = re.compile(r"\|-- (\S+)\n\s+/32 host LOCAL")
 
 
@@ -108,10 +120,41 @@ def held_open(inodes: Iterable[int], proc: str = PROC) -> set[int]:
     return held
 
 
+def mounted_anywhere(inodes: Iterable[int], proc: str = PROC) -> set[int]:
+    """Which of `inodes` are bind-mounted in any mount namespace on the node (a runtime's private one too)."""
+    want = set(inodes)
+    found: set[int] = set()
+    seen: set[int] = set()
+    if not want:
+        return found
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            mnt = os.stat(f"{proc}/{name}/ns/mnt").st_ino
+        except OSError:
+            continue
+        if mnt in seen:
+            continue
+        seen.add(mnt)
+        try:
+            with open(f"{proc}/{name}/mountinfo") as f:
+                text = f.read()
+        except OSError:
+            continue
+        found |= {i for i in want if f" net:[{i}] " in text}
+        if found == want:
+            break
+    return found
+
+
 def alive(inodes: Iterable[int], proc: str = PROC) -> set[int]:
-    """Which of `inodes` are namespaces that still exist for someone other than the agent."""
+    """Which of `inodes` are namespaces that still exist for someone other than the agent: a process in
+    it or a bind mount of it (the node's mount table), else, looked for only then, a bind mount in any
+    other mount namespace or an open file of another process."""
     inodes = set(inodes)
     live = inodes & set(scan(proc))
+    live |= mounted_anywhere(inodes - live, proc)
     return live | held_open(inodes - live, proc)
 
 
@@ -179,10 +222,12 @@ class Resolver:
     """Spec -> Found.  `proc`, `which` and `run` are parameters so the unit tests drive it with
     recorded runtime answers; the agent uses the node's."""
 
-    def __init__(self, proc: str = PROC, which: Callable[[str], str | None] = shutil.which, run: Runner = _run):
+    def __init__(self, proc: str = PROC, which: Callable[[str], str | None] = shutil.which, run: Runner = _run,
+                 cri_state: tuple[str, ...] = CRI_STATE):
         self.proc = proc
         self.which = which
         self.run = run
+        self.cri_state = cri_state
 
     def resolve(self, spec: TargetSpec) -> Found:
         if spec.kind == "pid":
@@ -258,14 +303,25 @@ class Resolver:
     def _by_container(self, spec: TargetSpec) -> Found:
         runtimes = {"podman": ("podman",), "cri": ("crictl",), "container": RUNTIMES}[spec.kind]
         present = [name for name in runtimes if self.which(name)]
+        states = [d for d in self.cri_state if os.path.isdir(d)] if spec.kind != "podman" else []
+        if states:
+            present.append("state")
         if not present:
             raise NotFound(f"no container runtime to ask for {spec}: none of {', '.join(runtimes)} is installed "
-                           "where the agent runs")
+                           "where the agent runs" + (f", and no CRI state in {' or '.join(self.cri_state)}"
+                                                      if spec.kind != "podman" else ""))
         found: list[Found] = []
         errors: list[str] = []
+        absent: list[NotFound] = []  # a runtime that knows the name says why it is no target (not running)
         for name in present:
             try:
-                hit = self._podman(spec.value) if name == "podman" else self._crictl(spec.value)
+                hit = self._podman(spec.value) if name == "podman" else self._crictl(spec.value) \
+                    if name == "crictl" else self._cri_state(spec.value, states)
+            except Conflict:
+                raise
+            except NotFound as exc:
+                absent.append(exc)
+                continue
             except ShaperError as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -277,6 +333,8 @@ class Resolver:
                            f"): name it as podman:{spec.value} or cri:{spec.value}")
         if found:
             return found[0]
+        if absent:
+            raise absent[0]
         if errors:
             raise ShaperError(f"cannot look up {spec}: " + "; ".join(errors))
         raise NotFound(f"no running container named {spec.value} (asked {', '.join(present)})")
@@ -327,6 +385,81 @@ class Resolver:
         if klabels.get("io.kubernetes.pod.namespace"):
             labels["namespace"] = str(klabels["io.kubernetes.pod.namespace"])
         return self._by_pid(int(pid), labels)
+
+
+    def _cri_state(self, name: str, roots: list[str]) -> Found | None:
+        """A running container of containerd or CRI-O by id (or its first 12+ characters) or by the
+        kubelet's container name, from the runtime's state directory."""
+        hits: list[tuple[str, dict, int]] = []
+        for root in roots:
+            for bundle in _bundles(root):
+                cid = os.path.basename(bundle)
+                config = _read_json(bundle, CONFIG_FILES)
+                annotations = (config or {}).get("annotations") or {}
+                labels = {k: next((str(annotations[a]) for a in keys if annotations.get(a)), "")
+                          for k, keys in _ANNOTATIONS.items()}
+                if labels["type"] == "sandbox":
+                    continue  # the pod's pause container: named by its pod IP instead
+                by_id = len(name) >= 12 and cid.startswith(name) or cid == name
+                if not (by_id or labels["container"] == name):
+                    continue
+                pid = _read_pid(bundle)
+                if pid:
+                    hits.append((cid, labels, pid))
+        if not hits:
+            return None
+        if len({cid for cid, _, _ in hits}) > 1:
+            raise Conflict(f"{name} names {len(hits)} running containers (" + ", ".join(
+                f"{lab['namespace']}/{lab['pod']} {cid[:12]}" if lab["pod"] else cid[:12] for cid, lab, _ in hits[:5])
+                + "): give the container id, or the pod IP")
+        cid, labels, pid = hits[0]
+        out = {"runtime": "cri", "container_id": cid[:12], **{k: v for k, v in labels.items() if v and k != "type"}}
+        return self._by_pid(pid, out)
+
+
+def _bundles(root: str) -> list[str]:
+    """The container directories under a runtime's state root: containerd's <namespace>/<id>, CRI-O's <id>."""
+    out = []
+    for first in _listdir(root):
+        path = os.path.join(root, first)
+        if any(os.path.exists(os.path.join(path, f)) for f in PID_FILES):
+            out.append(path)
+            continue
+        for second in _listdir(path):
+            inner = os.path.join(path, second)
+            if any(os.path.exists(os.path.join(inner, f)) for f in PID_FILES):
+                out.append(inner)
+    return out
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _read_json(base: str, names: tuple[str, ...]) -> dict | None:
+    for name in names:
+        try:
+            with open(os.path.join(base, name)) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _read_pid(base: str) -> int | None:
+    for name in PID_FILES:
+        try:
+            with open(os.path.join(base, name)) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) > 0 and os.path.exists(f"/proc/{text}"):
+            return int(text)
+    return None
 
 
 def _is_netns(path: str) -> bool:

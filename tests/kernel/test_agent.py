@@ -86,7 +86,7 @@ def test_requests_that_touch_nothing(node):
     assert a.tc("qdisc", "show") == before and not os.path.exists(a.pins)
     assert node.request("GET", "/targets")[1]["targets"] == []
 
-    status, body = node.request("GET", "/targets/10.80.250.2/rules")
+    status, body = node.request("GET", f"/targets/10.{node.base + 3}.250.2/rules")
     assert status == 404 and "no network namespace on this node holds the address" in body["error"]
     status, body = node.request("PUT", f"/targets/{a.peer}/rules/x", rule(a.ip, "1mbit"))
     assert status == 422 and "node's own network namespace" in body["error"]
