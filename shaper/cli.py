@@ -29,7 +29,7 @@ import click
 import yaml
 
 from shaper.core.changes import changes_from, describe as describe_change, natural_key, rule_changes
-from shaper.http.client import DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
+from shaper.http.client import DEFAULT_AGENT_PORT, DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from shaper.errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
 from shaper.core.fields import OPTIONAL_FIELDS, Field, unknown_field
 from shaper.core.model import gc_paused, parse_rule, parse_ruleset_text
@@ -316,7 +316,7 @@ def run(iface: str, netns: str | None, listen: str, rules_file: str | None, init
 @main.command()
 @click.option("--iface", "-i", default="eth0", show_default=True, metavar="IFACE",
               help="The interface shaped in each target's network namespace (a pod's eth0).")
-@click.option("--listen", default=":2333", show_default=True,
+@click.option("--listen", default=f":{DEFAULT_AGENT_PORT}", show_default=True,
               help="Where the API and /metrics are served (ADDR:PORT, :PORT); on a node, its hostIP.")
 @click.option("--token-file", envvar="SHAPER_TOKEN_FILE", show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="File holding the bearer token changes need (or SHAPER_TOKEN).")

@@ -13,10 +13,10 @@ from prometheus_client import disable_created_metrics
 from shaper import __version__
 from shaper.control.service import audit
 from shaper.daemon import IGNORED_SIGNALS, STOP_SIGNALS, TICK_S
+from shaper.http.client import DEFAULT_AGENT_PORT
 
 log = logging.getLogger("shaper")
 
-DEFAULT_AGENT_PORT = 2333  # beside the daemon's 2332: a node may run both (the agent on hostNetwork)
 
 
 @dataclass(frozen=True)

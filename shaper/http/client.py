@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 from shaper.errors import ApiError, InvalidInput, ShaperError
 
 DEFAULT_PORT = 2332  # the port of the latency agent people already call
+DEFAULT_AGENT_PORT = 2333  # shaper agent's, beside it: a node may run both (the agent on hostNetwork)
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 # (client, method, path, headers, body) -> (status, body): set on the class in tests to reach an
 # in-process Api instead of a socket.

@@ -11,10 +11,16 @@ import pytest
 import yaml
 
 from shaper import cli
+from shaper.agent import DEFAULT_AGENT_PORT, discover
+from shaper.agent.agent import LABELS as AGENT_LABELS
+from shaper.agent.agent import Agent
+from shaper.agent.api import AgentApi
 from shaper.control.service import Service
 from shaper.core.model import parse_rule, parse_ruleset_text
 from shaper.datapath.fake import FakeDatapath
+from shaper.errors import InvalidInput
 from shaper.http.api import Api
+from shaper.http.server import check_exposure, parse_listen
 from shaper.k8s import webhook as W
 from tests.support import k8s_pods as K
 
@@ -31,7 +37,9 @@ def objects() -> dict[tuple[str, str], dict]:
     out = {}
     for path in MANIFESTS:
         for d in docs(path):
-            out[(d["kind"], d["metadata"]["name"])] = d
+            key = (d["kind"], d["metadata"]["name"])
+            assert key not in out, f"{key} is defined twice under deploy/: the tests would see only one"
+            out[key] = d
     return out
 
 
@@ -60,14 +68,16 @@ def test_kustomizations_deploy_every_manifest(kustomization):
     listed = {(here / r).resolve() for r in k["resources"]}
     present = {p.resolve() for p in here.glob("*.yaml") if p.name != "kustomization.yaml"}
     assert listed == present
-    # Generators read files that deploy/secrets.sh makes (git holds none) or that are in the tree.
+    # Generators read files that a secrets.sh makes (git ignores them all) or that are in the tree.
     made = {"secrets/tls.crt", "secrets/tls.key", "secrets/ca.crt", "token"}
+    ignored = (DEPLOY.parent / ".gitignore").read_text().splitlines()
     for gen in k.get("secretGenerator", []) + k.get("configMapGenerator", []):
         for entry in gen["files"]:
             src = entry.split("=", 1)[-1]
             assert src in made or (here / src).is_file(), src
-    ignored = (DEPLOY.parent / ".gitignore").read_text()
-    assert "/deploy/secrets/" in ignored and "/deploy/example/token" in ignored
+            if src in made:
+                rel = "/" + (here / src).relative_to(DEPLOY.parent).as_posix()
+                assert any(rel == i or (i.endswith("/") and rel.startswith(i)) for i in ignored), rel
 
 
 def test_webhook_configuration_matches_the_webhook():
@@ -141,6 +151,116 @@ def test_example_workload_gets_a_valid_sidecar_with_its_rules():
     assert client["metadata"]["annotations"][W.INJECT_ANNOTATION] == "false"
     secret_ref = client["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
     assert secret_ref == {"name": W.SidecarConfig(image="x").token_secret, "key": "token"}
+
+
+def agent_daemonset() -> tuple[dict, dict, dict]:
+    """The agent's DaemonSet, its pod spec and its one container."""
+    ds = objects()[("DaemonSet", "shaper-agent")]
+    pod = ds["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return ds, pod, container
+
+
+def test_agent_daemonset_runs_a_command_shaper_accepts():
+    ds, pod, container = agent_daemonset()
+    args = container["args"]
+    assert args[0] == "agent"
+    ctx = cli.main.commands[args[0]].make_context(args[0], list(args[1:]))
+    host, port = parse_listen(ctx.params["listen"])
+    assert port == DEFAULT_AGENT_PORT and ctx.params["iface"] == "eth0"
+    assert not ctx.params["insecure"] and not ctx.params["reset_on_exit"]  # a restarted agent adopts
+    # Listening beyond loopback, it starts only with its token, which comes from the environment.
+    with pytest.raises(InvalidInput, match="no token"):
+        check_exposure(host, None, ctx.params["insecure"])
+    env = {e["name"]: e for e in container["env"]}
+    assert "SHAPER_TOKEN" in env and not any(a.startswith("--token-file") for a in args)
+    [port_spec] = container["ports"]
+    assert port_spec == {"name": "agent-http", "containerPort": DEFAULT_AGENT_PORT, "hostPort": DEFAULT_AGENT_PORT,
+                         "protocol": "TCP"}
+    # The node's network and PIDs: its API on the node's addresses, pods found through /proc.
+    assert pod["hostNetwork"] is True and pod["hostPID"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    # Root (the image's default user is not) and privileged: it enters other pods' namespaces.
+    assert container["securityContext"]["privileged"] is True and container["securityContext"]["runAsUser"] == 0
+    assert pod["tolerations"] == [{"operator": "Exists"}]  # every node
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_agent_probes_hit_routes_the_agent_serves():
+    _, _, container = agent_daemonset()
+    agent = Agent()  # default arguments: no kernel access until a target is shaped
+    api = AgentApi(agent, token="t")
+    probes = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in probes.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "agent-http"}
+        assert any(r.method == "GET" and r.path == path and not r.mutates for r in api.routes), path
+    assert api.handle("GET", "/healthz", {}, b"").status == 200
+    assert api.handle("GET", "/readyz", {}, b"").status == 503  # until an earlier agent's targets are adopted
+    agent.ready = True
+    assert api.handle("GET", "/readyz", {}, b"").status == 200
+    assert api.handle("GET", "/metrics", {}, b"").status == 200  # what the PodMonitor scrapes, without the token
+
+
+def test_agent_mounts_what_the_sidecar_mounts_and_the_runtimes_state():
+    _, pod, container = agent_daemonset()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # The bpffs and the kernel headers, exactly as the sidecar gets them, and a /tmp beside a read-only root.
+    side = W.sidecar_container(W.SidecarConfig(image="x"), "eth0")
+    side_volumes = {v["name"]: v for v in W.sidecar_volumes()}
+    shared = [m for m in side["volumeMounts"] if "hostPath" in side_volumes[m["name"]]]
+    assert {m["mountPath"] for m in shared} == {"/lib/modules", "/usr/src", "/sys/fs/bpf"}
+    for want in shared + [m for m in side["volumeMounts"] if m["mountPath"] == "/tmp"]:
+        got = mounts[want["mountPath"]]
+        assert got.get("readOnly", False) == want.get("readOnly", False), want["mountPath"]
+        ours, theirs = volumes[got["name"]], side_volumes[want["name"]]
+        assert {k: v for k, v in ours.items() if k != "name"} == {k: v for k, v in theirs.items() if k != "name"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {e["name"] for e in container["env"]} == {e["name"] for e in side["env"]}
+    # The runtimes' state, read only; a node lacking a runtime gets an empty directory. What the node
+    # unmounts is unmounted here too, so a dead pod's network namespace is never kept alive by the agent.
+    for path in ("/run/containerd", "/run/containers", "/run/netns"):
+        got = mounts[path]
+        assert got["readOnly"] is True and got["mountPropagation"] == "HostToContainer", path
+        assert volumes[got["name"]]["hostPath"] == {"path": path, "type": "DirectoryOrCreate"}, path
+    # Every state directory the agent reads for container: targets is the node's, through one of them.
+    for state in discover.CRI_STATE:
+        [mount] = [m for p, m in mounts.items() if state.startswith(p + "/")]
+        assert volumes[mount["name"]]["hostPath"]["path"] == mount["mountPath"], state
+    assert set(volumes) == {m["name"] for m in container["volumeMounts"]}
+
+
+def test_agent_token_is_the_generated_secret_and_the_agent_has_no_api_access():
+    ds, pod, container = agent_daemonset()
+    namespace = ds["metadata"]["namespace"]
+    k = yaml.safe_load((DEPLOY / "agent" / "kustomization.yaml").read_text())
+    [gen] = k["secretGenerator"]
+    ref = {e["name"]: e for e in container["env"]}["SHAPER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": gen["name"], "key": "token"}
+    assert gen["namespace"] == namespace and gen["files"] == [ref["key"]]  # the file's name is the key
+    assert gen["options"]["disableNameSuffixHash"] is True  # harnesses read it by name
+    assert k["images"] == yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"]
+    # Its own namespace, privileged (only that one), never injected.
+    labels = objects()[("Namespace", namespace)]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged" and labels["shaper-injection"] == "disabled"
+    account = objects()[("ServiceAccount", pod["serviceAccountName"])]
+    assert account["metadata"]["namespace"] == namespace and account["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is False
+    bound = [o for (kind, _), o in objects().items() if kind in ("RoleBinding", "ClusterRoleBinding")
+             for s in o["subjects"] if s["kind"] == "ServiceAccount" and s["name"] == pod["serviceAccountName"]]
+    assert bound == []
+
+
+def test_podmonitor_finds_the_agents():
+    ds, pod, container = agent_daemonset()
+    pm = objects()[("PodMonitor", "shaper-agents")]
+    assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"] and "namespaceSelector" not in pm["spec"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == container["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    # The agent's pod labels never stand in for (or rename) the shaped pod's, which its series carry.
+    [drop] = [r for r in endpoint["relabelings"] if r.get("action") == "labeldrop"]
+    assert all(re.fullmatch(drop["regex"], label) for label in AGENT_LABELS)
 
 
 def exported_metric_names() -> set[str]:

@@ -1,8 +1,8 @@
 """The VM tier: boot each of Debian's stock kernels in /boot (they have sch_netem) under
 virtme-ng and run tests/vm/guest inside it.  TCG only: /dev/kvm does not work for a guest here.
 
-The newest kernel runs the netem, API, fuzzer and seed-scenario tests; older ones
-the netem, ingress and API tests.  Ingress runs on the older kernels only: 6.1 is
+The newest kernel runs the netem, API, fuzzer, seed-scenario and node-agent tests; older
+ones the netem, ingress and API tests.  Ingress runs on the older kernels only: 6.1 is
 where the ifb's quirks live (it drops what mirred did not send it), and the kernel
 tier covers ingress on the running kernel; the fuzzer and the seed scenario test
 shaper, not the kernel.  Each suite takes 7-9 minutes under TCG on an idle machine and
@@ -20,7 +20,7 @@ from tests.support.tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()
 NEWEST = ("tests/vm/guest/test_netem.py tests/vm/guest/test_api.py tests/vm/guest/test_schemathesis.py "
-        "tests/vm/guest/test_seed.py")
+          "tests/vm/guest/test_seed.py tests/vm/guest/test_agent.py")
 OLDER = "tests/vm/guest/test_netem.py tests/vm/guest/test_ingress.py tests/vm/guest/test_api.py"
 GUEST_TIMEOUT_S = 1500
 
