@@ -141,17 +141,24 @@ class Agent:
     def _shape(self, spec: TargetSpec, found: discover.Found, adopt_record: dict | None = None) -> Target:
         """Attach a datapath in a namespace (or adopt the one there); undone whole if it fails."""
         started = time.monotonic()
-        fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NotFound(f"{spec} went away while it was looked up ({found.path}: {exc.strerror})") from None
         claim = dp = None
+        if adopt_record:  # the name and labels it was first shaped with
+            name = str(adopt_record.get("target", spec))
+            labels = {k: str(v) for k, v in adopt_record.items() if k in LABELS}
+        else:
+            name, labels = str(spec), {k: v for k, v in found.labels.items() if k in LABELS}
         try:
             if os.fstat(fd).st_ino != found.inode:
                 raise NotFound(f"{spec} changed its network namespace while it was looked up: try again")
             path = f"/proc/self/fd/{fd}"
-            labels = {k: v for k, v in found.labels.items() if k in LABELS}
-            record = {"target": str(spec), **labels}
             claim = self.claim(self.iface, path)
-            dp = self.open_datapath(self.iface, path, record)
+            dp = self.open_datapath(self.iface, path, {"target": name, **labels})
             service = Service(dp, self.iface)
+            service.log_fields = {"target": name}
             how = dp.attach()
             try:
                 service.start(None, who="agent")
@@ -166,11 +173,7 @@ class Agent:
                 claim.close()
             os.close(fd)
             raise
-        name = str(adopt_record.get("target", spec)) if adopt_record else str(spec)
-        if adopt_record:
-            labels = {k: str(v) for k, v in adopt_record.items() if k in LABELS}
-        target = Target(found.inode, name, fd, service, Api(service), claim, labels, found.pid,
-                        aliases={name, str(spec)})
+        target = Target(found.inode, name, fd, service, Api(service), claim, labels, found.pid, aliases={name})
         self.targets[found.inode] = target
         for alias in target.aliases:
             self.aliases[alias] = found.inode
@@ -205,8 +208,10 @@ class Agent:
             if ns_path is None:
                 continue  # gone: the sweeper removes the pins
             spec = parse_target(f"netns:{ns_path}")
+            pid = ns_path.split("/")[2] if ns_path.startswith("/proc/") else ""
             try:
-                self._shape(spec, discover.Found(int(inode_text), ns_path, None, {}), adopt_record=mine)
+                self._shape(spec, discover.Found(int(inode_text), ns_path, int(pid) if pid.isdigit() else None, {}),
+                            adopt_record=mine)
             except ShaperError as exc:
                 log.warning("target.adopt_failed", extra={"fields": {"pins": path, "target": mine.get("target"),
                                                                      "error": str(exc)}})

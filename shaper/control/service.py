@@ -52,6 +52,8 @@ class Service:
         self.lock = threading.RLock()
         self.ready = False
         self.next_expiry_ns: int | None = None
+        # Added to every change's log line: the node agent's target (one agent, many services).
+        self.log_fields: dict[str, object] = {}
         # The kernel state as of the last change. This process is the only writer (the
         # interface claim), so a change need not read back the whole trie and every
         # record first; the cache is re-read from the kernel every REREAD_S anyway, in
@@ -266,7 +268,7 @@ class Service:
                 op: str = "apply", require_ready: bool = True) -> None:
         if require_ready:
             self._require_ready()
-        detail = detail or {}
+        detail = {**self.log_fields, **(detail or {})}
         with self.lock, gc_paused():  # a bulk change makes many small objects: see model.gc_paused
             started = time.perf_counter()
             try:
