@@ -166,7 +166,14 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         for agent in self.agents:
+            try:
+                pid = agent.pid
+            except (OSError, StopIteration, ValueError):
+                pid = None
             agent.close()
+            if pid is not None:  # an agent killed leaves its spare classifier (shaper.agent.spares)
+                shutil.rmtree(os.path.join(BPFFS, "shaper", f"_spare-{pid}"), ignore_errors=True)
+                shutil.rmtree(os.path.join(BPFFS, "shaper", f"_spare-{pid}_new"), ignore_errors=True)
         for pod in self.pods:
             pod.kill()
         for ns in reversed(self.created):

@@ -32,6 +32,7 @@ def run(opts: AgentOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
     from shaper.agent.agent import Agent
     from shaper.agent.api import AgentApi
+    from shaper.agent.spares import Spares
     from shaper.datapath.kernel import ensure_bpffs, join_host_mounts
     from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
 
@@ -56,12 +57,15 @@ def run(opts: AgentOptions) -> None:
     agent = Agent(opts.iface)
     join_host_mounts(agent.bpffs)  # under `ip netns exec`: one thread yet, as setns() into mounts needs
     ensure_bpffs(agent.bpffs)
+    agent.spares = Spares(agent.bpffs)
+    agent.spares.start()  # compiles in the background while the agent adopts and starts serving
     kernel = KernelThread()
     try:
         httpd = make_server(host, port, AgentApi(agent, opts.token), kernel=kernel)
         httpd.start()
     except BaseException:
         kernel.close()
+        agent.spares.close()  # a failed start leaves no classifier pinned
         raise
     bound = httpd.server_address
     audit("agent.listen", address=f"{bound[0]}:{bound[1]}", auth=bool(opts.token), interface=opts.iface,

@@ -32,6 +32,7 @@ from prometheus_client.core import Metric
 from prometheus_client.samples import Sample
 
 from shaper.agent import discover
+from shaper.agent.spares import Spares
 from shaper.agent.targets import TargetSpec, parse_target
 from shaper.control.service import Service, audit
 from shaper.datapath.interface import Datapath
@@ -43,6 +44,7 @@ log = logging.getLogger("shaper")
 SWEEP_S = 2.0  # how often dead targets and dead pins are looked for
 DEFAULT_IFACE = "eth0"
 LABELS = ("pod", "namespace", "container")  # what /metrics adds beside `target`, where known
+DESCRIBED = (*LABELS, "container_id", "runtime")  # what GET /targets and the pinned record add
 
 # (ifname, netns path, agent record) -> an unattached datapath; (ifname, netns path) -> the claim.
 OpenDatapath = Callable[[str, str, dict], Datapath]
@@ -75,10 +77,6 @@ class Target:
                 else None, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
-def _kernel_datapath(ifname: str, path: str, record: dict) -> Datapath:
-    from shaper.datapath.kernel import KernelDatapath
-
-    return KernelDatapath(ifname, path, agent=record)
 
 
 def _kernel_claim(ifname: str, path: str) -> Any:
@@ -89,12 +87,14 @@ def _kernel_claim(ifname: str, path: str) -> Any:
 
 class Agent:
     def __init__(self, iface: str = DEFAULT_IFACE, *, bpffs: str | None = None,
-                 resolver: discover.Resolver | None = None, open_datapath: OpenDatapath = _kernel_datapath,
-                 claim: Claim = _kernel_claim, alive: Callable[[set[int]], set[int]] = discover.alive):
+                 resolver: discover.Resolver | None = None, open_datapath: OpenDatapath | None = None,
+                 claim: Claim = _kernel_claim, alive: Callable[[set[int]], set[int]] = discover.alive,
+                 spares: Spares | None = None):
         self.iface = iface
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
         self.resolver = resolver or discover.Resolver()
-        self.open_datapath = open_datapath
+        self.spares = spares  # classifiers compiled ahead (shaper.agent.spares), when the agent runs for real
+        self.open_datapath = open_datapath or self._kernel_datapath
         self.claim = claim
         self.alive = alive
         self.targets: dict[int, Target] = {}
@@ -109,6 +109,11 @@ class Agent:
         self.attach_seconds = Gauge("shaper_agent_last_attach_seconds", "Time the last new target took from "
                                     "the request to shaping in place.", registry=self.registry)
         self._last_sweep = 0.0
+
+    def _kernel_datapath(self, ifname: str, path: str, record: dict) -> Datapath:
+        from shaper.datapath.kernel import KernelDatapath
+
+        return KernelDatapath(ifname, path, agent=record, spare=self.spares.take if self.spares else None)
 
     # -- finding targets ------------------------------------------------------------------------------
     def lookup(self, text: str, create: bool) -> tuple[Target | None, discover.Found | None]:
@@ -130,13 +135,16 @@ class Agent:
         return self._shape(spec, found), None
 
     def _still(self, spec: TargetSpec, inode: int) -> bool:
-        """A cached name still names that namespace (a PID may now be another process's)."""
-        if spec.kind != "pid":
-            return True  # an address or a container moves only with its namespace, which the sweeper watches
-        try:
-            return os.stat(f"/proc/{spec.value}/ns/net").st_ino == inode
-        except OSError:
-            return False
+        """A cached name still names that namespace: a PID may now be another process's, an address
+        another pod's, a container name another container's (a pod recreated, `podman rm` and run again)."""
+        if spec.kind == "pid":
+            try:
+                return os.stat(f"/proc/{spec.value}/ns/net").st_ino == inode
+            except OSError:
+                return False
+        if spec.kind == "ip":
+            return self.resolver.still_holds(self.targets[inode].pid, inode, spec.value)
+        return False  # a container: ask its runtime again (lookup() re-resolves)
 
     def _shape(self, spec: TargetSpec, found: discover.Found, adopt_record: dict | None = None) -> Target:
         """Attach a datapath in a namespace (or adopt the one there); undone whole if it fails."""
@@ -148,9 +156,9 @@ class Agent:
         claim = dp = None
         if adopt_record:  # the name and labels it was first shaped with
             name = str(adopt_record.get("target", spec))
-            labels = {k: str(v) for k, v in adopt_record.items() if k in LABELS}
+            labels = {k: str(v) for k, v in adopt_record.items() if k in DESCRIBED}
         else:
-            name, labels = str(spec), {k: v for k, v in found.labels.items() if k in LABELS}
+            name, labels = str(spec), {k: v for k, v in found.labels.items() if k in DESCRIBED}
         try:
             if os.fstat(fd).st_ino != found.inode:
                 raise NotFound(f"{spec} changed its network namespace while it was looked up: try again")
@@ -173,6 +181,9 @@ class Agent:
                 claim.close()
             os.close(fd)
             raise
+        holder = next((t for t in self.targets.values() if t.name == name), None)
+        if holder is not None:  # the name is this namespace's now (a container run again elsewhere)
+            self._rename(holder)
         target = Target(found.inode, name, fd, service, Api(service), claim, labels, found.pid, aliases={name})
         self.targets[found.inode] = target
         for alias in target.aliases:
@@ -184,6 +195,25 @@ class Agent:
               pid=found.pid, interface=self.iface, seconds=round(seconds, 4),
               rules=len(service.controller.live_rules(service.observe())), **labels)
         return target
+
+    def _rename(self, target: Target) -> None:
+        """Give a target whose name now means another namespace a name of its own namespace (pid:PID of a
+        process in it, or netns:PATH of a bind mount of it): series and GET /targets stay one per name."""
+        path = self.resolver.path_of(target.inode) or ""
+        parts = path.split("/")
+        new = f"pid:{parts[2]}" if path.startswith("/proc/") and len(parts) > 2 and parts[2].isdigit() else \
+            f"netns:{path}" if path else f"netns-inode:{target.inode}"
+        old, target.name = target.name, new
+        target.aliases.add(new)
+        target.aliases.discard(old)
+        self.aliases[new] = target.inode
+        target.service.log_fields = {"target": new}
+        try:
+            target.service.datapath.set_agent_record({"target": new, **target.labels})
+        except (OSError, ShaperError) as exc:
+            log.warning("target.rename_unpinned", extra={"fields": {"target": new, "error": str(exc)}})
+        audit("target.renamed", target=new, was=old, netns=target.inode,
+              reason=f"{old} names another network namespace now")
 
     # -- start, loop, stop ----------------------------------------------------------------------------
     def adopt_all(self) -> None:
@@ -278,13 +308,7 @@ class Agent:
         dp = target.service.datapath
         removed: list[str] = []
         try:
-            if reset:
-                removed = dp.reset()
-            else:
-                pin_dir = getattr(dp, "pin_dir", None)
-                if pin_dir and os.path.isdir(pin_dir):
-                    shutil.rmtree(pin_dir, ignore_errors=True)
-                    removed = ["pins"]
+            removed = dp.reset() if reset else dp.forget()
         except ShaperError as exc:
             log.warning("target.remove_failed", extra={"fields": {"target": target.name, "error": str(exc)}})
         finally:
@@ -299,8 +323,10 @@ class Agent:
         return removed
 
     def close(self, reset: bool = False) -> None:
-        """On exit: keep every target's shaping for the next agent to adopt, unless `reset`."""
+        """On exit: keep every target's shaping for the next agent to adopt, unless `reset`; remove the spare."""
         self.ready = False
+        if self.spares is not None:
+            self.spares.close()
         for target in list(self.targets.values()):
             if reset:
                 self._drop(target, "agent exit (--reset-on-exit)", reset=True)

@@ -223,11 +223,30 @@ class Resolver:
     recorded runtime answers; the agent uses the node's."""
 
     def __init__(self, proc: str = PROC, which: Callable[[str], str | None] = shutil.which, run: Runner = _run,
-                 cri_state: tuple[str, ...] = CRI_STATE):
+                 cri_state: tuple[str, ...] = CRI_STATE, cgroup_of: Callable[[int], str] | None = None):
         self.proc = proc
         self.which = which
         self.run = run
         self.cri_state = cri_state
+        self.cgroup_of = cgroup_of or self._cgroup_of
+
+    def _cgroup_of(self, pid: int) -> str:
+        try:
+            with open(f"{self.proc}/{pid}/cgroup") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def still_holds(self, pid: int | None, inode: int, addr: str) -> bool:
+        """Whether process `pid` is still in namespace `inode` and it still has `addr` (cheap: no scan)."""
+        if not pid:
+            return False
+        try:
+            if os.stat(f"{self.proc}/{pid}/ns/net").st_ino != inode:
+                return False
+        except OSError:
+            return False
+        return addr in addresses(Namespace(inode, [pid]), self.proc)
 
     def resolve(self, spec: TargetSpec) -> Found:
         if spec.kind == "pid":
@@ -395,7 +414,9 @@ class Resolver:
             for bundle in _bundles(root):
                 cid = os.path.basename(bundle)
                 config = _read_json(bundle, CONFIG_FILES)
-                annotations = (config or {}).get("annotations") or {}
+                if config is None:
+                    continue  # podman's containers share CRI-O's state root, without a config there
+                annotations = config.get("annotations") or {}
                 labels = {k: next((str(annotations[a]) for a in keys if annotations.get(a)), "")
                           for k, keys in _ANNOTATIONS.items()}
                 if labels["type"] == "sandbox":
@@ -404,7 +425,9 @@ class Resolver:
                 if not (by_id or labels["container"] == name):
                     continue
                 pid = _read_pid(bundle)
-                if pid:
+                # A pid file outlives its container (a stopped one keeps it): the process must be
+                # in the container's cgroup, or the PID is someone else's now.
+                if pid and cid in self.cgroup_of(pid):
                     hits.append((cid, labels, pid))
         if not hits:
             return None

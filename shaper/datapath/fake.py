@@ -58,6 +58,7 @@ class FakeDatapath:
     # Most tests drive a service past start-up, so a fake starts attached; one that
     # tests start-up says attached=False.
     attached: bool = True
+    agent: dict | None = None  # what the node agent calls its target (set_agent_record)
     # Called at attach(); raise from it to refuse the attach.
     before_attach: Callable[[], None] | None = None
     closed: bool = False
@@ -96,6 +97,14 @@ class FakeDatapath:
 
     def close(self) -> None:
         self.closed = True
+
+    def forget(self) -> list[str]:
+        self._forget()
+        self.intent = None
+        return ["pins"]
+
+    def set_agent_record(self, agent: dict) -> None:
+        self.agent = agent
 
     def _forget(self) -> None:
         """Drop the rules' state (records, trie entries, classes, leaves), as a fresh attach or a reset does."""

@@ -76,6 +76,15 @@ class Datapath(Protocol):
         """Let go of sockets, maps and program held open; the shaping stays as it is.  Never raises."""
         ...
 
+    def forget(self) -> list[str]:
+        """The interface's network namespace is gone (the node agent's sweeper): remove the pins
+        only, since the tc objects go with the namespace.  Returns what was removed."""
+        ...
+
+    def set_agent_record(self, agent: dict) -> None:
+        """What the node agent calls its target, kept beside the state for the next agent to adopt."""
+        ...
+
     # -- rules ------------------------------------------------------------------
     def observe(self) -> P.Observed:
         """The rules, trie entries and classes held now (attached or adopted first)."""

@@ -31,7 +31,7 @@ import zlib
 from dataclasses import replace
 from itertools import starmap
 from operator import itemgetter
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from shaper.datapath import abi, loader
 from shaper.core import plan as P
@@ -373,11 +373,14 @@ class KernelDatapath:
     _intent: Map | None = None  # the intent map, opened on first use
 
     def __init__(self, ifname: str, netns: str | None = None, bpffs: str | None = None,
-                 agent: dict | None = None):
+                 agent: dict | None = None, spare: Callable[[str], bool] | None = None):
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
         # The node agent's description of its target (kept in rule_meta[0]): shaping set up
         # by the agent is adopted only by the agent, and a sidecar's only by a sidecar.
         self.agent = agent
+        # The node agent's classifiers compiled ahead: spare(pin_dir) moves a fresh, never
+        # attached one there and says whether it did; otherwise attach() compiles one.
+        self.spare = spare
         join_host_mounts(self.bpffs)
         self.tc = Tc(ifname, netns)
         self.ifname = ifname
@@ -449,6 +452,20 @@ class KernelDatapath:
         assert self.meta is not None
         payload = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
         self.meta.update(_SLOT.pack(slot), abi.pack_meta(payload))
+
+    def forget(self) -> list[str]:
+        """The namespace is gone: its pins are all that is left of shaper's (Datapath.forget)."""
+        self.close_maps()
+        if not os.path.isdir(self.pin_dir):
+            return []
+        self.remove_pins()
+        return ["pins"]
+
+    def set_agent_record(self, agent: dict) -> None:
+        """The node agent renamed its target: what rule_meta[0] says of it, for the next agent to adopt."""
+        self.agent = agent
+        own = self.read_record(0) or {}
+        self._write_record(0, {**own, "agent": agent})
 
     def is_attached(self) -> bool:
         """Whether shaper's program is the one attached to the interface.
@@ -565,7 +582,8 @@ class KernelDatapath:
                 self.remove_pins()
                 created.append("pins")
                 os.makedirs(os.path.dirname(self.pin_dir), exist_ok=True)
-                loader.load_and_pin(self.pin_dir)
+                if self.spare is None or not self.spare(self.pin_dir):
+                    loader.load_and_pin(self.pin_dir)
                 self.open_maps()
                 self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex,
                                        "ifname": self.ifname, "created_clsact": False,

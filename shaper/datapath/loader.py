@@ -60,7 +60,22 @@ def _has_capability(cap: int) -> bool:
     return True  # unknown: do not blame a capability
 
 
+def _die_with_parent() -> bool:
+    """Be killed when the process that started this one dies (PR_SET_PDEATHSIG): a controller killed
+    with SIGKILL must not leave a loader to pin a classifier after it, for nobody.  False if it
+    has died already."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = os.environ.get("SHAPER_LOADER_PARENT", "")
+    return not parent.isdigit() or os.getppid() == int(parent)
+
+
 def _child(pin_dir: str) -> int:
+    if not _die_with_parent():
+        print("the process that started the loader is gone: nothing loaded", file=sys.stderr)
+        return EXIT_FAILED
     problem = headers_problem()
     if problem:
         print(problem, file=sys.stderr)
@@ -110,7 +125,8 @@ def load_and_pin(pin_dir: str) -> None:
         [sys.executable, "-m", "shaper.datapath.loader", pin_dir],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+             "SHAPER_LOADER_PARENT": str(os.getpid())},
         check=False,
         # Out of our process group: a Ctrl-C or a group-wide SIGTERM is the daemon's to
         # handle (it removes what it attached); killed mid-load, the child made it exit 1.

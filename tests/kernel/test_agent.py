@@ -104,6 +104,65 @@ def test_requests_that_touch_nothing(node):
     assert not os.path.exists(a.pins) and not os.path.exists(twin.pins)
 
 
+def test_a_new_target_takes_the_classifier_compiled_ahead(node):
+    from shaper.datapath.kernel import _prog_id_at
+
+    agent = node.agent()
+    spare = os.path.join(BPFFS, "shaper", f"_spare-{agent.pid}")
+    assert wait_until(lambda: os.path.exists(os.path.join(spare, "ingress_cfg")), timeout=120), agent.text()
+    compiled = _prog_id_at(spare)
+    a = node.pod()
+    assert node.request("PUT", f"/targets/{a.ip}/rules/x", rule(a.peer, "3mbit"))[0] == 200
+    assert _prog_id_at(a.pins) == compiled  # moved, not compiled on the request's time
+    assert a.rates() == {"5348:1": "3Mbit"}
+    assert wait_until(lambda: os.path.exists(os.path.join(spare, "ingress_cfg")), timeout=120)  # the next one
+    assert _prog_id_at(spare) != compiled
+    # An agent killed leaves its spare; the next one removes it (an upgrade never takes an old classifier).
+    agent.stop(signal.SIGKILL)
+    assert os.path.isdir(spare)
+    again = node.agent(wait=False)
+    # Killed while it compiles its spare: the loader child dies with it (it would pin for nobody).
+    assert wait_until(lambda: any(e["event"] == "agent.listen" for e in again.logs()), timeout=120), again.text()
+    loading = os.path.join(BPFFS, "shaper", f"_spare-{again.pid}_new")
+    assert wait_until(lambda: loader_of(loading), timeout=60, step=0.02), again.text()
+    assert not os.path.exists(spare)  # the killed agent's, removed at the start
+    again.stop(signal.SIGKILL)
+    assert wait_until(lambda: not loader_of(loading), timeout=10), loader_of(loading)
+    assert not os.path.exists(os.path.join(loading, "ingress_cfg"))  # it pinned nothing after its agent died
+    third = node.agent()
+    assert not os.path.exists(loading) and third.stop() == 0
+    assert not [n for n in os.listdir(os.path.join(BPFFS, "shaper")) if n.startswith("_spare")]
+
+
+def loader_of(pin_dir: str) -> list[str]:
+    """The loader processes pinning into pin_dir."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "shaper.datapath.loader" in cmd and pin_dir in cmd:
+            out.append(pid)
+    return out
+
+
+def test_an_address_that_moved_names_its_new_pod(node):
+    agent = node.agent()
+    a, b = node.pod(), node.pod()
+    assert node.request("PUT", f"/targets/{a.ip}/rules/x", rule(a.peer, "3mbit"))[0] == 200
+    a.run("ip", "addr", "del", f"{a.ip}/24", "dev", "eth0")  # the address moves to pod b
+    b.run("ip", "addr", "add", f"{a.ip}/32", "dev", "lo")
+    status, body = node.request("PUT", f"/targets/{a.ip}/rules/x", rule(b.peer, "5mbit"))
+    assert status == 200, body
+    assert b.rates() == {"5348:1": "5Mbit"} and a.rates() == {"5348:1": "3Mbit"}
+    listed = {t["target"]: t["netns"] for t in node.request("GET", "/targets")[1]["targets"]}
+    assert listed == {a.ip: b.inode, f"pid:{a.pid}": a.inode}, agent.text()
+    status, text = node.request("GET", "/metrics")
+    assert text.count("shaper_rules{") == 2
+
+
 def test_killed_pod_is_swept_and_so_are_a_dead_sidecars_pins(node):
     agent = node.agent()
     a, b = node.pod(), node.pod()

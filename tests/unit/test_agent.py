@@ -88,12 +88,12 @@ def completed(stdout="", stderr="", code=0):
     return subprocess.CompletedProcess([], code, stdout, stderr)
 
 
-def resolver(answers: dict, installed=("podman", "crictl"), cri_state=()) -> discover.Resolver:
+def resolver(answers: dict, installed=("podman", "crictl"), cri_state=(), cgroups: str = "") -> discover.Resolver:
     def run(argv):
         return answers[tuple(argv[:2])](argv)
 
     return discover.Resolver(which=lambda name: f"/usr/bin/{name}" if name in installed else None, run=run,
-                             cri_state=cri_state)
+                             cri_state=cri_state, cgroup_of=lambda pid: cgroups)
 
 
 def test_podman_by_name_and_its_refusals():
@@ -150,7 +150,9 @@ def test_cri_state_directories_of_containerd_and_crio(tmp_path):
     (userdata / "config.json").write_text(json.dumps({"annotations": {
         "io.kubernetes.container.name": "worker", "io.kubernetes.pod.name": "worker-0",
         "io.kubernetes.pod.namespace": "jobs"}}))
-    r = resolver({}, installed=(), cri_state=(str(containerd), str(crio)))
+    # The processes' cgroups name their containers (a pid file alone may be a stopped container's).
+    cgroups = f"0::/kubepods/pod1/cri-containerd-{'c0ffee' * 10}.scope\n0::/crio-{'d00d' * 16}.scope\n"
+    r = resolver({}, installed=(), cri_state=(str(containerd), str(crio)), cgroups=cgroups)
 
     api = r._by_container(TargetSpec("container", "api"))  # the container, not the sandbox named "api"
     assert api.labels == {"runtime": "cri", "container_id": "c0ffeec0ffee", "container": "api", "pod": "api-7d9",
@@ -160,6 +162,16 @@ def test_cri_state_directories_of_containerd_and_crio(tmp_path):
     with pytest.raises(NotFound):
         r._by_container(TargetSpec("cri", "c0ffee"))  # a prefix this short is not taken for an id
 
+    stale = resolver({}, installed=(), cri_state=(str(containerd), str(crio)), cgroups="0::/user.slice\n")
+    with pytest.raises(NotFound):  # the PID in the pid file is no longer the container's
+        stale._by_container(TargetSpec("cri", "api"))
+    podman_like = crio / ("ab" * 32) / "userdata"  # podman shares CRI-O's root, with no config.json there
+    podman_like.mkdir(parents=True)
+    (podman_like / "pidfile").write_text(str(me))
+    with pytest.raises(NotFound):
+        resolver({}, installed=(), cri_state=(str(crio),), cgroups="ab" * 32)._by_container(
+            TargetSpec("cri", "ab" * 32))
+
     twin = containerd / "k8s.io" / ("beef" * 16)
     twin.mkdir()
     (twin / "init.pid").write_text(str(me))
@@ -167,7 +179,8 @@ def test_cri_state_directories_of_containerd_and_crio(tmp_path):
                                                                   "io.kubernetes.cri.sandbox-name": "api-x2",
                                                                   "io.kubernetes.cri.sandbox-namespace": "shop"}}))
     with pytest.raises(Conflict, match="shop/api-x2"):
-        r._by_container(TargetSpec("cri", "api"))
+        resolver({}, installed=(), cri_state=(str(containerd),), cgroups=cgroups + "beef" * 16)._by_container(
+            TargetSpec("cri", "api"))
 
 
 def test_the_nodes_own_namespace_is_never_a_target():
