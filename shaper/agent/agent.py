@@ -159,6 +159,8 @@ class Agent:
             labels = {k: str(v) for k, v in adopt_record.items() if k in DESCRIBED}
         else:
             name, labels = str(spec), {k: v for k, v in found.labels.items() if k in DESCRIBED}
+            if "pod" not in labels:  # a pod named by its IP or a PID: its name from the CRI's state, if there
+                labels.update(self.resolver.pod_of(found.inode))
         try:
             if os.fstat(fd).st_ino != found.inode:
                 raise NotFound(f"{spec} changed its network namespace while it was looked up: try again")

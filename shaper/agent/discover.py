@@ -406,10 +406,9 @@ class Resolver:
         return self._by_pid(int(pid), labels)
 
 
-    def _cri_state(self, name: str, roots: list[str]) -> Found | None:
-        """A running container of containerd or CRI-O by id (or its first 12+ characters) or by the
-        kubelet's container name, from the runtime's state directory."""
-        hits: list[tuple[str, dict, int]] = []
+    def _cri_containers(self, roots: list[str]) -> list[tuple[str, dict[str, str], int]]:
+        """(id, annotations' labels, PID) of every running container in containerd's and CRI-O's state."""
+        out = []
         for root in roots:
             for bundle in _bundles(root):
                 cid = os.path.basename(bundle)
@@ -419,16 +418,19 @@ class Resolver:
                 annotations = config.get("annotations") or {}
                 labels = {k: next((str(annotations[a]) for a in keys if annotations.get(a)), "")
                           for k, keys in _ANNOTATIONS.items()}
-                if labels["type"] == "sandbox":
-                    continue  # the pod's pause container: named by its pod IP instead
-                by_id = len(name) >= 12 and cid.startswith(name) or cid == name
-                if not (by_id or labels["container"] == name):
-                    continue
                 pid = _read_pid(bundle)
                 # A pid file outlives its container (a stopped one keeps it): the process must be
                 # in the container's cgroup, or the PID is someone else's now.
                 if pid and cid in self.cgroup_of(pid):
-                    hits.append((cid, labels, pid))
+                    out.append((cid, labels, pid))
+        return out
+
+    def _cri_state(self, name: str, roots: list[str]) -> Found | None:
+        """A running container of containerd or CRI-O by id (or its first 12+ characters) or by the
+        kubelet's container name, from the runtime's state directory."""
+        hits = [(cid, labels, pid) for cid, labels, pid in self._cri_containers(roots)
+                if labels["type"] != "sandbox"  # the pod's pause container: named by its pod IP instead
+                and (len(name) >= 12 and cid.startswith(name) or cid == name or labels["container"] == name)]
         if not hits:
             return None
         if len({cid for cid, _, _ in hits}) > 1:
@@ -438,6 +440,21 @@ class Resolver:
         cid, labels, pid = hits[0]
         out = {"runtime": "cri", "container_id": cid[:12], **{k: v for k, v in labels.items() if v and k != "type"}}
         return self._by_pid(pid, out)
+
+    def pod_of(self, inode: int) -> dict[str, str]:
+        """The Kubernetes pod (pod, namespace) whose containers are in network namespace `inode`, from
+        containerd's or CRI-O's state where the agent sees it; empty if none is."""
+        roots = [d for d in self.cri_state if os.path.isdir(d)]
+        for _cid, labels, pid in self._cri_containers(roots):
+            if not labels["pod"]:
+                continue
+            try:
+                if os.stat(f"{self.proc}/{pid}/ns/net").st_ino == inode:
+                    return {"pod": labels["pod"], **({"namespace": labels["namespace"]} if labels["namespace"]
+                                                     else {})}
+            except OSError:
+                continue
+        return {}
 
 
 def _bundles(root: str) -> list[str]:

@@ -159,6 +159,9 @@ def test_cri_state_directories_of_containerd_and_crio(tmp_path):
                           "namespace": "shop"}
     assert r._by_container(TargetSpec("cri", "c0ffeec0ffeec0")).labels["pod"] == "api-7d9"  # an id prefix
     assert r._by_container(TargetSpec("cri", "worker")).labels["namespace"] == "jobs"
+    # A pod named by its IP gets its name from whichever container of it shares its namespace.
+    assert r.pod_of(os.stat("/proc/self/ns/net").st_ino) == {"pod": "api-7d9", "namespace": "shop"}
+    assert r.pod_of(1) == {}
     with pytest.raises(NotFound):
         r._by_container(TargetSpec("cri", "c0ffee"))  # a prefix this short is not taken for an id
 
