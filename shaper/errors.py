@@ -11,6 +11,7 @@ the next tick, and a failed attach for any other reason after a warning and a ba
 | InvalidInput     | 2    | 422  | the caller's to fix: names the field and the accepted form |
 | BadJson          | 2    | 400  | a body that is not one JSON object (or has a key twice)   |
 | NotFound         | 1    | 404  | no such rule                                              |
+| Unauthorized     | 1    | 401  | a request that needs the token (the agent's look-ups)     |
 | NotReady         | 1    | 503  | the classifier is not attached (yet, or any more)         |
 | Conflict         | 1    | 409  | state shaper did not create, or another controller's      |
 | NotSupported     | 1    | 501  | this host lacks something (sch_netem, headers, bpffs)     |
@@ -70,6 +71,13 @@ class NotFound(ShaperError):
     """No rule of that name."""
 
     http_status = 404
+
+
+class Unauthorized(ShaperError):
+    """A request that needs the bearer token: the node agent looks for a target not shaped yet only
+    for a caller holding it (a look-up reads /proc and asks container runtimes)."""
+
+    http_status = 401
 
 
 class NotReady(ShaperError):

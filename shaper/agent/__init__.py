@@ -28,6 +28,19 @@ class AgentOptions:
     reset_on_exit: bool = False
 
 
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial PID namespace's inode (include/linux/proc_ns.h)
+
+
+def check_host_pids() -> None:
+    """Refuse to run in a PID namespace of its own: the sweeper would see no pod's processes and take
+    every namespace for gone (and remove the pins of every sidecar on the node)."""
+    from shaper.errors import NotSupported
+
+    if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
+        raise NotSupported("shaper agent needs the node's PIDs (hostPID: true, podman run --pid=host): in a PID "
+                           "namespace of its own it cannot tell which network namespaces are still in use")
+
+
 def run(opts: AgentOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
     from shaper.agent.agent import Agent
@@ -53,6 +66,7 @@ def run(opts: AgentOptions) -> None:
         signal.signal(sig, on_other)
     host, port = parse_listen(opts.listen)
     check_exposure(host, opts.token, opts.insecure)
+    check_host_pids()
     disable_created_metrics()
     agent = Agent(opts.iface)
     join_host_mounts(agent.bpffs)  # under `ip netns exec`: one thread yet, as setns() into mounts needs

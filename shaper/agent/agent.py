@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,12 +37,13 @@ from shaper.agent.spares import Spares
 from shaper.agent.targets import TargetSpec, parse_target
 from shaper.control.service import Service, audit
 from shaper.datapath.interface import Datapath
-from shaper.errors import NotFound, ShaperError
+from shaper.errors import InvalidInput, NotFound, ShaperError, Unauthorized
 from shaper.http.api import Api
 
 log = logging.getLogger("shaper")
 
-SWEEP_S = 2.0  # how often dead targets and dead pins are looked for
+SWEEP_S = 1.0  # how often dead targets and dead pins are looked for (a namespace goes after two looks)
+MAX_ALIASES = 8  # names remembered per target beside the one it is shown by
 DEFAULT_IFACE = "eth0"
 LABELS = ("pod", "namespace", "container")  # what /metrics adds beside `target`, where known
 DESCRIBED = (*LABELS, "container_id", "runtime")  # what GET /targets and the pinned record add
@@ -85,15 +87,21 @@ def _kernel_claim(ifname: str, path: str) -> Any:
     return claim_interface(ifname, path, agent=True)
 
 
+class StalePins(ShaperError):
+    """Pins of an earlier target whose namespace inode a new namespace reuses: never adopted."""
+
+
 class Agent:
     def __init__(self, iface: str = DEFAULT_IFACE, *, bpffs: str | None = None,
                  resolver: discover.Resolver | None = None, open_datapath: OpenDatapath | None = None,
                  claim: Claim = _kernel_claim, alive: Callable[[set[int]], set[int]] = discover.alive,
-                 spares: Spares | None = None):
+                 spares: Spares | None = None, nsfs_dev: int | None = None):
         self.iface = iface
         self.bpffs = bpffs or os.environ.get("SHAPER_BPFFS", "/sys/fs/bpf")
         self.resolver = resolver or discover.Resolver()
         self.spares = spares  # classifiers compiled ahead (shaper.agent.spares), when the agent runs for real
+        # The device of namespace files (the nsfs): a target's file must be on it (tests give another).
+        self.nsfs_dev = nsfs_dev if nsfs_dev is not None else os.stat("/proc/self/ns/net").st_dev
         self.open_datapath = open_datapath or self._kernel_datapath
         self.claim = claim
         self.alive = alive
@@ -109,6 +117,7 @@ class Agent:
         self.attach_seconds = Gauge("shaper_agent_last_attach_seconds", "Time the last new target took from "
                                     "the request to shaping in place.", registry=self.registry)
         self._last_sweep = 0.0
+        self._suspects: set[int] = set()  # namespaces found gone by the last sweep
 
     def _kernel_datapath(self, ifname: str, path: str, record: dict) -> Datapath:
         from shaper.datapath.kernel import KernelDatapath
@@ -116,23 +125,43 @@ class Agent:
         return KernelDatapath(ifname, path, agent=record, spare=self.spares.take if self.spares else None)
 
     # -- finding targets ------------------------------------------------------------------------------
-    def lookup(self, text: str, create: bool) -> tuple[Target | None, discover.Found | None]:
+    def lookup(self, text: str, create: bool, authed: bool = True) -> tuple[Target | None, discover.Found | None]:
         """The target a request names: (shaped target, None), or (None, where it is) if not shaped and not
-        `create`.  Raises NotFound (gone), Conflict (ambiguous), InvalidInput (no such form)."""
+        `create`.  Raises NotFound (gone), Conflict (ambiguous), InvalidInput (no such form), and for a
+        caller without the token (`authed` False) Unauthorized rather than look a name up (/proc scans,
+        container runtimes): such a caller reads the targets shaped, by the names they are known by."""
         spec = parse_target(text)
         key = str(spec)
         inode = self.aliases.get(key)
         if inode is not None and inode in self.targets and self._still(spec, inode):
             return self.targets[inode], None
+        if not authed:
+            raise Unauthorized(f"{key} is not a target this agent shapes under that name; looking it up needs the "
+                               "token (Authorization: Bearer <token>)")
         found = self.resolver.resolve(spec)
         if found.inode in self.targets:
             target = self.targets[found.inode]
-            target.aliases.add(key)
-            self.aliases[key] = found.inode
+            self._take_name(key, target)
             return target, None
         if not create:
             return None, found
         return self._shape(spec, found), None
+
+    def _take_name(self, key: str, target: Target) -> None:
+        """`key` names `target` now: another target shown by that name is renamed; at most MAX_ALIASES
+        names are remembered per target (each is checked again when used)."""
+        holder = next((t for t in self.targets.values() if t.name == key and t is not target), None)
+        if holder is not None:
+            self._rename(holder)
+        for other in self.targets.values():
+            if other is not target and key in other.aliases:
+                other.aliases.discard(key)
+        if key not in target.aliases and len(target.aliases) >= MAX_ALIASES:
+            oldest = next(a for a in sorted(target.aliases) if a != target.name)
+            target.aliases.discard(oldest)
+            self.aliases.pop(oldest, None)
+        target.aliases.add(key)
+        self.aliases[key] = target.inode
 
     def _still(self, spec: TargetSpec, inode: int) -> bool:
         """A cached name still names that namespace: a PID may now be another process's, an address
@@ -147,13 +176,9 @@ class Agent:
         return False  # a container: ask its runtime again (lookup() re-resolves)
 
     def _shape(self, spec: TargetSpec, found: discover.Found, adopt_record: dict | None = None) -> Target:
-        """Attach a datapath in a namespace (or adopt the one there); undone whole if it fails."""
+        """Attach a datapath in a namespace (or, with `adopt_record`, only adopt the one there); undone
+        whole if it fails."""
         started = time.monotonic()
-        try:
-            fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise NotFound(f"{spec} went away while it was looked up ({found.path}: {exc.strerror})") from None
-        claim = dp = None
         if adopt_record:  # the name and labels it was first shaped with
             name = str(adopt_record.get("target", spec))
             labels = {k: str(v) for k, v in adopt_record.items() if k in DESCRIBED}
@@ -162,11 +187,26 @@ class Agent:
             if "pod" not in labels:  # a pod named by its IP or a PID: its name from the CRI's state, if there
                 labels.update(self.resolver.pod_of(found.inode))
         try:
-            if os.fstat(fd).st_ino != found.inode:
+            fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise NotFound(f"{spec} went away while it was looked up ({exc.strerror})") from None
+        claim = dp = None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != found.inode or st.st_dev != self.nsfs_dev:
                 raise NotFound(f"{spec} changed its network namespace while it was looked up: try again")
             path = f"/proc/self/fd/{fd}"
             claim = self.claim(self.iface, path)
-            dp = self.open_datapath(self.iface, path, {"target": name, **labels})
+            try:
+                dp = self.open_datapath(self.iface, path, {"target": name, **labels})
+            except InvalidInput as exc:
+                if exc.field != "iface":
+                    raise
+                raise InvalidInput("target", f"{name} has no interface {self.iface}: the agent shapes --iface "
+                                   f"{self.iface} in every target", f"a pod or container with an {self.iface}") \
+                    from None
+            if adopt_record is not None and not dp.adoptable():
+                raise StalePins(f"the pins of {name} are not what runs in network namespace {found.inode} now")
             service = Service(dp, self.iface)
             service.log_fields = {"target": name}
             how = dp.attach()
@@ -183,13 +223,9 @@ class Agent:
                 claim.close()
             os.close(fd)
             raise
-        holder = next((t for t in self.targets.values() if t.name == name), None)
-        if holder is not None:  # the name is this namespace's now (a container run again elsewhere)
-            self._rename(holder)
-        target = Target(found.inode, name, fd, service, Api(service), claim, labels, found.pid, aliases={name})
+        target = Target(found.inode, name, fd, service, Api(service), claim, labels, found.pid, aliases=set())
         self.targets[found.inode] = target
-        for alias in target.aliases:
-            self.aliases[alias] = found.inode
+        self._take_name(name, target)  # a target shown by that name so far is renamed
         seconds = time.monotonic() - started
         if how == "attached":
             self.attach_seconds.set(seconds)
@@ -200,14 +236,15 @@ class Agent:
 
     def _rename(self, target: Target) -> None:
         """Give a target whose name now means another namespace a name of its own namespace (pid:PID of a
-        process in it, or netns:PATH of a bind mount of it): series and GET /targets stay one per name."""
+        process in it, else inode:INODE): series and GET /targets stay one per name."""
         path = self.resolver.path_of(target.inode) or ""
-        parts = path.split("/")
-        new = f"pid:{parts[2]}" if path.startswith("/proc/") and len(parts) > 2 and parts[2].isdigit() else \
-            f"netns:{path}" if path else f"netns-inode:{target.inode}"
+        m = re.fullmatch(r"/proc/([0-9]+)/ns/net", path)
+        new = f"pid:{m.group(1)}" if m else f"inode:{target.inode}"
         old, target.name = target.name, new
-        target.aliases.add(new)
         target.aliases.discard(old)
+        if self.aliases.get(old) == target.inode:
+            del self.aliases[old]
+        target.aliases.add(new)
         self.aliases[new] = target.inode
         target.service.log_fields = {"target": new}
         try:
@@ -239,12 +276,16 @@ class Agent:
             ns_path = self.resolver.path_of(int(inode_text))
             if ns_path is None:
                 continue  # gone: the sweeper removes the pins
-            spec = parse_target(f"netns:{ns_path}")
-            pid = ns_path.split("/")[2] if ns_path.startswith("/proc/") else ""
+            m = re.fullmatch(r"/proc/([0-9]+)/ns/net", ns_path)
             try:
-                self._shape(spec, discover.Found(int(inode_text), ns_path, int(pid) if pid.isdigit() else None, {}),
+                self._shape(parse_target(f"inode:{inode_text}"),
+                            discover.Found(int(inode_text), ns_path, int(m.group(1)) if m else None, {}),
                             adopt_record=mine)
-            except ShaperError as exc:
+            except StalePins as exc:
+                # An inode number the kernel gave again, to a pod nobody asked to shape: leave it alone.
+                shutil.rmtree(path, ignore_errors=True)
+                audit("pins.stale", pins=path, target=mine.get("target"), reason=str(exc), action="removed the pins")
+            except Exception as exc:  # one target's trouble must not stop the agent from starting
                 log.warning("target.adopt_failed", extra={"fields": {"pins": path, "target": mine.get("target"),
                                                                      "error": str(exc)}})
         self.ready = True
@@ -268,23 +309,26 @@ class Agent:
         """Drop targets whose namespace is gone and remove pins of namespaces that are gone; returns what went."""
         self._last_sweep = time.monotonic()
         gone: list[str] = []
-        if self.targets:
-            live = self.alive(set(self.targets))
-            for inode in [i for i in self.targets if i not in live]:
-                target = self.targets[inode]
-                gone.append(target.name)
-                self._drop(target, "namespace gone", reset=False)
-                self.swept.labels("target").inc()
         base = os.path.join(self.bpffs, "shaper")
         leftovers: dict[int, list[str]] = {}
         for name in _listdir(base):
             inode_text = name.partition("-")[0]
             if inode_text.isdigit() and int(inode_text) not in self.targets:
                 leftovers.setdefault(int(inode_text), []).append(name)
+        looked = set(self.targets) | set(leftovers)
+        live = self.alive(looked) if looked else set()
+        # Gone only when found gone twice in a row: a process that forks and exits between the scan's
+        # listing of /proc and its look at the child is missed once, not twice.
+        dead = {i for i in looked - live if i in self._suspects}
+        self._suspects = looked - live
+        for inode in [i for i in self.targets if i in dead]:
+            target = self.targets[inode]
+            gone.append(target.name)
+            self._drop(target, "namespace gone", reset=False)
+            self.swept.labels("target").inc()
         if leftovers:
-            live = self.alive(set(leftovers))
             for inode, names in leftovers.items():
-                if inode in live:
+                if inode not in dead:
                     continue
                 for name in names:
                     shutil.rmtree(os.path.join(base, name), ignore_errors=True)
@@ -300,26 +344,28 @@ class Agent:
         target, _ = self.lookup(text, create=False)
         if target is None:
             raise NotFound(f"{text} is not shaped by this agent")
-        removed = self._drop(target, f"deleted by {who}", reset=True)
+        removed = self._drop(target, f"deleted by {who}", reset=True, keep_on_failure=True)
         return {"deleted": target.name, "removed": removed}
 
-    def _drop(self, target: Target, reason: str, reset: bool) -> list[str]:
+    def _drop(self, target: Target, reason: str, reset: bool, keep_on_failure: bool = False) -> list[str]:
         """Let go of a target: with `reset`, remove its tc objects and pins; else (its namespace is gone,
-        and its tc objects with it once the agent lets go) only its pins."""
-        target.service.ready = False
+        and its tc objects with it once the agent lets go) only its pins.  With `keep_on_failure`, a
+        reset the kernel refuses is raised and the target kept (DELETE answers the error, tries again)."""
         dp = target.service.datapath
         removed: list[str] = []
         try:
             removed = dp.reset() if reset else dp.forget()
         except ShaperError as exc:
+            if keep_on_failure:
+                raise
             log.warning("target.remove_failed", extra={"fields": {"target": target.name, "error": str(exc)}})
-        finally:
-            dp.close()
-            target.claim.close()
-            os.close(target.fd)
-            self.targets.pop(target.inode, None)
-            for alias in [a for a, i in self.aliases.items() if i == target.inode]:
-                del self.aliases[alias]
+        target.service.ready = False
+        dp.close()
+        target.claim.close()
+        os.close(target.fd)
+        self.targets.pop(target.inode, None)
+        for alias in [a for a, i in self.aliases.items() if i == target.inode]:
+            del self.aliases[alias]
         audit("target.removed", target=target.name, netns=target.inode, reason=reason, removed=removed,
               **target.labels)
         return removed

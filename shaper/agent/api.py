@@ -17,7 +17,8 @@ name is ambiguous).  Routing, the token, dry runs and errors are shaper.http.api
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,7 +27,7 @@ from shaper.agent.agent import Agent
 from shaper.control.service import Service
 from shaper.datapath.fake import FakeDatapath
 from shaper.errors import NotFound, NotReady
-from shaper.http.api import Api, Response, Route, _flag, error, json_response
+from shaper.http.api import Api, Call, Response, Route, _flag, error, json_response
 
 # Routes of the per-target API: (method, path under the target, Api method, changes state, may start shaping).
 PER_TARGET = (
@@ -63,12 +64,25 @@ class AgentApi(Api):
             regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
             self.routes.append(Route(method, path, regex, handler, mutates, handler not in no_kernel))
 
+    def prepare(self, method: str, target: str, headers: Mapping[str, str], client: str = "-") -> Call | Response:
+        """As Api.prepare; a route naming a target also learns whether the token came with it (looking
+        for a target not shaped yet is for token holders), and an unknown route is no daemon's."""
+        call = super().prepare(method, target, headers, client)
+        if isinstance(call, Response):
+            if call.status == 404:
+                return error(404, f"no such endpoint on the agent: {urlsplit(target).path[:120]} (the agent serves "
+                             "/targets, /targets/{target}, /targets/{target}/rules[/{name}], /targets/{target}/stats, "
+                             "/metrics, /healthz, /readyz)")
+            return call
+        if "target" in call.params:
+            call.params["authed"] = "1" if self._authorised(headers) else ""
+        return call
+
     def _per_target(self, name: str, starts: bool):
-        def handler(target: str, **kw: Any) -> Response:
-            if not self.agent.ready:  # the targets of an earlier run are being adopted
-                raise NotReady("not ready: the agent is still adopting the targets of an earlier run")
+        def handler(target: str, authed: str = "", **kw: Any) -> Response:
+            self._require_ready()
             create = starts and not _flag(kw.get("query", {}), "dry_run")
-            shaped, found = self.agent.lookup(target, create)
+            shaped, found = self.agent.lookup(target, create, authed=bool(authed))
             if shaped is not None:
                 return getattr(shaped.api, name)(**kw)
             # Not shaped (and this request does not start it): an empty rule set, nothing touched.
@@ -94,18 +108,25 @@ class AgentApi(Api):
     def metrics(self, **_: Any) -> Response:
         return Response(200, generate_latest(self.agent.registry), CONTENT_TYPE_LATEST)
 
+    def _require_ready(self) -> None:
+        if not self.agent.ready:  # the targets of an earlier run are being adopted
+            raise NotReady("not ready: the agent is still adopting the targets of an earlier run")
+
     def list_targets(self, **_: Any) -> Response:
+        self._require_ready()
         return json_response(200, {"interface": self.agent.iface, "targets": self.agent.list()})
 
-    def get_target(self, target: str, **_: Any) -> Response:
-        shaped, _found = self.agent.lookup(target, create=False)
+    def get_target(self, target: str, authed: str = "", **_: Any) -> Response:
+        self._require_ready()
+        shaped, _found = self.agent.lookup(target, create=False, authed=bool(authed))
         if shaped is None:
             raise NotFound(f"{target} is not shaped by this agent (PUT /targets/{target}/rules/NAME starts it)")
         return json_response(200, shaped.describe())
 
-    def delete_target(self, target: str, query: dict, who: str, **_: Any) -> Response:
+    def delete_target(self, target: str, query: dict, who: str, authed: str = "", **_: Any) -> Response:
+        self._require_ready()
         if _flag(query, "dry_run"):
-            shaped, _found = self.agent.lookup(target, create=False)
+            shaped, _found = self.agent.lookup(target, create=False, authed=bool(authed))
             if shaped is None:
                 raise NotFound(f"{target} is not shaped by this agent")
             return json_response(200, {"deleted": shaped.name, "dry_run": True})

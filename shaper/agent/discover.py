@@ -95,7 +95,8 @@ def scan(proc: str = PROC) -> dict[int, Namespace]:
 
 
 def held_open(inodes: Iterable[int], proc: str = PROC) -> set[int]:
-    """Which of `inodes` some other process holds open by a file descriptor (slow: every fd on the node)."""
+    """Which of `inodes` another process is in by one of its threads (setns() moves a thread only), or
+    holds open by a file descriptor (slow: every thread and fd on the node)."""
     want = {f"net:[{i}]": i for i in inodes}
     held: set[int] = set()
     if not want:
@@ -104,6 +105,17 @@ def held_open(inodes: Iterable[int], proc: str = PROC) -> set[int]:
     for name in os.listdir(proc):
         if not name.isdigit() or name == me:
             continue
+        try:
+            tasks = os.listdir(f"{proc}/{name}/task")
+        except OSError:
+            tasks = []
+        for tid in tasks:
+            try:
+                ino = os.stat(f"{proc}/{name}/task/{tid}/ns/net").st_ino
+            except OSError:
+                continue
+            if ino in want.values():
+                held.add(ino)
         try:
             fds = os.listdir(f"{proc}/{name}/fd")
         except OSError:
@@ -214,8 +226,19 @@ def addresses(ns: Namespace, proc: str = PROC) -> set[str]:
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
+class RuntimeUnavailable(ShaperError):
+    """A container runtime's command did not answer (or could not run): try again."""
+
+    http_status = 503
+
+
 def _run(argv: list[str]) -> "subprocess.CompletedProcess[str]":
-    return subprocess.run(argv, capture_output=True, text=True, timeout=RUNTIME_TIMEOUT_S, check=False)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=RUNTIME_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeUnavailable(f"{argv[0]} did not answer within {RUNTIME_TIMEOUT_S:g} s: try again") from None
+    except OSError as exc:
+        raise RuntimeUnavailable(f"{argv[0]} could not run: {exc.strerror}") from None
 
 
 class Resolver:
@@ -253,6 +276,11 @@ class Resolver:
             found = self._by_pid(int(spec.value), {})
         elif spec.kind == "netns":
             found = self._by_path(spec.value)
+        elif spec.kind == "inode":
+            path = self.path_of(int(spec.value))
+            if path is None:
+                raise NotFound(f"no network namespace {spec.value} on this node (no process or mount holds it)")
+            found = self._by_path(path)
         elif spec.kind == "ip":
             found = self._by_ip(spec.value)
         else:
@@ -264,14 +292,13 @@ class Resolver:
         return found
 
     def path_of(self, inode: int) -> str | None:
-        """A file of a namespace by its inode now (a process in it, or a bind mount), if it still exists."""
+        """A file of a namespace by its inode now (a process in it, or a bind mount the agent sees), if any."""
         ns = scan(self.proc).get(inode)
         if ns is None:
             return None
         if ns.pids:
             return f"{self.proc}/{ns.pids[0]}/ns/net"
-        mount = ns.mounts[0]
-        return mount if os.path.exists(mount) else f"{self.proc}/1/root{mount}"
+        return next((m for m in ns.mounts if os.path.exists(m)), None)
 
     def _by_pid(self, pid: int, labels: dict[str, str]) -> Found:
         path = f"{self.proc}/{pid}/ns/net"
@@ -288,36 +315,32 @@ class Resolver:
         from shaper.datapath.tc import netns_path
 
         path = netns_path(value)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise NotFound(f"no network namespace at {path}") from None
-        except OSError as exc:
-            raise ShaperError(f"cannot read {path}: {exc.strerror}") from None
-        if not _is_netns(path):
-            raise InvalidInput("target", f"{path} is not a network namespace file", "netns:/proc/PID/ns/net")
-        return Found(st.st_ino, path, None, {})
+        inode = netns_inode(path)
+        if inode is None:  # absent, unreadable or not a namespace: one answer, which tells nothing of the file
+            raise NotFound(f"no network namespace at {path}")
+        parts = path.split("/")
+        pid = int(parts[2]) if path.startswith(f"{self.proc}/") and len(parts) == 5 and parts[2].isdigit() else None
+        return Found(inode, path, pid, {})
 
     def _by_ip(self, addr: str) -> Found:
-        namespaces = scan(self.proc)
         node = node_inodes(self.proc)
-        holders = [ns for inode, ns in sorted(namespaces.items()) if addr in addresses(ns, self.proc)]
+        # The node's own namespace is never read: its routes (fib_trie) may be a full table.
+        holders = [ns for inode, ns in sorted(scan(self.proc).items())
+                   if inode not in node and addr in addresses(ns, self.proc)]
         if not holders:
-            raise NotFound(f"no network namespace on this node holds the address {addr} (is the pod on this node? "
-                           "ask the agent on the pod's hostIP)")
-        pods = [ns for ns in holders if ns.inode not in node]
-        if not pods:
-            raise InvalidInput("target", f"{addr} is an address of the node's own network namespace (a hostNetwork "
-                               "pod, or the node): the agent shapes only pods and containers",
-                               "a pod's own address")
-        if len(pods) > 1:
-            raise Conflict(f"the address {addr} is held by {len(pods)} network namespaces on this node ("
-                           + "; ".join(_describe(ns) for ns in pods[:5]) + "): name the target by pid:PID, "
-                           "netns:PATH or container:NAME instead")
-        ns = pods[0]
+            raise NotFound(f"no pod or container on this node holds the address {addr} (is the pod on this node? "
+                           "ask the agent on the pod's hostIP; the node's own addresses are no targets)")
+        if len(holders) > 1:
+            raise Conflict(f"the address {addr} is held by {len(holders)} network namespaces on this node ("
+                           + "; ".join(_describe(ns) for ns in holders[:5]) + "): name the target by pid:PID, "
+                           "inode:INODE or container:NAME instead")
+        ns = holders[0]
         if ns.pids:
             return Found(ns.inode, f"{self.proc}/{ns.pids[0]}/ns/net", ns.pids[0], {})
-        return Found(ns.inode, self.path_of(ns.inode) or ns.mounts[0], None, {})
+        path = self.path_of(ns.inode)
+        if path is None:
+            raise NotFound(f"the network namespace holding {addr} is mounted where the agent cannot open it")
+        return Found(ns.inode, path, None, {})
 
     def _by_container(self, spec: TargetSpec) -> Found:
         runtimes = {"podman": ("podman",), "cri": ("crictl",), "container": RUNTIMES}[spec.kind]
@@ -336,7 +359,7 @@ class Resolver:
             try:
                 hit = self._podman(spec.value) if name == "podman" else self._crictl(spec.value) \
                     if name == "crictl" else self._cri_state(spec.value, states)
-            except Conflict:
+            except (Conflict, RuntimeUnavailable):
                 raise
             except NotFound as exc:
                 absent.append(exc)
@@ -366,10 +389,15 @@ class Resolver:
             raise ShaperError((done.stderr or "").strip().splitlines()[-1] if done.stderr else
                               f"podman inspect exited {done.returncode}")
         info = _json(done.stdout, "podman inspect")
-        if not isinstance(info, list) or not info:
+        if not isinstance(info, list) or not info or not isinstance(info[0], dict):
             return None
         state = info[0].get("State") or {}
         cname = str(info[0].get("Name", name)).lstrip("/")
+        cid = str(info[0].get("Id", ""))
+        if name not in (cname, cid) and not (len(name) >= 12 and cid.startswith(name)):
+            return None  # podman takes any unique prefix of an id: "db" must not be the container 'db3f...'
+        if not isinstance(state, dict):
+            return None
         if not state.get("Running") or not state.get("Pid"):
             raise NotFound(f"container {cname} is not running")
         labels = {"runtime": "podman", "container": cname, "container_id": str(info[0].get("Id", ""))[:12]}
@@ -379,9 +407,11 @@ class Resolver:
         done = self.run(["crictl", "ps", "-o", "json"])
         if done.returncode != 0:
             raise ShaperError((done.stderr or "").strip() or f"crictl ps exited {done.returncode}")
-        listed = _json(done.stdout, "crictl ps").get("containers") or []
-        hits = [c for c in listed if str(c.get("id", "")).startswith(name)
-                or (c.get("metadata") or {}).get("name") == name]
+        answer = _json(done.stdout, "crictl ps")
+        listed = answer.get("containers") or [] if isinstance(answer, dict) else []
+        hits = [c for c in listed if isinstance(c, dict) and (
+            c.get("id") == name or len(name) >= 12 and str(c.get("id", "")).startswith(name)
+            or (c.get("metadata") or {}).get("name") == name)]
         if not hits:
             return None
         if len(hits) > 1:
@@ -392,6 +422,8 @@ class Resolver:
         if done.returncode != 0:
             raise ShaperError((done.stderr or "").strip() or f"crictl inspect exited {done.returncode}")
         info = _json(done.stdout, "crictl inspect")
+        if not isinstance(info, dict):
+            raise ShaperError("crictl inspect did not answer an object")
         pid = (info.get("info") or {}).get("pid")
         if not pid:
             raise NotFound(f"CRI container {cid[:12]} has no process (not running)")
@@ -502,19 +534,28 @@ def _read_pid(base: str) -> int | None:
     return None
 
 
-def _is_netns(path: str) -> bool:
-    """Whether `path` is a network namespace file (nsfs): opening it and asking the kernel."""
+def netns_inode(path: str) -> int | None:
+    """The inode of the network namespace file at `path`, or None if it is none (absent, unreadable, another
+    kind of file).  Opened O_PATH first (no open of a device, a FIFO or a file's content), then checked to
+    be on the nsfs and, through a descriptor of that very file, a network namespace."""
     import fcntl
 
     NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
-        return fcntl.ioctl(fd, NS_GET_NSTYPE) == 0x40000000  # CLONE_NEWNET
+        st = os.fstat(fd)
+        if st.st_dev != os.stat("/proc/self/ns/net").st_dev:  # not on the nsfs
+            return None
+        real = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        try:
+            return st.st_ino if fcntl.ioctl(real, NS_GET_NSTYPE) == 0x40000000 else None  # CLONE_NEWNET
+        finally:
+            os.close(real)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
 

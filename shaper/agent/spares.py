@@ -24,7 +24,7 @@ log = logging.getLogger("shaper")
 
 PREFIX = "_spare-"
 STAGING = "_new"  # the spare while it is loaded: renamed to the spare's name once complete
-WAIT_S = 60.0  # a target arriving while the spare is being compiled waits for it, at most this long
+WAIT_S = 10.0  # a target arriving while the spare is being compiled waits for it this long, then compiles its own
 
 
 class Spares:
@@ -58,7 +58,11 @@ class Spares:
         try:
             os.makedirs(self.base, exist_ok=True)
             loader.load_and_pin(staging)
-            os.rename(staging, self.dir)
+            with self._lock:
+                if self._closed:  # the agent is stopping: nobody would take it
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return
+                os.rename(staging, self.dir)
         except (ShaperError, OSError) as exc:  # the next target compiles its own, as a sidecar does
             log.warning("spare.failed", extra={"fields": {"error": str(exc), "consequence":
                                                           "the next new target compiles its classifier itself"}})

@@ -98,6 +98,9 @@ class FakeDatapath:
     def close(self) -> None:
         self.closed = True
 
+    def adoptable(self) -> bool:
+        return self.attached and self.present
+
     def forget(self) -> list[str]:
         self._forget()
         self.intent = None

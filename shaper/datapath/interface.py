@@ -76,6 +76,11 @@ class Datapath(Protocol):
         """Let go of sockets, maps and program held open; the shaping stays as it is.  Never raises."""
         ...
 
+    def adoptable(self) -> bool:
+        """Whether attach() would adopt running shaping (pins of this interface, their program attached)
+        rather than set it up afresh.  Never raises."""
+        ...
+
     def forget(self) -> list[str]:
         """The interface's network namespace is gone (the node agent's sweeper): remove the pins
         only, since the tc objects go with the namespace.  Returns what was removed."""

@@ -385,7 +385,11 @@ class KernelDatapath:
         self.tc = Tc(ifname, netns)
         self.ifname = ifname
         self.netns = netns
-        self.pin_dir = self._locate_pins()
+        try:
+            self.pin_dir = self._locate_pins()
+        except BaseException:
+            self.tc.close()  # its netlink socket would hold the namespace (a node agent's target) open
+            raise
         self.lpm: Map | None = None
         self.stats: Map | None = None
         self.meta: Map | None = None
@@ -452,6 +456,19 @@ class KernelDatapath:
         assert self.meta is not None
         payload = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
         self.meta.update(_SLOT.pack(slot), abi.pack_meta(payload))
+
+    def adoptable(self) -> bool:
+        """Whether attach() would adopt what is pinned here: complete pins whose record names this
+        interface's ifindex and whose program is the one attached to it (Datapath.adoptable)."""
+        if not self._pins_complete():
+            return False
+        try:
+            own = _record0(self.pin_dir)
+            attached = self.tc.filter_prog_id()
+            return bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
+                        and attached == self._pinned_prog_id())
+        except (OSError, ValueError, ShaperError):
+            return False
 
     def forget(self) -> list[str]:
         """The namespace is gone: its pins are all that is left of shaper's (Datapath.forget)."""
@@ -624,7 +641,8 @@ class KernelDatapath:
             target = theirs.get("target", "?") if isinstance(theirs, dict) else "?"
             raise Conflict(f"{self.ifname} is shaped by the shaper agent of this node (target {target}); change it "
                            f"through the agent (/targets/{target}/rules), or delete the target there "
-                           f"(DELETE /targets/{target}) before shaping it from here")
+                           f"(DELETE /targets/{target}), or with the agent gone `shaper reset --iface "
+                           f"{self.ifname}` here, before shaping it from here")
 
     def _clear_ingress_leftovers(self) -> None:
         """Before a fresh start: remove the ingress filter and ifb an earlier start left (its egress

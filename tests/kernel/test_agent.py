@@ -75,7 +75,7 @@ def test_two_pods_shaped_independently(node):
 
 
 def test_requests_that_touch_nothing(node):
-    node.agent()
+    agent = node.agent()
     a = node.pod()
     before = a.tc("qdisc", "show")
     # Reads and dry runs of a pod not shaped yet: an empty set, and nothing made there.
@@ -87,9 +87,18 @@ def test_requests_that_touch_nothing(node):
     assert node.request("GET", "/targets")[1]["targets"] == []
 
     status, body = node.request("GET", f"/targets/10.{node.base + 3}.250.2/rules")
-    assert status == 404 and "no network namespace on this node holds the address" in body["error"]
+    assert status == 404 and "no pod or container on this node holds the address" in body["error"]
     status, body = node.request("PUT", f"/targets/{a.peer}/rules/x", rule(a.ip, "1mbit"))
-    assert status == 422 and "node's own network namespace" in body["error"]
+    assert status == 404 and "the node's own addresses are no targets" in body["error"]
+    for spec in (f"pid:{agent.pid}", f"netns:{node.name}"):  # the agent's (the node's) own namespace
+        status, body = node.request("PUT", f"/targets/{spec}/rules/x", rule(a.ip, "1mbit"))
+        assert status == 422 and "node's own network namespace" in body["error"], (spec, body)
+    # Only namespace files: no path of the node or of a container is opened, or told apart.
+    for path in ("/etc/shadow", "/proc/1/root/etc/passwd", "/run/netns/../../etc/shadow", "/dev/watchdog"):
+        status, body = node.request("GET", "/targets/netns:" + path.replace("/", "%2F") + "/rules")
+        assert status == 422 and "not a namespace file the agent opens" in body["error"], (path, body)
+    status, body = node.request("GET", "/targets/netns:%2Frun%2Fnetns%2Fno-such-ns/rules")
+    assert status == 404
     status, body = node.request("PUT", "/targets/pid:999999999/rules/x", rule(a.ip, "1mbit"))
     assert status == 422 and "pid:" in body["error"]
     status, body = node.request("GET", "/targets/nope:x/rules")
@@ -120,11 +129,19 @@ def test_a_new_target_takes_the_classifier_compiled_ahead(node):
     # An agent killed leaves its spare; the next one removes it (an upgrade never takes an old classifier).
     agent.stop(signal.SIGKILL)
     assert os.path.isdir(spare)
-    again = node.agent(wait=False)
     # Killed while it compiles its spare: the loader child dies with it (it would pin for nobody).
-    assert wait_until(lambda: any(e["event"] == "agent.listen" for e in again.logs()), timeout=120), again.text()
-    loading = os.path.join(BPFFS, "shaper", f"_spare-{again.pid}_new")
-    assert wait_until(lambda: loader_of(loading), timeout=60, step=0.02), again.text()
+    # The compile is a second: an agent whose loader this test did not see at work is stopped and
+    # another started, three times at most.
+    for _ in range(3):
+        again = node.agent(wait=False)
+        assert wait_until(lambda: any(e["event"] == "agent.listen" for e in again.logs()), timeout=120), \
+            again.text()
+        loading = os.path.join(BPFFS, "shaper", f"_spare-{again.pid}_new")
+        if wait_until(lambda: loader_of(loading), timeout=30, step=0.01):
+            break
+        assert again.stop() == 0
+    else:
+        pytest.fail("three agents compiled their spare before this test saw their loader")
     assert not os.path.exists(spare)  # the killed agent's, removed at the start
     again.stop(signal.SIGKILL)
     assert wait_until(lambda: not loader_of(loading), timeout=10), loader_of(loading)

@@ -46,7 +46,13 @@ def test_target_forms(text, kind, value):
     ("pid:0", "not a process id"),
     ("1234", "pid:PID"),
     ("netns:../x", "not a namespace name"),
-    ("netns:/run/netns/../../etc", "not a plain path"),
+    ("netns:/run/netns/../../etc", "not a namespace file the agent opens"),
+    ("netns:/etc/shadow", "not a namespace file the agent opens"),
+    ("netns:/proc/1/root/etc/passwd", "not a namespace file the agent opens"),
+    ("netns:/proc/self/fd/3", "not a namespace file the agent opens"),
+    ("netns:/run/netns/..", "not a namespace file the agent opens"),
+    ("pid:\u00b2", "not a process id"),
+    ("inode:x", "not a namespace inode"),
     ("podman:", "names no podman"),
     ("container:-rm", "not a container name"),
     ("nope:x", "neither an address nor a container name"),
@@ -239,10 +245,12 @@ class World:
         return dp
 
     def agent(self) -> Agent:
-        r = discover.Resolver()
+        r = discover.Resolver(cri_state=())
         r.resolve = self.resolve  # type: ignore[method-assign]
+        r.still_holds = lambda pid, inode, addr: inode in self.live  # type: ignore[method-assign]
         agent = Agent("eth0", bpffs=str(self.tmp / "bpffs"), resolver=r, open_datapath=self.open_datapath,
-                      claim=self.claims, alive=lambda inodes: set(inodes) & self.live)
+                      claim=self.claims, alive=lambda inodes: set(inodes) & self.live,
+                      nsfs_dev=os.stat(self.tmp).st_dev)
         agent.ready = True
         return agent
 
@@ -282,6 +290,18 @@ def test_reads_and_dry_runs_touch_nothing_and_the_first_put_shapes(world):
     assert "shaper_agent_targets 1.0" in text
 
 
+def test_without_the_token_only_targets_shaped_are_read(world):
+    world.pod("10.0.0.1")
+    world.pod("10.0.0.2")
+    api = AgentApi(world.agent(), TOKEN)
+    assert call(api, "PUT", "/targets/10.0.0.1/rules/db", {"dst": ["10.1.0.1"], "rate": "1mbit"})[0] == 200
+    assert call(api, "GET", "/targets/10.0.0.1/rules", headers={})[0] == 200  # by the name it is shown by
+    for path in ("/targets/10.0.0.2/rules", "/targets/container:web/stats", "/targets/10.0.0.2"):
+        status, body = call(api, "GET", path, headers={})  # a look-up: /proc scans, container runtimes
+        assert status == 401 and "needs the token" in body["error"], (path, body)
+    assert call(api, "GET", "/targets/10.0.0.2/rules")[0] == 200  # with it
+
+
 def test_errors_of_resolution_are_statuses(world):
     api = AgentApi(world.agent(), TOKEN)
     status, body = call(api, "PUT", "/targets/10.0.0.5/rules/db", {"dst": ["10.1.0.1"], "rate": "1mbit"})
@@ -302,6 +322,7 @@ def test_sweep_drops_gone_targets_and_delete_resets(world):
         assert call(api, "PUT", f"/targets/{target}/rules/x", {"dst": ["10.1.0.1"], "rate": "1mbit"})[0] == 200
     assert len(world.claims.held) == 2
     world.live.discard(a)  # its pod went
+    assert agent.sweep() == []  # gone once: maybe a process between fork and exit, looked at again
     assert agent.sweep() == ["10.0.0.1"]
     assert sorted(agent.targets) == [b] and len(world.claims.held) == 1
     status, body = call(api, "GET", "/targets/10.0.0.1")
