@@ -89,6 +89,9 @@ class Client:
             payload = None
         if status >= 400:
             message = payload.get("error") if isinstance(payload, dict) else None
+            if status == 404 and path.startswith("/targets") and (message or "").startswith("no such endpoint"):
+                message = (f"{self.server} is no node agent (it has no /targets): give --server the agent's "
+                           f"URL, http://NODE:{DEFAULT_AGENT_PORT} by default (`shaper agent`)")
             raise ApiError(status, message or f"HTTP {status} from {self.server}{path}")
         if payload is None:
             raise ShaperError(f"{self.server}{path} did not answer with JSON (is it a shaper daemon?)")

@@ -316,3 +316,21 @@ def test_fifty_pods(node):
         n for n in os.listdir(os.path.join(BPFFS, "shaper")) if any(n.startswith(f"{p.inode}-") for p in pods)]
     assert agent.stop(signal.SIGTERM) == 0
     assert TOKEN  # the requests above carried it
+
+
+def test_pins_that_no_longer_match_their_namespace_are_not_adopted(node):
+    """A namespace inode the kernel gave again to a pod nobody asked to shape holds none of the
+    target's shaping: simulated by removing the classifier while the agent is stopped."""
+    agent = node.agent()
+    a, b = node.pod(), node.pod()
+    for pod in (a, b):
+        assert node.request("PUT", f"/targets/{pod.ip}/rules/x", rule(pod.peer, "3mbit"))[0] == 200
+    assert agent.stop() == 0
+    a.run("tc", "filter", "del", "dev", "eth0", "egress")
+    before = a.tc("qdisc", "show")
+    again = node.agent()
+    assert [t["target"] for t in node.request("GET", "/targets")[1]["targets"]] == [b.ip]
+    assert not os.path.exists(a.pins) and a.tc("qdisc", "show") == before  # removed its pins, touched nothing
+    assert "filter" not in a.run("tc", "filter", "show", "dev", "eth0", "egress").stdout
+    assert any(e["event"] == "pins.stale" and e["target"] == a.ip for e in again.logs()), again.text()
+    assert again.stop() == 0

@@ -651,3 +651,20 @@ def test_show_has_a_line_per_direction(local, tmp_path):
         ("pg", "egress", "tcp/5432", "0p/0 B"), ("pg", "ingress", "tcp/5432", "1p/100 B")]
     rows = json.loads(run("show", "--iface", "veth9", "-o", "json")[1])["rules"]
     assert [(r["direction"], r["matched_packets"]) for r in rows] == [("egress", 0), ("ingress", 1)]
+
+
+def test_target_sends_every_client_command_to_a_node_agents_target(daemon, tmp_path):
+    _, seen = daemon
+    code, out, _ = run("rule", "list", "--target", "10.0.0.7")
+    assert seen[-1][1] == "GET" and seen[-1][2].startswith("/targets/10.0.0.7/")
+    assert code == 1 and "is no node agent" in out and ":2333" in out  # the daemon has no /targets
+    run("status", "--target", "container:web")
+    assert seen[-1][2] == "/targets/container%3Aweb/stats"
+    run("rule", "del", "db", env={"SHAPER_TARGET": "pid:42"})
+    assert seen[-1][1:3] == ("DELETE", "/targets/pid%3A42/rules/db")
+    run("target", "list")
+    assert seen[-1][1:3] == ("GET", "/targets")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    code, out, _ = run("apply", "--iface", "eth0", "-f", str(rules), "--target", "10.0.0.7")
+    assert code == 2 and "goes with --server, not with --iface" in out
