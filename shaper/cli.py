@@ -338,14 +338,18 @@ def agent(iface: str, listen: str, token_file: str | None, reset_on_exit: bool, 
     \b
       10.244.1.7 or fd00::7     the pod holding that address
       pid:4242                  the namespace of a process (the node's PIDs)
-      netns:NAME, netns:/path   a name from `ip netns list`, or a namespace file
-      container:NAME_OR_ID      asked of podman and crictl (CRI-O, containerd)
+      netns:NAME                a name from `ip netns list`
+      netns:/proc/PID/ns/net    a namespace file (or /run/netns/NAME)
+      inode:4026532301          a namespace by its inode (GET /targets: netns)
+      container:NAME_OR_ID      asked of podman and crictl, and of containerd's
+                                and CRI-O's state
       podman:NAME, cri:NAME     asked of that runtime only
 
     The first PUT of a rule starts shaping a target; DELETE /targets/TARGET
-    removes it. A target whose namespace is gone is swept (its pins too), as
-    are the pins dead sidecars left. On SIGTERM the shaping stays and the next
-    agent adopts it (--reset-on-exit removes it).
+    removes it. Looking up a target not shaped yet needs the token. A target
+    whose namespace is gone is swept (its pins too), as are the pins dead
+    sidecars left. On SIGTERM the shaping stays and the next agent adopts it
+    (--reset-on-exit removes it). Needs the node's PIDs (hostPID).
     """
     from shaper import agent as node_agent
     from shaper.http.server import configure_logging
