@@ -2,6 +2,7 @@
 the interface vanishing and coming back, a second controller, reset after kill -9."""
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -106,7 +107,9 @@ def test_a_second_controller_is_refused(lab):
     state = lab.tc_state()
     second = lab.daemon(port=2333, wait=False)
     assert second.proc.wait(60) == 1
-    assert f"controlled by another shaper (process {d.proc.pid})" in second.log_text()
+    # Named by its PID and its command line.
+    assert f"controlled by another shaper (process {d.proc.pid}: " in second.log_text()
+    assert re.search(rf"\(process {d.proc.pid}: \S*python\S* -m shaper run --iface {POD_IF}", second.log_text())
     local = lab.shaper("apply", rules="rules: []", check=False)
     assert local.returncode == 1 and "controlled by another shaper" in local.stderr
     local = lab.shaper("reset", check=False)
