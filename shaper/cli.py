@@ -198,7 +198,8 @@ def _counted(rules) -> str:
 iface_option = click.option("--iface", "-i", required=True, metavar="IFACE",
                             help="Interface whose egress shaper shapes, e.g. eth0.")
 netns_option = click.option("--netns", default=None, metavar="NS",
-                            help="Network namespace of the interface (a name from `ip netns list`).")
+                            help="Network namespace of the interface: a name from `ip netns list`, or a "
+                                 "namespace file such as /proc/PID/ns/net.")
 local_iface_option = click.option(
     "--iface", "-i", default=None, metavar="IFACE",
     help="Drive this interface's kernel state directly, without a daemon. Leave it out to ask the daemon.")
