@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -238,8 +237,8 @@ class Agent:
         """Give a target whose name now means another namespace a name of its own namespace (pid:PID of a
         process in it, else inode:INODE): series and GET /targets stay one per name."""
         path = self.resolver.path_of(target.inode) or ""
-        m = re.fullmatch(r"/proc/([0-9]+)/ns/net", path)
-        new = f"pid:{m.group(1)}" if m else f"inode:{target.inode}"
+        pid = discover.pid_in(path)
+        new = f"pid:{pid}" if pid else f"inode:{target.inode}"
         old, target.name = target.name, new
         target.aliases.discard(old)
         if self.aliases.get(old) == target.inode:
@@ -260,7 +259,7 @@ class Agent:
         from shaper.datapath.kernel import _pins_complete_in, _record0
 
         base = os.path.join(self.bpffs, "shaper")
-        for name in sorted(_listdir(base)):
+        for name in discover.listdir(base):
             inode_text, _, ifname = name.partition("-")
             path = os.path.join(base, name)
             if ifname != self.iface or not inode_text.isdigit() or int(inode_text) in self.targets \
@@ -276,10 +275,9 @@ class Agent:
             ns_path = self.resolver.path_of(int(inode_text))
             if ns_path is None:
                 continue  # gone: the sweeper removes the pins
-            m = re.fullmatch(r"/proc/([0-9]+)/ns/net", ns_path)
             try:
                 self._shape(parse_target(f"inode:{inode_text}"),
-                            discover.Found(int(inode_text), ns_path, int(m.group(1)) if m else None, {}),
+                            discover.Found(int(inode_text), ns_path, discover.pid_in(ns_path), {}),
                             adopt_record=mine)
             except StalePins as exc:
                 # An inode number the kernel gave again, to a pod nobody asked to shape: leave it alone.
@@ -311,7 +309,7 @@ class Agent:
         gone: list[str] = []
         base = os.path.join(self.bpffs, "shaper")
         leftovers: dict[int, list[str]] = {}
-        for name in _listdir(base):
+        for name in discover.listdir(base):
             inode_text = name.partition("-")[0]
             if inode_text.isdigit() and int(inode_text) not in self.targets:
                 leftovers.setdefault(int(inode_text), []).append(name)
@@ -396,13 +394,6 @@ def _remove_if_empty(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
 
 
 class _TargetsCollector:

@@ -318,9 +318,7 @@ class Resolver:
         inode = netns_inode(path)
         if inode is None:  # absent, unreadable or not a namespace: one answer, which tells nothing of the file
             raise NotFound(f"no network namespace at {path}")
-        parts = path.split("/")
-        pid = int(parts[2]) if path.startswith(f"{self.proc}/") and len(parts) == 5 and parts[2].isdigit() else None
-        return Found(inode, path, pid, {})
+        return Found(inode, path, pid_in(path, self.proc), {})
 
     def _by_ip(self, addr: str) -> Found:
         node = node_inodes(self.proc)
@@ -492,23 +490,30 @@ class Resolver:
 def _bundles(root: str) -> list[str]:
     """The container directories under a runtime's state root: containerd's <namespace>/<id>, CRI-O's <id>."""
     out = []
-    for first in _listdir(root):
+    for first in listdir(root):
         path = os.path.join(root, first)
         if any(os.path.exists(os.path.join(path, f)) for f in PID_FILES):
             out.append(path)
             continue
-        for second in _listdir(path):
+        for second in listdir(path):
             inner = os.path.join(path, second)
             if any(os.path.exists(os.path.join(inner, f)) for f in PID_FILES):
                 out.append(inner)
     return out
 
 
-def _listdir(path: str) -> list[str]:
+def listdir(path: str) -> list[str]:
+    """The names in a directory, sorted; none if it is absent or unreadable."""
     try:
         return sorted(os.listdir(path))
     except OSError:
         return []
+
+
+def pid_in(path: str, proc: str = PROC) -> int | None:
+    """The PID of a /proc/PID/ns/net path, or None for any other namespace file."""
+    m = re.fullmatch(rf"{re.escape(proc)}/([0-9]+)/ns/net", path)
+    return int(m.group(1)) if m else None
 
 
 def _read_json(base: str, names: tuple[str, ...]) -> dict | None:

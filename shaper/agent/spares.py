@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 
+from shaper.agent.discover import listdir
 from shaper.errors import ShaperError
 
 log = logging.getLogger("shaper")
@@ -37,7 +38,7 @@ class Spares:
 
     def start(self) -> None:
         """Remove the spares of agents that are gone, and begin loading this one's."""
-        for name in _listdir(self.base):
+        for name in listdir(self.base):
             pid = name[len(PREFIX):].split("_")[0]
             if name.startswith(PREFIX) and pid.isdigit() and (int(pid) == os.getpid() or not _is_agent(int(pid))):
                 shutil.rmtree(os.path.join(self.base, name), ignore_errors=True)
@@ -99,9 +100,9 @@ class Spares:
 
 
 def _complete(path: str) -> bool:
-    from shaper.datapath import loader
+    from shaper.datapath.kernel import _pins_complete_in
 
-    return all(os.path.exists(os.path.join(path, n)) for n in (*loader.PROGRAMS, *loader.MAP_NAMES))
+    return _pins_complete_in(path)
 
 
 def _is_agent(pid: int) -> bool:
@@ -110,10 +111,3 @@ def _is_agent(pid: int) -> bool:
             return b"agent" in f.read()
     except OSError:
         return False
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []

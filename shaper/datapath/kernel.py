@@ -463,12 +463,15 @@ class KernelDatapath:
         if not self._pins_complete():
             return False
         try:
-            own = _record0(self.pin_dir)
-            attached = self.tc.filter_prog_id()
-            return bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
-                        and attached == self._pinned_prog_id())
+            return self._runs(_record0(self.pin_dir), self.tc.filter_prog_id())
         except (OSError, ValueError, ShaperError):
             return False
+
+    def _runs(self, own: dict | None, attached: int | None) -> bool:
+        """Whether the pins (their record `own`) are what runs on the interface, whose filter's program is
+        `attached`: the record names this ifindex and the pinned program is that one."""
+        return bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
+                    and attached == self._pinned_prog_id())
 
     def forget(self) -> list[str]:
         """The namespace is gone: its pins are all that is left of shaper's (Datapath.forget)."""
@@ -578,8 +581,7 @@ class KernelDatapath:
             if self._pins_complete():
                 self.open_maps()
                 own = self.read_record(0)
-                adopted = bool(own and own.get("ifindex") == self.tc.ifindex and attached is not None
-                               and attached == self._pinned_prog_id())
+                adopted = self._runs(own, attached)
                 if not adopted:
                     self.close_maps()
                 else:
