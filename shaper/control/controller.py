@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 from shaper.core import plan as P
 from shaper.datapath.abi import classid_text
 from shaper.datapath.interface import Datapath
+from shaper.errors import NotFound
 from shaper.core.model import Rule, validate_ruleset
 from shaper.core.stats import RuleCounters, RuleStats
 
@@ -117,11 +118,32 @@ class Controller:
         same lock); `renew` names rules whose TTL restarts even if unchanged.
         """
         desired = validate_ruleset(rules)
+        observed = self._current(observed)
+        ops, outcome = P.plan_with_outcome(desired, observed, self.clock(), renew)
+        return self._run(ops, observed, outcome)
+
+    def change(self, name: str, rule: Rule | None, observed: P.Observed | None = None) -> Applied:
+        """Put rule `name`, valid on its own (model.parse_rule), renewing its TTL; or remove it (None:
+        NotFound if it is not there).  Planned for that rule alone where plan.patch can, which is the
+        common case and costs the same among 10,000 rules as among 10; else the live set with the
+        change is applied whole, which also refuses what must be refused."""
+        observed = self._current(observed)
+        planned = P.patch(observed, name, rule, self.clock())
+        if planned is not None:
+            return self._run(planned[0], observed, planned[1])
+        live = self.live_rules(observed)
+        if rule is not None:
+            live[name] = rule
+        elif live.pop(name, None) is None:
+            raise NotFound(f"no rule named {name!r}")
+        return self.apply(live.values(), renew=[name] if rule is not None else (), observed=observed)
+
+    def _current(self, observed: P.Observed | None) -> P.Observed:
         if not self._intent_checked and self.recover() is not None:
             observed = None  # the state the caller read is the one just rolled back
-        if observed is None:
-            observed = self.datapath.observe()
-        ops, outcome = P.plan_with_outcome(desired, observed, self.clock(), renew)
+        return self.datapath.observe() if observed is None else observed
+
+    def _run(self, ops: list[P.Operation], observed: P.Observed, outcome: P.Observed) -> Applied:
         if ops:
             undo = P.undo_of(ops, observed, len(outcome.rules))
             self.datapath.write_intent(undo.pack())
