@@ -29,7 +29,7 @@ def full(section: str, log):
         "disruption": lambda: daemon.no_disruption(log=log),
         "footprint": lambda: daemon.footprint(log=log),
         "accuracy": lambda: accuracy.run_vm(log=log),
-        "profile": lambda: profile.run(log=log),
+        "profile": lambda: profile.run(nrules=10_000, changes=1000, log=log),
     }[section]()
 
 

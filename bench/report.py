@@ -180,9 +180,14 @@ def plot_latency(res: dict, path: Path) -> None:
         xs = sorted(row["samples_ms"])
         ax.plot(xs, [(k + 1) / len(xs) for k in range(len(xs))], lw=2.2, zorder=10,
                 color=SHAPER_SHADES[i % len(SHAPER_SHADES)], label=f"shaper, {row['rules']:,} rules in place")
+        if row.get("keepalive_samples_ms"):
+            xs = sorted(row["keepalive_samples_ms"])
+            ax.plot(xs, [(k + 1) / len(xs) for k in range(len(xs))], lw=1.6, ls="--", zorder=9,
+                    color=SHAPER_SHADES[i % len(SHAPER_SHADES)], label=f"shaper, {row['rules']:,} rules, keep-alive")
     # A goal on a percentile is a point on the CDF: at or left of the goal latency at that fraction.
-    ax.axvline(5, color="black", ls="--", lw=0.9, zorder=5, label="goal: p50 <= 5 ms")
-    ax.axvline(20, color="black", ls=":", lw=0.9, zorder=5, label="goal: p99 <= 20 ms")
+    ax.axvline(2, color="black", ls="--", lw=0.9, zorder=5, label="goal: p50 <= 2 ms (1,000 rules)")
+    ax.axvline(10, color="black", ls=":", lw=0.9, zorder=5, label="goal: p99 <= 10 ms (1,000 rules)")
+    ax.axvline(20, color="black", ls="-.", lw=0.9, zorder=5, label="goal: p99 <= 20 ms (10,000 rules)")
     ax.axhline(0.5, color="grey", ls="--", lw=0.6, zorder=4)
     ax.axhline(0.99, color="grey", ls=":", lw=0.6, zorder=4)
     ax.set_xscale("log")
@@ -485,13 +490,28 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
                 if "keepalive_p50_ms" in r else "-"
             w(f"| {r['rules']:,} | {r['changes']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['min_ms']:.2f} / "
               f"{r['max_ms']:.1f} | {r['inside_p50_ms']:.1f} / {r['inside_p99_ms']:.1f} | {ka} |")
-            verdicts.append(f"| change latency p50 <= 5 ms ({r['rules']:,} rules in place) | {r['p50_ms']:.2f} ms | "
-                            f"{_ok(r['p50_ms'] <= 5)} |")
-            verdicts.append(f"| change latency p99 <= 20 ms ({r['rules']:,} rules in place) | {r['p99_ms']:.2f} ms | "
-                            f"{_ok(r['p99_ms'] <= 20)} |")
+            goals = [("p99", 20)] if r["rules"] > 1000 else [("p50", 2), ("p99", 10)]  # issue 16
+            for how, prefix in (("new connection", ""), ("keep-alive", "keepalive_")):
+                for pct, limit in goals:
+                    if f"{prefix}{pct}_ms" in r:
+                        got = r[f"{prefix}{pct}_ms"]
+                        verdicts.append(f"| change latency {pct} <= {limit} ms ({r['rules']:,} rules in place, {how}) "
+                                        f"| {got:.2f} ms | {_ok(got <= limit)} |")
         w("")
         w("In every change the trie already held the new destination when the response arrived (polls beyond the "
           f"first lookup: {sum(r['extra_polls'] for r in lt['rows'])}): the apply is synchronous.\n")
+        tails = [r for r in lt["rows"] if "tail_n" in r]
+        if tails:
+            w("**The tail.** The slowest 1% of the new-connection changes, split by the daemon's own log line "
+              "(`seconds`: from taking the lock to the kernel done) and the rest (connection set-up, HTTP and "
+              "JSON, and the scheduling of the client, the server thread and the poll on 2 CPUs):\n")
+            w("| rules in place | slowest changes | their total, median (ms) | inside the daemon, median / max (ms) | "
+              "outside the daemon (ms) |")
+            w("|---:|---:|---:|---:|---:|")
+            for r in tails:
+                w(f"| {r['rules']:,} | {r['tail_n']} | {r['tail_total_ms']:.2f} | {r['tail_inside_ms']:.2f} / "
+                  f"{r['tail_inside_max_ms']:.2f} | {r['tail_total_ms'] - r['tail_inside_ms']:.2f} |")
+            w("")
 
     # 4 -------------------------------------------------------------------------------
     nd = results.get("disruption")
@@ -585,6 +605,12 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         w(_doc(profile) + "\n")
         w(f"One `PUT /rules/{{name}}` among {pr['nrules']:,} rules: {pr['put_ms']:.1f} ms per change under the "
           f"profiler ({pr['changes']} changes). Top functions by own time per change:\n")
+        un = pr.get("unprofiled")
+        if un:
+            w(f"Without the profiler, the same {pr['changes']} changes took p50 {un['p50_ms']:.2f} ms, p99 "
+              f"{un['p99_ms']:.2f} ms, max {un['max_ms']:.2f} ms each. {un['full_gcs']} of them had a collection of "
+              f"Python's oldest generation inside (it walks every object the process keeps), "
+              f"{un['slowest_with_full_gc']} of the slowest {un['slowest']}.\n")
         w("| function | calls per change | own ms | cumulative ms |")
         w("|---|---:|---:|---:|")
         for r in pr["put_top"]:

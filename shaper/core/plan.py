@@ -174,6 +174,7 @@ class DeleteClass:
 @dataclass(frozen=True)
 class DeleteRecord:
     slot: int
+    name: str = field(default="", compare=False)  # the rule whose record it is, where the planner knows it cheaply
 
 
 Operation = Union[WriteRecord, ResetStats, CreateClass, ChangeClass, SetLeaf, UpsertEntries, DeleteEntries,
@@ -451,7 +452,7 @@ def patch(observed: Observed, name: str, rule: Rule | None, now_ns: int) -> tupl
     rules = dict(observed.rules)
     if rule is None:
         ops += [DeleteClass(slot, d) for d in DIRECTIONS if slot in observed.tree(d)]
-        ops.append(DeleteRecord(slot))
+        ops.append(DeleteRecord(slot, name))
         del rules[name]
     else:
         rules[name] = ObservedRule(slot, rule, expiry)
@@ -575,13 +576,23 @@ class Undo:
 def undo_of(ops: Iterable[Operation], observed: Observed, after: int = 0) -> Undo:
     """The Undo of `ops` planned against `observed`: the old record of every slot they
     write or delete, and the old value of every trie and port entry they write or delete."""
-    by_slot = {o.slot: o for o in observed.rules.values()}
+    by_slot: dict[int, ObservedRule] | None = None  # built only when an operation does not name its rule
+
+    def at(slot: int, name: str) -> ObservedRule | None:
+        nonlocal by_slot
+        o = observed.rules.get(name)
+        if o is not None and o.slot == slot:
+            return o
+        if by_slot is None:
+            by_slot = {o.slot: o for o in observed.rules.values()}
+        return by_slot.get(slot)
+
     rules: dict[int, ObservedRule | None] = {}
     entries: dict[str, dict[Prefix, Entry | None]] = {d: {} for d in DIRECTIONS}
     ports: dict[PortKey, PortEntry | None] = {}
     for op in ops:
         if isinstance(op, (WriteRecord, DeleteRecord)) and op.slot not in rules:
-            o = by_slot.get(op.slot)
+            o = at(op.slot, op.rule.name if isinstance(op, WriteRecord) else op.name)
             rules[op.slot] = None if o is None else replace(o, rule=replace(o.rule, dst=()))
         elif isinstance(op, (UpsertEntries, DeleteEntries)):
             # A plan writes each prefix once; iterated in C, as plan() does (100,000s of them).
