@@ -64,14 +64,18 @@ def change_latency(rule_counts=(10, 1000, 10000), changes: int = 1000, keepalive
                     slot[r["name"]] = abi.unpack_entry(val).slot
 
                 def measure(count: int, keepalive: bool) -> tuple[list[float], int]:
+                    # Each pass its own destinations (10.240/16, then 10.241/16): a change that put back what
+                    # the rule already held would be no change at all.
+                    net = 241 if keepalive else 240
                     lat: list[float] = []
                     polls = 0
                     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60) if keepalive else None
                     fresh = lambda: http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)  # noqa: E731
                     for k in range(count):
                         rule = rules[k % nrules]
-                        new = f"10.240.{(k >> 8) & 255}.{k & 255}/32"
-                        body = {"dst": [rule["dst"][0], new], "rate": f"{10 + 10 * (k % 2)}mbit"}
+                        new = f"10.{net}.{(k >> 8) & 255}.{k & 255}/32"
+                        # A rate no change used before: every change also changes the class.
+                        body = {"dst": [rule["dst"][0], new], "rate": f"{1000 + k + (5000 if keepalive else 0)}kbit"}
                         key = _key(new)
                         t0 = time.perf_counter()
                         if keepalive:

@@ -104,17 +104,6 @@ class _TcMsg(tcmsg):
         return tcmsg.get_options(self, *argv, **kwarg)
 
 
-class _RawOptionsTcMsg(_TcMsg):
-    """tcmsg sending TCA_OPTIONS as the bytes given, whatever the kind (HTB class options
-    encoded once per distinct parameters, see _htb_class_options); only ever sent."""
-
-    _nlmsg_base__compiled_nla = False
-
-    @staticmethod
-    def get_options(self, *argv, **kwarg):
-        return self.cdata
-
-
 @lru_cache(maxsize=1024)
 def _htb_class_options(params: ClassParams) -> bytes:
     """The TCA_OPTIONS of an HTB class as pyroute2's ipr.tc("replace-class", "htb", ...) encodes
@@ -456,12 +445,30 @@ class Tc:
         return True
 
     # -- classes and leaves -----------------------------------------------------
-    def _dump(self, msg_type: int) -> list[tcdump.TcObject]:
-        """A class or qdisc dump of this interface through our own netlink socket."""
+    def _own_socket(self) -> socket.socket:
         if self._dump_sock is None:
             self._dump_sock = _netlink_socket(self.netns)
+        return self._dump_sock
+
+    def _request(self, msg_type: int, flags: int, handle: int, parent: int, kind: str | None = None,
+                 options: bytes | None = None) -> None:
+        """One tc request through our own netlink socket (tcdump.request), waiting for its answer;
+        a refusal is raised as pyroute2's NetlinkError, as ipr.tc() raises it, for the callers' handling."""
+        sock = self._own_socket()
         self._seq += 1
-        sock = self._dump_sock
+        seq = self._seq
+        sock.send(tcdump.request(msg_type, flags, seq, self.ifindex, handle, parent, kind, options))
+        while True:
+            code = tcdump.ack(sock.recv(65536), seq)
+            if code is not None:
+                break
+        if code:
+            raise NetlinkError(code, os.strerror(code))
+
+    def _dump(self, msg_type: int) -> list[tcdump.TcObject]:
+        """A class or qdisc dump of this interface through our own netlink socket."""
+        sock = self._own_socket()
+        self._seq += 1
         sock.send(tcdump.dump_request(msg_type, self.ifindex, self._seq))
         out: list[tcdump.TcObject] = []
         try:
@@ -486,14 +493,11 @@ class Tc:
         return out
 
     def _class(self, command: str, slot: int, params: ClassParams) -> None:
-        msg = _RawOptionsTcMsg()
-        msg["family"], msg["index"], msg["handle"], msg["parent"], msg["info"] = 0, self.ifindex, ROOT | slot, ROOT, 0
-        msg["attrs"] = [("TCA_KIND", "htb"), ("TCA_OPTIONS", _htb_class_options(params))]
-        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE  # pyroute2's "change-class"
+        flags = NLM_F_REPLACE  # pyroute2's "change-class"
         if command == "replace-class":
             flags |= NLM_F_CREATE
         try:
-            self.ipr.nlm_request(msg, msg_type=RTM_NEWTCLASS, msg_flags=flags)
+            self._request(RTM_NEWTCLASS, flags, ROOT | slot, ROOT, "htb", _htb_class_options(params))
         except NetlinkError as exc:
             raise _kernel_error(exc, f"{command.split('-')[0]} HTB class", f"{classid_text(slot)} on {self.ifname}") from None
 
@@ -505,8 +509,7 @@ class Tc:
 
     def del_class(self, slot: int) -> None:
         try:
-            # No kind: with one, pyroute2 encodes class parameters (and fails) for a delete.
-            self.ipr.tc("del-class", None, self.ifindex, ROOT | slot, parent=ROOT)
+            self._request(tcdump.RTM_DELTCLASS, 0, ROOT | slot, ROOT)
         except NetlinkError as exc:
             if exc.code != _errno.ENOENT:
                 raise _kernel_error(exc, "delete HTB class", f"{classid_text(slot)}") from None
@@ -522,19 +525,10 @@ class Tc:
                     if exc.code != _errno.ENOENT:
                         raise _kernel_error(exc, "remove netem leaf of", f"{classid_text(slot)}") from None
             return
-        msg = _TcMsg()
-        msg["family"] = 0
-        msg["index"] = self.ifindex
-        msg["handle"] = slot << 16
-        msg["parent"] = ROOT | slot
-        msg["info"] = 0
-        msg["attrs"] = [("TCA_KIND", "netem"), ("TCA_OPTIONS", netem.encode_options(rule))]
         # change keeps the qdisc (and the packets it holds); a new leaf is grafted.
-        flags = NLM_F_REQUEST | NLM_F_ACK
-        if current != "netem":
-            flags |= NLM_F_CREATE | NLM_F_REPLACE
+        flags = 0 if current == "netem" else NLM_F_CREATE | NLM_F_REPLACE
         try:
-            self.ipr.nlm_request(msg, msg_type=RTM_NEWQDISC, msg_flags=flags)
+            self._request(RTM_NEWQDISC, flags, slot << 16, ROOT | slot, "netem", netem.encode_options(rule))
         except NetlinkError as exc:
             if exc.code == _errno.ENOENT and current != "netem":
                 raise NotSupported(NETEM_MISSING) from None

@@ -81,3 +81,42 @@ def test_uniform_table_spans_the_scale():
     t = netem.uniform_table()
     assert len(t) == 4096 and -netem.NETEM_DIST_SCALE < min(t) < -8000 and 8000 < max(t) < netem.NETEM_DIST_SCALE
     assert abs(sum(t)) < 4096  # symmetric: mean delay unchanged
+
+
+def test_a_class_request_decodes_as_pyroute2_reads_it():
+    """tcdump.request's bytes, read back by pyroute2's tc message parser: what the kernel gets."""
+    from shaper.core.model import ClassParams
+    from shaper.datapath import tcdump
+    from shaper.datapath.tc import _htb_class_options
+
+    options = _htb_class_options(ClassParams(rate_bytes=1_250_000, burst_bytes=15_000))
+    raw = tcdump.request(tcdump.RTM_NEWTCLASS, tcdump.NLM_F_REPLACE | tcdump.NLM_F_CREATE, 7, 3, 0x53480005,
+                         0x53480000, "htb", options)
+    length, msg_type, flags, seq, _ = tcdump.NLMSG.unpack_from(raw)
+    assert (length, msg_type, seq) == (len(raw), tcdump.RTM_NEWTCLASS, 7) and length % 4 == 0
+    assert flags == tcdump.NLM_F_REQUEST | tcdump.NLM_F_ACK | tcdump.NLM_F_REPLACE | tcdump.NLM_F_CREATE
+    family, ifindex, handle, parent, _ = tcdump.TCMSG.unpack_from(raw, tcdump.NLMSG.size)
+    assert (ifindex, handle, parent) == (3, 0x53480005, 0x53480000)
+    attrs = tcdump.attributes(raw, tcdump.NLMSG.size + tcdump.TCMSG.size, len(raw))
+    assert bytes(attrs[tcdump.TCA_KIND]) == b"htb\0" and bytes(attrs[tcdump.TCA_OPTIONS]) == options
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg
+    msg = tcmsg(raw)
+    msg.decode()
+    parms = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+    assert parms["rate"] == 1_250_000 and parms["ceil"] == 1_250_000 and parms["buffer"] > 0
+
+
+def test_a_delete_request_has_no_attributes_and_acks_are_matched_by_sequence():
+    from shaper.datapath import tcdump
+
+    raw = tcdump.request(tcdump.RTM_DELTCLASS, 0, 9, 3, 0x53480005, 0x53480000)
+    assert len(raw) == tcdump.NLMSG.size + tcdump.TCMSG.size
+
+    def error(seq, code):
+        body = struct.pack("=i", -code) + tcdump.NLMSG.pack(36, 41, 0, seq, 0)
+        return tcdump.NLMSG.pack(tcdump.NLMSG.size + len(body), tcdump.NLMSG_ERROR, 0, seq, 0) + body
+
+    assert tcdump.ack(error(8, 2), 9) is None  # an earlier request's answer
+    assert tcdump.ack(error(8, 0) + error(9, 2), 9) == 2  # ENOENT
+    assert tcdump.ack(error(9, 0), 9) == 0
+    assert tcdump.ack(b"", 9) is None
