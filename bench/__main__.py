@@ -14,9 +14,9 @@ from pathlib import Path
 
 from lab import ROOT
 
-from . import accuracy, apply, classify, daemon, match, profile, report
+from . import accuracy, apply, classify, daemon, match, profile, report, tax
 
-SECTIONS = ("classify", "match", "apply", "latency", "disruption", "footprint", "accuracy", "profile")
+SECTIONS = ("classify", "match", "apply", "latency", "disruption", "footprint", "tax", "accuracy", "profile")
 
 
 def full(section: str, log):
@@ -28,6 +28,7 @@ def full(section: str, log):
         "latency": lambda: daemon.change_latency(log=log),
         "disruption": lambda: daemon.no_disruption(log=log),
         "footprint": lambda: daemon.footprint(log=log),
+        "tax": lambda: tax.run(log=log),
         "accuracy": lambda: accuracy.run_vm(log=log),
         "profile": lambda: profile.run(nrules=10_000, changes=1000, log=log),
     }[section]()
@@ -42,6 +43,7 @@ def smoke(section: str, log):
         "latency": lambda: daemon.change_latency(rule_counts=(5,), changes=20, keepalive_changes=3, log=log),
         "disruption": lambda: daemon.no_disruption(seconds=2.0, pps=5000, log=log),
         "footprint": lambda: daemon.footprint(starts=1, scrapes=2, big=2000, log=log),
+        "tax": lambda: tax.run(repeats=1, seconds=0.5, streams=2, big=2000, log=log),
         # Accuracy needs netem, i.e. a VM boot: smoke measures the rate half on this kernel instead.
         "accuracy": lambda: {"skipped": "smoke run: the netem half needs a VM boot (the VM tier boots one already)",
                              "host_rate": accuracy.measure(__import__("bench.common").common.sender_binary(),

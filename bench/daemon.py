@@ -210,6 +210,20 @@ def _rss_kb(pid: int) -> dict:
     return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in ("VmRSS", "VmHWM")}
 
 
+def _series(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _series_by_family(text: str) -> dict[str, int]:
+    """Series per metric family (its name without _total, _bucket, ... suffixes), most first."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print) -> dict:
     res: dict = {}
     with Lab() as lab:
@@ -245,6 +259,20 @@ def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print)
         assert sum(1 for line in text.splitlines() if line.startswith("shaper_class_bytes_total{")) == 1000
         res["scrape_1k_s"] = summary(times)
         res["scrape_bytes"] = len(text)
+        res["series_1k"] = _series(text)
+        assert d.request("PUT", "/rules", {"rules": _base_rules(10_000)})[0] == 200
+        res["rss_10k"] = _rss_kb(d.proc.pid)
+        times = []
+        for _ in range(scrapes):
+            t0 = time.perf_counter()
+            status, text = d.request("GET", "/metrics")
+            times.append(time.perf_counter() - t0)
+            assert status == 200
+        assert sum(1 for line in text.splitlines() if line.startswith("shaper_class_bytes_total{")) == 10_000
+        res["scrape_10k_s"] = summary(times)
+        res["scrape_10k_bytes"] = len(text)
+        res["series_10k"] = _series(text)
+        res["series_10k_by_family"] = _series_by_family(text)
         if big:
             per = max(1, big // 1000)
             nrules = big // per
@@ -256,5 +284,5 @@ def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print)
             res["big"] = big
         assert d.stop() == 0
     log(f"  footprint: ready {res['ready_s']}, RSS 0/1k/big {res['rss_0']} {res['rss_1k']} {res.get('rss_big')}, "
-        f"scrape {res['scrape_1k_s']}")
+        f"scrape 1k {res['scrape_1k_s']}, 10k {res['scrape_10k_s']} ({res['series_10k']} series)")
     return res

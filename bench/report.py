@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from . import accuracy, apply, classify, match, profile
+from . import accuracy, apply, classify, match, profile, tax
 
 LABELS = {"baseline": "no classifier (HTB only)", "shaper": "shaper (BPF + LPM trie)",
           "u32": "u32 list (tcconfig, Litmus, Pumba)", "ipset": "iptables + ipset (Chaos Mesh)",
@@ -557,14 +557,32 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
             w(f"| RSS with {fp['big']:,} prefixes (1,000 rules), MB (peak) | {mb(fp['rss_big']['VmRSS'])} "
               f"({mb(fp['rss_big']['VmHWM'])}) |")
         w(f"| /metrics scrape at 1,000 rules, ms, median (min-max) of {fp['scrape_1k_s']['n']} | "
-          f"{_mmm(fp['scrape_1k_s'], 1000, 1)} ({fp['scrape_bytes'] / 1024:.0f} KiB) |")
+          f"{_mmm(fp['scrape_1k_s'], 1000, 1)} ({fp['scrape_bytes'] / 1024:.0f} KiB"
+          + (f", {fp['series_1k']:,} series" if "series_1k" in fp else "") + ") |")
+        if "scrape_10k_s" in fp:
+            w(f"| RSS with 10,000 rules, MB (peak) | {mb(fp['rss_10k']['VmRSS'])} ({mb(fp['rss_10k']['VmHWM'])}) |")
+            w(f"| /metrics scrape at 10,000 rules, ms, median (min-max) of {fp['scrape_10k_s']['n']} | "
+              f"{_mmm(fp['scrape_10k_s'], 1000, 1)} ({fp['scrape_10k_bytes'] / 1024:.0f} KiB, "
+              f"{fp['series_10k']:,} series) |")
         w("")
+        if "series_10k_by_family" in fp:
+            w("Series at 10,000 rules by metric (the per-rule ones are one series per rule and direction):\n")
+            w("| metric | series |")
+            w("|---|---:|")
+            for name, n in fp["series_10k_by_family"].items():
+                if n >= 100:
+                    w(f"| `{name}` | {n:,} |")
+            w("")
         verdicts.append(f"| RSS <= 60 MB at 1k rules | {mb(fp['rss_1k']['VmRSS'])} MB | "
                         f"{_ok(fp['rss_1k']['VmRSS'] <= 60 * 1024)} |")
         verdicts.append(f"| start to ready <= 2 s | {fp['ready_s']['median']:.2f} s (max {fp['ready_s']['max']:.2f}) | "
                         f"{_ok(fp['ready_s']['median'] <= 2)} |")
         verdicts.append(f"| /metrics scrape <= 100 ms at 1k rules | {fp['scrape_1k_s']['median'] * 1000:.1f} ms "
                         f"(max {fp['scrape_1k_s']['max'] * 1000:.1f}) | {_ok(fp['scrape_1k_s']['median'] <= 0.1)} |")
+        if "scrape_10k_s" in fp:
+            verdicts.append(f"| /metrics scrape <= 100 ms at 10k rules ({fp['series_10k']:,} series) | "
+                            f"{fp['scrape_10k_s']['median'] * 1000:.1f} ms (max {fp['scrape_10k_s']['max'] * 1000:.1f}) "
+                            f"| {_ok(fp['scrape_10k_s']['median'] <= 0.1)} |")
 
     # 6 -------------------------------------------------------------------------------
     ac = results.get("accuracy")
@@ -597,6 +615,33 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
     # 7 -------------------------------------------------------------------------------
     if results.get("match"):
         verdicts += write_match(results["match"], figdir, w)
+
+    # 8 -------------------------------------------------------------------------------
+    tx = results.get("tax")
+    if tx:
+        w("## 8. The tax on unshaped traffic\n")
+        w(_doc(tax) + "\n")
+        w(f"Each setup measured {tx['repeats']} times, {tx['seconds']:g} s of TCP and {tx['seconds'] / 2:g} s of UDP "
+          "each time, in turns; ratios are per repeat against the bare veth of the same repeat.\n")
+        labels = {"bare": "bare veth (noqueue)", "shaper-1": "shaper, 1 rule",
+                  "shaper-100k": f"shaper, {tx['big']:,} prefixes"}
+        w(f"| setup | TCP goodput, {tx['streams']} streams (Gbit/s) | of bare | UDP 18-byte packets/s | of bare |")
+        w("|---|---:|---:|---:|---:|")
+        rows = {(r["setup"], r["traffic"]): r for r in tx["rows"]}
+        for name, label in labels.items():
+            t, u = rows[(name, "tcp")], rows[(name, "udp")]
+            w(f"| {label} | {_mmm(t['value'], 1e-9, 2)} | {_rt(t['vs_bare'])} | {_mmm(u['value'], 1, 0)} | "
+              f"{_rt(u['vs_bare'])} |")
+        w("")
+        direct = tx.get("direct_packets", {})
+        if direct:
+            w("Every packet of the shaped setups went through HTB's direct queue, unclassified: "
+              + ", ".join(f"{labels[n]} {v:,} packets" for n, v in direct.items()) + ".\n")
+        for name in ("shaper-1", "shaper-100k"):
+            for kind, what in (("tcp", "TCP goodput"), ("udp", "small-UDP packet rate")):
+                got = rows[(name, kind)]["vs_bare"]["median"]
+                verdicts.append(f"| unshaped {what} with {labels[name]} >= 97% of the bare veth | {got * 100:.1f}% | "
+                                f"{_ok(got >= 0.97)} |")
 
     # profile -------------------------------------------------------------------------
     pr = results.get("profile")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bench import __main__ as bench_main
-from bench import accuracy, apply, classify, daemon, match, profile, report
+from bench import accuracy, apply, classify, daemon, match, profile, report, tax
 from bench.common import sender_binary
 from tests.support.tiers import require_tier
 
@@ -79,7 +79,14 @@ def test_bench_smoke(tmp_path):
     fp = results["footprint"] = daemon.footprint(starts=1, scrapes=2, big=2000, log=lambda *_: None)
     assert 0 < fp["ready_s"]["median"] < 60
     assert all(fp[k]["VmRSS"] > 10_000 for k in ("rss_0", "rss_1k", "rss_big"))
-    assert fp["scrape_1k_s"]["n"] == 2
+    assert fp["scrape_1k_s"]["n"] == 2 and fp["scrape_10k_s"]["n"] == 2
+    assert fp["series_10k"] > 10_000 and fp["series_10k_by_family"]["shaper_class_bytes_total"] == 10_000
+
+    tx = results["tax"] = tax.run(repeats=1, seconds=0.5, streams=2, big=2000, log=lambda *_: None)
+    assert {(r["setup"], r["traffic"]) for r in tx["rows"]} == {(s, k) for s in tax.SETUPS for k in ("tcp", "udp")}
+    assert all(r["value"]["median"] > 1000 for r in tx["rows"]), tx["rows"]
+    # Nothing to the peer matched a rule: every packet took HTB's direct queue (the tax measured is the unshaped path).
+    assert all(v > 1000 for v in tx["direct_packets"].values()), tx["direct_packets"]
 
     rate = accuracy.measure(sender_binary(), delays={}, rates={"c": 4.0}, seconds=2.0)["rate"][0]
     assert rate["packets"] > 100 and abs(rate["error_pct"]) < 10, rate  # HTB's rate, measured at the receiver
@@ -91,7 +98,7 @@ def test_bench_smoke(tmp_path):
     md = tmp_path / "benchmarks.md"
     verdicts = report.write(results, md, tmp_path / "benchmarks")
     text = md.read_text()
-    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Where shaper's time goes"):
+    for title in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.", "## Where shaper's time goes"):
         assert title in text, title
     for png in ("classify.png", "match.png", "apply.png", "latency.png"):
         assert (tmp_path / "benchmarks" / png).stat().st_size > 10_000, png
