@@ -57,12 +57,15 @@ def tcp_goodput(pair: Pair, seconds: float, streams: int) -> float:
             proc = subprocess.run(["ip", "netns", "exec", pair.ns, "iperf3", "-c", Pair.GW, "-p", str(IPERF_PORT),
                                    "-P", str(streams), "-t", str(seconds), "-J"],
                                   capture_output=True, text=True, timeout=seconds + 60)
-            if proc.returncode == 0:
-                break
-            if time.monotonic() > deadline:  # the server was not listening yet: try again, bounded
+            try:
+                received = json.loads(proc.stdout)["end"]["sum_received"]["bits_per_second"]
+                if proc.returncode == 0:
+                    return received
+            except (ValueError, KeyError):  # an "error" document: the server was not listening yet
+                pass
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"iperf3 failed: {proc.stdout[-500:]} {proc.stderr[-500:]}")
-            time.sleep(0.1)
-        return json.loads(proc.stdout)["end"]["sum_received"]["bits_per_second"]
+            time.sleep(0.2)
     finally:
         try:
             server.wait(timeout=10)

@@ -17,8 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from shaper.errors import ShaperError
 from shaper.core.fields import FIELDS
@@ -81,75 +82,98 @@ class Instruments:
         self._errors.labels(self.interface, op).inc()
 
 
+def _class_value(attr: str) -> Callable[[RuleSample], float | None]:
+    return lambda rs: getattr(rs.cls, attr) if rs.cls is not None else None
+
+
+def _config_value(value: Callable[[Rule], float]) -> Callable[[RuleSample], float | None]:
+    # A series only where the rule sets the field (a rule with no rate has no rate series).
+    return lambda rs: (value(rs.config) or None) if rs.config is not None else None
+
+
+# The per-rule families, in the order they are exposed: (name, type, help, the value of a sample or None
+# for no series).  Both KernelCollector.collect and KernelCollector.exposition are made from this list.
+COUNTERS: list[tuple[str, str, str, Callable[[RuleSample], float | None]]] = [
+    ("shaper_class_bytes", "counter", "Bytes sent through the rule's HTB class (ingress: the ifb's class).",
+     _class_value("bytes")),
+    ("shaper_class_packets", "counter", "Packets sent through the rule's HTB class (ingress: the ifb's class).",
+     _class_value("packets")),
+    ("shaper_class_drops", "counter", "Packets dropped in the rule's class, netem loss included.",
+     _class_value("drops")),
+    ("shaper_class_overlimits", "counter", "Times the class was over its rate (packets delayed by HTB).",
+     _class_value("overlimits")),
+    ("shaper_class_requeues", "counter", "Packets requeued in the class.", _class_value("requeues")),
+    ("shaper_class_backlog_bytes", "gauge", "Bytes queued in the class now (netem delay holds packets here).",
+     _class_value("backlog_bytes")),
+    ("shaper_class_backlog_packets", "gauge", "Packets queued in the class now.", _class_value("backlog_packets")),
+    ("shaper_rule_matched_packets", "counter", "Packets the classifier matched to the rule's peers (destinations "
+     "on egress, sources on ingress).", lambda rs: rs.matched.packets),
+    ("shaper_rule_matched_bytes", "counter", "Bytes the classifier matched to the rule's peers (destinations on "
+     "egress, sources on ingress).", lambda rs: rs.matched.bytes),
+]
+
+
+def per_rule() -> list[tuple[str, str, str, Callable[[RuleSample], float | None]]]:
+    """COUNTERS, then the configuration gauges, for dashboards (shaper.core.fields, read now)."""
+    return COUNTERS + [(f.gauge.metric, "gauge", f.gauge.help, _config_value(f.gauge.value))
+                       for f in FIELDS if f.gauge is not None]
+LABELS = ("interface", "rule", "classid", "direction")
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (prometheus_client's escaping)."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _number(value: float) -> str:
+    """A sample value as prometheus_client writes it (floatToGoString), without its cost for small integers."""
+    if type(value) is int and 0 <= value < 1_000_000:
+        return f"{value}.0"
+    return floatToGoString(value)
+
+
 class KernelCollector:
-    """Per-class and per-rule counters, read from the kernel when scraped."""
+    """Per-class and per-rule counters, read from the kernel when scraped.
+
+    `collect` gives them as prometheus_client families, for a registry (the node agent merges
+    every target's); `exposition` writes the same text generate_latest would write of them,
+    ten times faster: with 10,000 rules a scrape is 100,000 series, and building a Sample object
+    and escaping every label of each took a second."""
 
     def __init__(self, interface: str, read: Callable[[], Snapshot | None], instruments: Instruments | None = None):
         self.interface = interface
         self.read = read
         self.instruments = instruments
+        self._labels: dict[tuple[str, str, str], str] = {}  # (rule, classid, direction) -> its label text
 
     def describe(self) -> list[Metric]:
         return []  # do not read the kernel when the collector is registered
 
-    def collect(self) -> Iterator[Metric]:
+    def _snapshot(self) -> Snapshot | None:
         try:
-            snap = self.read()
+            return self.read()
         except ShaperError as exc:
             log.warning("scrape failed: %s", exc)
             if self.instruments:
                 self.instruments.error("scrape")
-            return
-        if snap is None:  # not attached yet
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        if snap is None:  # not attached yet, or the read failed (counted)
             return
         iface = self.interface
-        labels = ["interface", "rule", "classid", "direction"]
-
-        def family(kind: type, name: str, doc: str) -> Metric:
-            return kind(name, doc, labels=labels)
-
-        cls = {
-            "bytes": family(CounterMetricFamily, "shaper_class_bytes",
-                            "Bytes sent through the rule's HTB class (ingress: the ifb's class)."),
-            "packets": family(CounterMetricFamily, "shaper_class_packets",
-                              "Packets sent through the rule's HTB class (ingress: the ifb's class)."),
-            "drops": family(CounterMetricFamily, "shaper_class_drops",
-                            "Packets dropped in the rule's class, netem loss included."),
-            "overlimits": family(CounterMetricFamily, "shaper_class_overlimits",
-                                 "Times the class was over its rate (packets delayed by HTB)."),
-            "requeues": family(CounterMetricFamily, "shaper_class_requeues", "Packets requeued in the class."),
-            "backlog_bytes": family(GaugeMetricFamily, "shaper_class_backlog_bytes",
-                                    "Bytes queued in the class now (netem delay holds packets here)."),
-            "backlog_packets": family(GaugeMetricFamily, "shaper_class_backlog_packets",
-                                      "Packets queued in the class now."),
-        }
-        matched_packets = family(CounterMetricFamily, "shaper_rule_matched_packets",
-                                 "Packets the classifier matched to the rule's peers (destinations on egress, "
-                                 "sources on ingress).")
-        matched_bytes = family(CounterMetricFamily, "shaper_rule_matched_bytes",
-                               "Bytes the classifier matched to the rule's peers (destinations on egress, "
-                               "sources on ingress).")
-        # The configuration, for dashboards: a series only where the rule sets the field
-        # (a rule with no rate has no rate series), which keeps a 1,000-rule scrape lean.
-        config = [(family(GaugeMetricFamily, f.gauge.metric, f.gauge.help), f.gauge.value)
-                  for f in FIELDS if f.gauge is not None]
-        for rs in snap.rules:
-            values = [iface, rs.rule, rs.classid, rs.direction]
-            matched_packets.add_metric(values, rs.matched.packets)
-            matched_bytes.add_metric(values, rs.matched.bytes)
-            if rs.cls is not None:
-                for attr, fam in cls.items():
-                    fam.add_metric(values, getattr(rs.cls, attr))
-            if rs.config is not None:
-                for fam, value in config:
-                    v = value(rs.config)
-                    if v:
-                        fam.add_metric(values, v)
-        yield from cls.values()
-        yield matched_packets
-        yield matched_bytes
-        for fam, _ in config:
+        for name, kind, doc, value in per_rule():
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=list(LABELS))
+            for rs in snap.rules:
+                v = value(rs)
+                if v is not None:
+                    fam.add_metric([iface, rs.rule, rs.classid, rs.direction], v)
             yield fam
+        yield from self._totals(snap)
+
+    def _totals(self, snap: Snapshot) -> Iterator[Metric]:
+        iface = self.interface
         rules = GaugeMetricFamily("shaper_rules", "Rules installed (expired ones until they are removed).",
                                   labels=["interface"])
         rules.add_metric([iface], len({rs.rule for rs in snap.rules}))  # a "both" rule is one rule
@@ -161,3 +185,52 @@ class KernelCollector:
         for direction, count in sorted(snap.map_entries.items()):
             entries.add_metric([iface, direction], count)
         yield entries
+
+    def exposition(self) -> bytes:
+        """What generate_latest writes of this collector's families (text format 0.0.4), byte for byte."""
+        snap = self._snapshot()
+        if snap is None:
+            return b""
+        cache = self._labels
+        if len(cache) > 4 * len(snap.rules) + 64:  # rules come and go: keep the labels of those there now
+            cache.clear()
+        iface = _escape(self.interface)
+        labels = []
+        for rs in snap.rules:
+            key = (rs.rule, rs.classid, rs.direction)
+            text = cache.get(key)
+            if text is None:
+                text = cache[key] = (f'{{classid="{_escape(rs.classid)}",direction="{_escape(rs.direction)}",'
+                                     f'interface="{iface}",rule="{_escape(rs.rule)}"}} ')  # names sorted, as there
+            labels.append(text)
+        out: list[str] = []
+        for name, kind, doc, value in per_rule():
+            full = name + "_total" if kind == "counter" else name
+            help_text = doc.replace("\\", r"\\").replace("\n", r"\n")  # quotes stay, in help
+            out.append(f"# HELP {full} {help_text}\n# TYPE {full} {kind}\n")
+            out += [f"{full}{label}{_number(v)}\n"
+                    for label, v in zip(labels, map(value, snap.rules)) if v is not None]
+        return "".join(out).encode() + generate_latest(_Families(list(self._totals(snap))))
+
+
+class Registered:
+    """A registry's metrics as one collector of another registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return self.registry.collect()
+
+
+class _Families:
+    """Metric families already made, as generate_latest takes a registry."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

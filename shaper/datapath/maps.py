@@ -124,6 +124,11 @@ class Map:
         self._batch_ok = True
         self._lookup_batch_ok = True
 
+    @property
+    def batch_reads(self) -> bool:
+        """False once the kernel refused a batch lookup here (items() then reads one entry at a time)."""
+        return self._lookup_batch_ok
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from shaper import __version__
 from shaper.core import changes, plan as P
@@ -214,7 +214,7 @@ class Api:
         return json_response(200, openapi.document(__version__))
 
     def metrics(self, **_: Any) -> Response:
-        return Response(200, generate_latest(self.service.registry), CONTENT_TYPE_LATEST)
+        return Response(200, self.service.metrics_text(), CONTENT_TYPE_LATEST)
 
     def list_rules(self, **_: Any) -> Response:
         return Response(200, b"", JSON, chunks=_rules_json(self.service.rules()))
