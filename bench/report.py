@@ -623,12 +623,14 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         w(_doc(tax) + "\n")
         w(f"Each setup measured {tx['repeats']} times, {tx['seconds']:g} s of TCP and {tx['seconds'] / 2:g} s of UDP "
           "each time, in turns; ratios are per repeat against the bare veth of the same repeat.\n")
-        labels = {"bare": "bare veth (noqueue)", "shaper-1": "shaper, 1 rule",
+        labels = {"bare": "bare veth (noqueue)", "htb": "HTB alone, no classifier", "shaper-1": "shaper, 1 rule",
                   "shaper-100k": f"shaper, {tx['big']:,} prefixes"}
         w(f"| setup | TCP goodput, {tx['streams']} streams (Gbit/s) | of bare | UDP 18-byte packets/s | of bare |")
         w("|---|---:|---:|---:|---:|")
         rows = {(r["setup"], r["traffic"]): r for r in tx["rows"]}
         for name, label in labels.items():
+            if (name, "tcp") not in rows:
+                continue
             t, u = rows[(name, "tcp")], rows[(name, "udp")]
             w(f"| {label} | {_mmm(t['value'], 1e-9, 2)} | {_rt(t['vs_bare'])} | {_mmm(u['value'], 1, 0)} | "
               f"{_rt(u['vs_bare'])} |")

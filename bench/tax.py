@@ -6,6 +6,8 @@ classifier in front of every packet, matched or not.  Three namespace pairs,
 measured in turn (order rotated each repeat):
 
 - bare: the veth as a pod has it, noqueue;
+- HTB alone: a root HTB as shaper makes it (unclassified packets take its direct queue), no
+  classifier: what the qdisc costs by itself;
 - shaper, 1 rule: shaper attached, one rule for another destination;
 - shaper, 100,000 prefixes: shaper attached, 1,000 rules of 100 /32s, none of them the destination.
 
@@ -26,7 +28,7 @@ from shaper.datapath.kernel import KernelDatapath
 
 from .common import MISS_BASE, Pair, ip4, rule_addr, summary
 
-SETUPS = ("bare", "shaper-1", "shaper-100k")
+SETUPS = ("bare", "htb", "shaper-1", "shaper-100k")
 IPERF_PORT = 5299
 
 
@@ -81,7 +83,9 @@ def run(repeats: int = 5, seconds: float = 2.0, streams: int = 4, big: int = 100
     try:
         for name in SETUPS:
             pairs[name] = Pair(name).__enter__()
-            if name == "shaper-1":
+            if name == "htb":
+                pairs[name].run("tc", "qdisc", "add", "dev", Pair.IF, "root", "handle", "5348:", "htb")
+            elif name == "shaper-1":
                 cleanups.append(_attach(pairs[name], _rules(1, 1)))
             elif name == "shaper-100k":
                 per = max(1, big // 1000)
