@@ -456,13 +456,13 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         if cli:
             w(f"`shaper apply -f` rows time what a user waits for: the whole command, from the interpreter's "
               f"start to its exit, on a rules file of {a['big']:,} prefixes (YAML as people write it). Goal "
-              "(issue 11): **< 2 s** each, locally and through the daemon.\n")
+              "(issue 16): **<= 1.5 s** each, locally (attaching to an interface shaper is not on yet, so the "
+              "classifier's compile is part of it) and through the daemon.\n")
         big = [(m, s) for (m, n), s in by.items() if n == a["big"] and n not in tcc]
         for m, s in big:
-            goal = 2.0 if m in cli else 1.0
-            verdicts.append(f"| {a['big']:,} prefixes applied in {'< 2' if m in cli else '<= 1'} s: {m} | "
-                            f"{s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}) | "
-                            f"{_ok(s['median'] < goal if m in cli else s['median'] <= goal)} |")
+            goal = 1.5 if m in cli else 1.0
+            verdicts.append(f"| {a['big']:,} prefixes applied in <= {goal:g} s: {m} | "
+                            f"{s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}) | {_ok(s['median'] <= goal)} |")
         if 1000 in tcc:
             verdicts.append(f"| >= 100x faster than tcconfig at 1,000 (bulk PUT /rules) | "
                             f"{tcc[1000]['median'] / bulk[1000]['median']:,.0f}x | "
@@ -551,6 +551,9 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         w("| measure | value |")
         w("|---|---:|")
         w(f"| start to ready, s, median (min-max) of {fp['ready_s']['n']} | {_mmm(fp['ready_s'], 1, 2)} |")
+        if "compile_s" in fp:
+            w(f"| compiling and loading the classifier alone (the loader child), s, median (min-max) of "
+              f"{fp['compile_s']['n']} | {_mmm(fp['compile_s'], 1, 2)} |")
         w(f"| RSS with 0 rules, MB (peak) | {mb(fp['rss_0']['VmRSS'])} ({mb(fp['rss_0']['VmHWM'])}) |")
         w(f"| RSS with 1,000 rules, MB (peak) | {mb(fp['rss_1k']['VmRSS'])} ({mb(fp['rss_1k']['VmHWM'])}) |")
         if "rss_big" in fp:
@@ -575,8 +578,10 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
             w("")
         verdicts.append(f"| RSS <= 60 MB at 1k rules | {mb(fp['rss_1k']['VmRSS'])} MB | "
                         f"{_ok(fp['rss_1k']['VmRSS'] <= 60 * 1024)} |")
-        verdicts.append(f"| start to ready <= 2 s | {fp['ready_s']['median']:.2f} s (max {fp['ready_s']['max']:.2f}) | "
-                        f"{_ok(fp['ready_s']['median'] <= 2)} |")
+        if "compile_s" in fp:
+            rest = fp["ready_s"]["median"] - fp["compile_s"]["median"]
+            verdicts.append(f"| start to ready <= 1 s plus the compile | {fp['ready_s']['median']:.2f} s, of which the "
+                            f"compile {fp['compile_s']['median']:.2f} s: {rest:.2f} s besides | {_ok(rest <= 1)} |")
         verdicts.append(f"| /metrics scrape <= 100 ms at 1k rules | {fp['scrape_1k_s']['median'] * 1000:.1f} ms "
                         f"(max {fp['scrape_1k_s']['max'] * 1000:.1f}) | {_ok(fp['scrape_1k_s']['median'] <= 0.1)} |")
         if "scrape_10k_s" in fp:

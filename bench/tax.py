@@ -50,14 +50,15 @@ def _attach(pair: Pair, rules: list):
 
 
 def tcp_goodput(pair: Pair, seconds: float, streams: int) -> float:
-    """bit/s the peer received from `streams` TCP streams of iperf3 over `seconds`."""
+    """bit/s the peer received from `streams` TCP streams of iperf3 over `seconds` (whole, at least 1)."""
     server = subprocess.Popen(["ip", "netns", "exec", pair.peer, "iperf3", "-s", "-1", "-B", Pair.GW,
                                "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    duration = str(max(1, round(seconds)))  # iperf3 takes whole seconds, and 0 is forever
     try:
         deadline = time.monotonic() + 30
         while True:
             proc = subprocess.run(["ip", "netns", "exec", pair.ns, "iperf3", "-c", Pair.GW, "-p", str(IPERF_PORT),
-                                   "-P", str(streams), "-t", str(seconds), "-J"],
+                                   "-P", str(streams), "-t", duration, "-J"],
                                   capture_output=True, text=True, timeout=seconds + 60)
             try:
                 received = json.loads(proc.stdout)["end"]["sum_received"]["bits_per_second"]

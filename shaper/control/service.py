@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from shaper.datapath import abi
 from shaper.core import plan as P
-from shaper.control.controller import Controller
+from shaper.control.controller import Applied, Controller
 from shaper.datapath.interface import Datapath
 from shaper.errors import InvalidInput, NotFound, NotReady
 from shaper.control.metrics import Instruments, KernelCollector, Registered, RuleSample, Snapshot
@@ -266,6 +266,39 @@ class Service:
     def _change(self, event: str, who: str, edit: Callable[[dict[str, Rule]], list[Rule]], *,
                 renew: Iterable[str] = (), detail: dict | None = None, observed: P.Observed | None = None,
                 op: str = "apply", require_ready: bool = True) -> None:
+        """A change of the whole set: `edit` turns the live rules into the rules wanted."""
+
+        def attempt(observed: P.Observed) -> tuple[Applied, Callable[[], dict[str, int]]]:
+            current = self.controller.live_rules(observed)
+            before = dict(current)
+            desired = edit(current)
+            applied = self.controller.apply(desired, renew=renew, observed=observed)
+            return applied, lambda: self._count_changes(before, desired, observed, set(renew))
+
+        self._run(event, who, attempt, detail=detail, observed=observed, op=op, require_ready=require_ready)
+
+    def _change_one(self, event: str, who: str, name: str, rule: Rule | None) -> None:
+        """A change of one rule, put or deleted (None): planned alone where it can be (Controller.change),
+        and counted without walking the whole set, so that its time does not grow with the rules beside it."""
+
+        def attempt(observed: P.Observed) -> tuple[Applied, Callable[[], dict[str, int]]]:
+            now = self.clock()
+            soonest = observed.next_expiry_ns
+            expired = observed.expired(now) if soonest is not None and soonest <= now else set()
+            old = observed.rules.get(name) if name not in expired else None
+            applied = self.controller.change(name, rule, observed)
+            return applied, lambda: {
+                "created": int(rule is not None and old is None),
+                "updated": int(rule is not None and old is not None and (rule != old.rule or bool(rule.ttl_us))),
+                "deleted": int(rule is None), "expired": len(expired)}
+
+        self._run(event, who, attempt, detail={"rule": name})
+
+    def _run(self, event: str, who: str, attempt: Callable[[P.Observed], tuple[Applied, Callable[[], dict[str, int]]]],
+             *, detail: dict | None = None, observed: P.Observed | None = None, op: str = "apply",
+             require_ready: bool = True) -> None:
+        """Make a change (`attempt`: the state now -> what was applied, and how to count it) under the
+        lock, keep the state it left, count it for /metrics and log it."""
         if require_ready:
             self._require_ready()
         detail = {**self.log_fields, **(detail or {})}
@@ -274,10 +307,7 @@ class Service:
             try:
                 if observed is None:
                     observed = self.observe()
-                current = self.controller.live_rules(observed)
-                before = dict(current)
-                desired = edit(current)
-                applied = self.controller.apply(desired, renew=renew, observed=observed)
+                applied, count = attempt(observed)
             except (InvalidInput, NotFound) as exc:
                 audit(event, who=who, result="rejected", error=str(exc), **detail)
                 raise
@@ -290,41 +320,7 @@ class Service:
             seconds = time.perf_counter() - started
             if applied.ops:
                 self.instruments.apply_seconds.observe(seconds)
-            counts = self._count_changes(before, desired, observed, set(renew))
-            self._remember_expiry(self._observed)
-            audit(event, who=who, result="ok", changes=len(applied.ops), seconds=round(seconds, 4),
-                  **{k: v for k, v in counts.items() if v}, **detail)
-
-    def _change_one(self, event: str, who: str, name: str, rule: Rule | None) -> None:
-        """_change for one rule put or deleted: planned alone where it can be (Controller.change), so
-        that its time does not grow with the rules beside it; nothing here walks the whole set either."""
-        self._require_ready()
-        detail = {**self.log_fields, "rule": name}
-        with self.lock:
-            started = time.perf_counter()
-            try:
-                observed = self.observe()
-                now = self.clock()
-                soonest = observed.next_expiry_ns
-                expired = observed.expired(now) if soonest is not None and soonest <= now else set()
-                old = observed.rules.get(name) if name not in expired else None
-                applied = self.controller.change(name, rule, observed)
-            except (InvalidInput, NotFound) as exc:
-                audit(event, who=who, result="rejected", error=str(exc), **detail)
-                raise
-            except Exception as exc:
-                self._observed = None  # rolled back, maybe not all the way: read the kernel next time
-                self.instruments.error("apply")
-                audit(event, who=who, result="failed", error=str(exc), **detail)
-                raise
-            self._observed = applied.observed
-            seconds = time.perf_counter() - started
-            if applied.ops:
-                self.instruments.apply_seconds.observe(seconds)
-            counts = {"created": int(rule is not None and old is None),
-                      "updated": int(rule is not None and old is not None
-                                     and (rule != old.rule or bool(rule.ttl_us))),
-                      "deleted": int(rule is None), "expired": len(expired)}
+            counts = count()
             for kind, n in counts.items():
                 self.instruments.changed(kind, n)
             self._remember_expiry(self._observed)
@@ -334,16 +330,13 @@ class Service:
     def _count_changes(self, before: dict[str, Rule], desired: list[Rule], observed: P.Observed,
                        renew: set[str]) -> dict[str, int]:
         want = {r.name: r for r in desired}
-        counts = {
+        return {
             "created": sum(1 for n in want if n not in before),
             "updated": sum(1 for n, r in want.items()
                            if n in before and (r != before[n] or (n in renew and r.ttl_us))),
             "deleted": sum(1 for n in before if n not in want),
             "expired": len(observed.expired(self.clock())),
         }
-        for kind, n in counts.items():
-            self.instruments.changed(kind, n)
-        return counts
 
     def _remember_expiry(self, observed: P.Observed) -> None:
         """The next TTL deadline in a state just read or just predicted (no extra map walk)."""
