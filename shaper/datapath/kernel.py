@@ -1056,7 +1056,7 @@ class KernelDatapath:
                     out[slot] = RuleCounters(packets, nbytes)
             if len(out) == len(wanted):
                 return out
-            out = {}  # the array holds every slot: not read whole after all, so one by one
+            out = {}  # an array has every slot: one missing means the read fell short, so one by one
         for slot in slots:
             packets = nbytes = 0
             for cpu_value in stats.lookup_percpu(_SLOT.pack(slot)):
