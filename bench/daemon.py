@@ -223,6 +223,18 @@ def _compile_seconds() -> float:
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 
+def _scrapes(d, count: int, nrules: int) -> tuple[dict, str]:
+    """`count` scrapes of /metrics timed (a summary), and the last one's text, checked for a series per rule."""
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        status, text = d.request("GET", "/metrics")
+        times.append(time.perf_counter() - t0)
+        assert status == 200
+    assert sum(1 for line in text.splitlines() if line.startswith("shaper_class_bytes_total{")) == nrules
+    return summary(times), text
+
+
 def _series(text: str) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
@@ -264,26 +276,12 @@ def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print)
         res["rss_0"] = _rss_kb(d.proc.pid)
         assert d.request("PUT", "/rules", {"rules": _base_rules(1000)})[0] == 200
         res["rss_1k"] = _rss_kb(d.proc.pid)
-        times = []
-        for _ in range(scrapes):
-            t0 = time.perf_counter()
-            status, text = d.request("GET", "/metrics")
-            times.append(time.perf_counter() - t0)
-            assert status == 200
-        assert sum(1 for line in text.splitlines() if line.startswith("shaper_class_bytes_total{")) == 1000
-        res["scrape_1k_s"] = summary(times)
+        res["scrape_1k_s"], text = _scrapes(d, scrapes, 1000)
         res["scrape_bytes"] = len(text)
         res["series_1k"] = _series(text)
         assert d.request("PUT", "/rules", {"rules": _base_rules(10_000)})[0] == 200
         res["rss_10k"] = _rss_kb(d.proc.pid)
-        times = []
-        for _ in range(scrapes):
-            t0 = time.perf_counter()
-            status, text = d.request("GET", "/metrics")
-            times.append(time.perf_counter() - t0)
-            assert status == 200
-        assert sum(1 for line in text.splitlines() if line.startswith("shaper_class_bytes_total{")) == 10_000
-        res["scrape_10k_s"] = summary(times)
+        res["scrape_10k_s"], text = _scrapes(d, scrapes, 10_000)
         res["scrape_10k_bytes"] = len(text)
         res["series_10k"] = _series(text)
         res["series_10k_by_family"] = _series_by_family(text)
