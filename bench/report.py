@@ -421,6 +421,10 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
             x = _ratios(sh_m[10_000], _rows(c, "u32", "match")[10_000])
             verdicts.append(f"| shaper >= 5x the u32 list at 10k rules | {x['median']:.1f}x "
                             f"({x['min']:.1f}-{x['max']:.1f}x) | {_ok(x['median'] >= 5)} |")
+        if 100_000 in c["counts"] and "ipset" in c["mechanisms"]:
+            x = _ratios(sh_m[100_000], _rows(c, "ipset", "match")[100_000])
+            verdicts.append(f"| shaper >= 1.2x iptables + ipset at 100k rules (issue 16) | {x['median']:.2f}x "
+                            f"({x['min']:.2f}-{x['max']:.2f}x) | {_ok(x['median'] >= 1.2)} |")
 
     # 2 -------------------------------------------------------------------------------
     a = results.get("apply")
