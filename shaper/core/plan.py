@@ -274,12 +274,10 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
     for name in new_names:
         rule, slot = want[name], fresh[name]
         slot_of[name] = slot
-        expiry_of[name] = deadlines.get(name, now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0)
-        ops += [WriteRecord(slot, rule, expiry_of[name]), ResetStats(slot)]
-        for d in rule.directions:
-            ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
+        expiry_of[name] = deadlines.get(name, _deadline(rule, now_ns))
+        ops += _created(slot, rule, expiry_of[name])
 
-    dropped: list[DeleteClass] = []  # classes of kept rules in a direction they left
+    dropped: list[Operation] = []  # classes of kept rules in a direction they left
     for name, old in sorted(keep.items()):
         rule, slot = want[name], old.slot
         slot_of[name] = slot
@@ -290,23 +288,10 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         if name in deadlines:
             expiry_of[name] = deadlines[name]
         else:
-            expiry_of[name] = (now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0) if changed else old.expires_ns
-        # The record holds everything but dst (that lives in the trie); it goes first (module doc).
-        if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry_of[name] != old.expires_ns:
-            ops.append(WriteRecord(slot, rule, expiry_of[name]))
-        for d in rule.directions:
-            kind = observed.tree(d).get(slot)
-            if kind is None:  # the class vanished under us, or the rule gained this direction: build it
-                ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
-                continue
-            if name in resend or (not same and rule.class_params() != old.rule.class_params()):
-                ops.append(ChangeClass(slot, rule, d))
-            leaf_ok = (kind == "netem") == rule.has_netem and (same or rule.leaf_params() == old.rule.leaf_params())
-            if not leaf_ok or (name in resend and rule.has_netem):
-                ops.append(SetLeaf(slot, rule, kind, d))
-        for d in DIRECTIONS:
-            if d not in rule.directions and slot in observed.tree(d):
-                dropped.append(DeleteClass(slot, d))
+            expiry_of[name] = _deadline(rule, now_ns) if changed else old.expires_ns
+        kept_ops, left = _kept(old, rule, same, expiry_of[name], observed, name in resend)
+        ops += kept_ops
+        dropped += left
 
     placed = [tables.Placed(rule, slot_of[name], expiry_of[name]) for name, rule in want.items()]
     old_groups = tables.group_members(observed.ports)
@@ -320,14 +305,7 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         wanted_entries, old = built.tries[d], observed.trie(d)
         upserts = {p: v for p, v in wanted_entries.items() if old.get(p) != v} if old else wanted_entries
         stale = tuple(sorted(p for p in old if p not in wanted_entries))
-        entry_ops: list[Operation] = []
-        if upserts:
-            entry_ops.append(UpsertEntries(dict(sorted(upserts.items())), d))
-        if stale:
-            entry_ops.append(DeleteEntries(stale, d))
-        if len(old) + len(wanted_entries) - len(old.keys() & wanted_entries.keys()) > MAX_PREFIXES:
-            entry_ops.reverse()  # old and new do not fit side by side: make room first (module doc)
-        ops += entry_ops
+        ops += _entry_ops(upserts, stale, d, len(old) + len(wanted_entries) - len(old.keys() & wanted_entries.keys()))
     if port_stale:  # after no trie entry points at them any more
         ops.append(DeletePorts(port_stale))
 
@@ -346,6 +324,56 @@ def plan_with_outcome(desired: Iterable[Rule], observed: Observed, now_ns: int,
         ingress_entries=built.tries["ingress"], ingress_classes=trees["ingress"], ports=built.ports, planned=True,
     )
     return ops, outcome
+
+
+def _deadline(rule: Rule, now_ns: int) -> int:
+    """A rule's TTL deadline counted from now (0: it has none)."""
+    return now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0
+
+
+def _created(slot: int, rule: Rule, expiry: int) -> list[Operation]:
+    """The operations of a new rule: record, fresh counters, and a class and leaf in each direction."""
+    ops: list[Operation] = [WriteRecord(slot, rule, expiry), ResetStats(slot)]
+    for d in rule.directions:
+        ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
+    return ops
+
+
+def _kept(old: ObservedRule, rule: Rule, same: bool, expiry: int, observed: Observed,
+          resend: bool) -> tuple[list[Operation], list[Operation]]:
+    """The operations of a rule that stays in its slot (`same`: it equals the one there), and the deletes
+    of its classes in directions it left (run after the trie's entries): record first (module doc), then
+    class and leaf per direction, changed in place; `resend`: class and leaf set again anyway."""
+    slot = old.slot
+    ops: list[Operation] = []
+    # The record holds everything but dst (that lives in the trie); it goes first (module doc).
+    if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry != old.expires_ns:
+        ops.append(WriteRecord(slot, rule, expiry))
+    for d in rule.directions:
+        kind = observed.tree(d).get(slot)
+        if kind is None:  # the class vanished under us, or the rule gained this direction: build it
+            ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
+            continue
+        if resend or (not same and rule.class_params() != old.rule.class_params()):
+            ops.append(ChangeClass(slot, rule, d))
+        leaf_ok = (kind == "netem") == rule.has_netem and (same or rule.leaf_params() == old.rule.leaf_params())
+        if not leaf_ok or (resend and rule.has_netem):
+            ops.append(SetLeaf(slot, rule, kind, d))
+    return ops, [DeleteClass(slot, d) for d in DIRECTIONS if d not in rule.directions and slot in observed.tree(d)]
+
+
+def _entry_ops(upserts: Mapping[Prefix, Entry], stale: tuple[Prefix, ...], direction: str,
+               union: int) -> list[Operation]:
+    """A trie's writes, then its removals; the other way round when the old and new keys side by side
+    (`union` of them) do not fit the trie (module doc)."""
+    ops: list[Operation] = []
+    if upserts:
+        ops.append(UpsertEntries(dict(sorted(upserts.items())), direction))
+    if stale:
+        ops.append(DeleteEntries(stale, direction))
+    if union > MAX_PREFIXES:
+        ops.reverse()
+    return ops
 
 
 def patch(observed: Observed, name: str, rule: Rule | None, now_ns: int) -> tuple[list[Operation], Observed] | None:
@@ -382,26 +410,11 @@ def patch(observed: Observed, name: str, rule: Rule | None, now_ns: int) -> tupl
         slot, expiry = old.slot, 0
     elif old is None:
         slot = allocate_slots([name], observed.slots_in_use)[name]
-        expiry = now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0
-        ops += [WriteRecord(slot, rule, expiry), ResetStats(slot)]
-        for d in rule.directions:
-            ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
+        expiry = _deadline(rule, now_ns)
+        ops += _created(slot, rule, expiry)
     else:  # as plan_with_outcome does for a kept rule named in `renew`
-        slot = old.slot
-        expiry = now_ns + rule.ttl_us * 1000 if rule.ttl_us else 0
-        same = rule is old.rule or rule == old.rule
-        if (not same and _record_fields(rule) != _record_fields(old.rule)) or expiry != old.expires_ns:
-            ops.append(WriteRecord(slot, rule, expiry))
-        for d in rule.directions:
-            kind = observed.tree(d).get(slot)
-            if kind is None:
-                ops += [CreateClass(slot, rule, d), SetLeaf(slot, rule, None, d)]
-                continue
-            if not same and rule.class_params() != old.rule.class_params():
-                ops.append(ChangeClass(slot, rule, d))
-            if (kind == "netem") != rule.has_netem or not (same or rule.leaf_params() == old.rule.leaf_params()):
-                ops.append(SetLeaf(slot, rule, kind, d))
-        dropped = [DeleteClass(slot, d) for d in DIRECTIONS if d not in rule.directions and slot in observed.tree(d)]
+        slot, expiry = old.slot, _deadline(rule, now_ns)
+        ops, dropped = _kept(old, rule, rule is old.rule or rule == old.rule, expiry, observed, False)
 
     tries: dict[str, Mapping[Prefix, Entry]] = {}
     trees: dict[str, Mapping[int, str]] = {}
@@ -424,14 +437,7 @@ def patch(observed: Observed, name: str, rule: Rule | None, now_ns: int) -> tupl
         union = len(trie) + sum(1 for p in upserts if p not in trie)
         if union - len(stale) > MAX_PREFIXES:
             return None  # too many: the whole plan says so
-        entry_ops: list[Operation] = []
-        if upserts:
-            entry_ops.append(UpsertEntries(dict(sorted(upserts.items())), d))
-        if stale:
-            entry_ops.append(DeleteEntries(stale, d))
-        if union > MAX_PREFIXES:
-            entry_ops.reverse()  # as plan_with_outcome: make room first
-        ops += entry_ops
+        ops += _entry_ops(upserts, stale, d, union)
         if upserts or stale:
             new_trie = dict(trie)
             new_trie.update(upserts)
