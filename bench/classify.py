@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import time
 
-from shaper.control.controller import Controller
-from shaper.datapath.kernel import KernelDatapath
 from shaper.core.model import parse_rule
 
-from .common import MISS_BASE, Pair, ip4, rule_addr, summary
+from .common import MISS_BASE, Pair, ip4, rule_addr, shaper_on, summary
 
 MECHANISMS = ("baseline", "shaper", "u32", "ipset", "iptables")
 HTB_CLASS = "1:10"
@@ -45,15 +43,8 @@ def setup(mech: str, pair: Pair, n: int):
     """Build `mech` with n rules on the pair; returns (the class matches go to, a cleanup or None)."""
     addrs = [rule_addr(i) for i in range(n)]
     if mech == "shaper":
-        dp = KernelDatapath(Pair.IF, pair.ns)
-        try:
-            dp.attach()
-            Controller(dp).apply([parse_rule({"name": "bench", "dst": [f"{a}/32" for a in addrs],
-                                              "rate": "10gbit"})])
-        except BaseException:
-            dp.reset()
-            dp.close()
-            raise
+        dp = shaper_on(Pair.IF, pair.ns, [parse_rule({"name": "bench", "dst": [f"{a}/32" for a in addrs],
+                                                        "rate": "10gbit"})])
         return "5348:1", lambda: (dp.reset(), dp.close())
     _htb(pair)
     if mech == "u32":

@@ -15,6 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from lab import make_netns, sh
+from shaper.control.controller import Controller
+from shaper.core.model import Rule
+from shaper.datapath.kernel import KernelDatapath
 
 BENCH = Path(__file__).resolve().parent
 SENDER_SRC = BENCH / "sender.c"
@@ -42,6 +45,20 @@ def sender_binary(outdir: str | None = None) -> str:
     if outdir is None:  # a given directory is the caller's to remove
         atexit.register(lambda: out.unlink(missing_ok=True))
     return str(out)
+
+
+def shaper_on(ifname: str, netns: str, rules: list[Rule]) -> KernelDatapath:
+    """shaper attached to `ifname` in `netns` with `rules` applied; on failure nothing of it is left.
+    The caller resets and closes the datapath it gets."""
+    dp = KernelDatapath(ifname, netns)
+    try:
+        dp.attach()
+        Controller(dp).apply(rules)
+    except BaseException:
+        dp.reset()
+        dp.close()
+        raise
+    return dp
 
 
 def summary(values: list[float]) -> dict:

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lab import sh
-from shaper.control.controller import Controller
 from shaper.core.model import parse_rule
 from shaper.datapath import loader
 from shaper.datapath.kernel import KernelDatapath, ifb_name
@@ -44,7 +43,7 @@ from shaper.errors import ShaperError
 
 from .classifier_cost import enable_stats, prog_stats
 from .classify import HTB_CLASS, _htb, traffic
-from .common import Pair, rule_addr, summary
+from .common import Pair, rule_addr, shaper_on, summary
 
 MECHANISMS = ("shaper-addr", "shaper-port", "u32-port", "ipset-port", "shaper-ingress")
 COSTED = ("shaper-addr", "shaper-port", "shaper-ingress")
@@ -89,18 +88,6 @@ def _ingress_counts(pair: Pair, dp: KernelDatapath) -> Callable[[], dict]:
     return counts
 
 
-def _shaper(ifname: str, netns: str, rule: dict) -> KernelDatapath:
-    dp = KernelDatapath(ifname, netns)
-    try:
-        dp.attach()
-        Controller(dp).apply([parse_rule(rule)])
-    except BaseException:
-        dp.reset()
-        dp.close()
-        raise
-    return dp
-
-
 def setup(mech: str, pair: Pair, n: int) -> Built:
     """Build `mech` with n rules (addresses) on the pair."""
     addrs = [rule_addr(i) for i in range(n)]
@@ -108,13 +95,14 @@ def setup(mech: str, pair: Pair, n: int) -> Built:
         rule = {"name": "bench", "dst": [f"{a}/32" for a in addrs], "rate": "10gbit"}
         if mech == "shaper-port":
             rule |= {"protocol": "udp", "ports": [9]}
-        dp = _shaper(Pair.IF, pair.ns, rule)
+        dp = shaper_on(Pair.IF, pair.ns, [parse_rule(rule)])
         return Built(_egress_counts(pair, "5348:1", dp), lambda: (dp.reset(), dp.close()),
                      os.path.join(dp.pin_dir, loader.PROG_PIN))
     if mech == "shaper-ingress":
         sources = [f"{SENDER}/32"] + [f"{a}/32" for a in addrs[:n - 1]]
         pair.run("ip", "addr", "add", f"{MISS_SOURCE}/24", "dev", Pair.IF)
-        dp = _shaper("b1", pair.peer, {"name": "bench", "src": sources, "direction": "ingress", "rate": "10gbit"})
+        dp = shaper_on("b1", pair.peer, [parse_rule({"name": "bench", "src": sources, "direction": "ingress",
+                                                     "rate": "10gbit"})])
 
         def prepare(kind: str) -> None:
             pair.run("ip", "route", "change", ROUTE, "via", Pair.GW, "src", SENDER if kind == "match" else MISS_SOURCE)

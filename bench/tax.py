@@ -22,11 +22,9 @@ import json
 import subprocess
 import time
 
-from shaper.control.controller import Controller
 from shaper.core.model import parse_rule
-from shaper.datapath.kernel import KernelDatapath
 
-from .common import MISS_BASE, Pair, ip4, rule_addr, summary
+from .common import MISS_BASE, Pair, ip4, rule_addr, shaper_on, summary
 
 SETUPS = ("bare", "htb", "shaper-1", "shaper-100k")
 IPERF_PORT = 5299
@@ -38,14 +36,7 @@ def _rules(nrules: int, per: int) -> list:
 
 
 def _attach(pair: Pair, rules: list):
-    dp = KernelDatapath(Pair.IF, pair.ns)
-    try:
-        dp.attach()
-        Controller(dp).apply(rules)
-    except BaseException:
-        dp.reset()
-        dp.close()
-        raise
+    dp = shaper_on(Pair.IF, pair.ns, rules)
     return lambda: (dp.reset(), dp.close())
 
 
