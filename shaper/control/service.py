@@ -157,28 +157,23 @@ class Service:
     def snapshot(self) -> Snapshot | None:
         """What /metrics reports; None before the datapath is attached.
 
-        One sample per rule and direction it shapes; the directions come from the configurations
-        this process keeps (a slot it has no configuration of is taken as egress)."""
+        One sample per rule and direction it shapes, from the state this process keeps (it is the only
+        writer; reading 10,000 records back was a fifth of a scrape); a scrape never triggers observe()'s
+        periodic re-read of the whole trie."""
         if not self.ready:
             return None
         with self.lock:
-            # The rules and their configurations from the state this process keeps (it is the only
-            # writer; reading 10,000 records back was a fifth of a scrape); a scrape never triggers
-            # observe()'s periodic re-read of the whole trie.
             observed = self._observed if self._observed is not None else self.observe()
-            names = {o.slot: name for name, o in observed.rules.items()}
-            configs = {o.slot: o.rule for o in observed.rules.values()}
-            directions = {slot: configs[slot].directions if slot in configs else ("egress",) for slot in names}
+            rules = sorted(observed.rules.items())  # by name
             read = {}
             for direction in P.DIRECTIONS:
-                slots = sorted(slot for slot in names if direction in directions[slot])
+                slots = sorted(o.slot for _, o in rules if direction in o.rule.directions)
                 if slots:  # the ifb's classes are not dumped while no rule shapes ingress
                     read[direction] = (self.datapath.counters(slots, direction), self.datapath.class_stats(direction))
             entries = {direction: self.datapath.map_entries(direction) for direction in P.DIRECTIONS}
-        return Snapshot([RuleSample(names[slot], abi.classid_text(slot), read[d][0][slot], read[d][1].get(slot),
-                                    configs.get(slot), d)
-                         for slot in sorted(names, key=names.__getitem__)
-                         for d in P.DIRECTIONS if d in directions[slot]], entries)
+        return Snapshot([RuleSample(name, abi.classid_text(o.slot), read[d][0][o.slot], read[d][1].get(o.slot),
+                                    o.rule, d)
+                         for name, o in rules for d in P.DIRECTIONS if d in o.rule.directions], entries)
 
     def metrics_text(self) -> bytes:
         """GET /metrics: what generate_latest(self.registry) writes, with the per-rule series written by
