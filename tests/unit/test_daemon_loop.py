@@ -232,6 +232,8 @@ def test_pod_bandwidth_rules_are_initial_rules_in_both_directions(tmp_path, capl
         assert rates[("k8s-egress-bandwidth", "egress")] == 10**7
         assert rates[("k8s-ingress-bandwidth", "ingress")] == 20 * 2**20
         assert len(d.dp.classes) == 2 and len(d.dp.ingress_classes) == 1
+        # The service is ready a moment before the daemon logs it: stopping first would skip the line.
+        wait_for(lambda: audited(caplog, "daemon.ready"), "the daemon.ready line")
     assert d.error is None
     assert audited(caplog, "daemon.ready")[0]["rules"] == 3
 
