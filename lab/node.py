@@ -71,6 +71,11 @@ class Pod:
     def tc(self, *what: str) -> str:
         return self.run("tc", *what, "dev", "eth0").stdout
 
+    def qdiscs(self) -> str:
+        """`tc qdisc show` of eth0 without HTB's direct_packets_stat, a traffic counter: what shaper made
+        there, which a pod's own packets (IPv6 neighbour and router solicitations) do not change."""
+        return re.sub(r"direct_packets_stat \d+", "direct_packets_stat -", self.tc("qdisc", "show"))
+
     def rates(self) -> dict[str, str]:
         """classid -> rate of the HTB classes on eth0."""
         return dict(re.findall(r"class htb (\S+) .*?rate (\S+)", self.tc("class", "show")))

@@ -77,13 +77,13 @@ def test_two_pods_shaped_independently(node):
 def test_requests_that_touch_nothing(node):
     agent = node.agent()
     a = node.pod()
-    before = a.tc("qdisc", "show")
+    before = a.qdiscs()
     # Reads and dry runs of a pod not shaped yet: an empty set, and nothing made there.
     assert node.request("GET", f"/targets/{a.ip}/rules") == (200, {"rules": []})
     status, plan = node.request("PUT", f"/targets/{a.ip}/rules/x?dry_run=1", rule(a.peer, "1mbit"))
     assert status == 200 and plan["dry_run"] and plan["rule_changes"]
     assert node.request("DELETE", f"/targets/{a.ip}/rules")[1] == {"deleted": []}
-    assert a.tc("qdisc", "show") == before and not os.path.exists(a.pins)
+    assert a.qdiscs() == before and not os.path.exists(a.pins)
     assert node.request("GET", "/targets")[1]["targets"] == []
 
     status, body = node.request("GET", f"/targets/10.{node.base + 3}.250.2/rules")
@@ -327,10 +327,10 @@ def test_pins_that_no_longer_match_their_namespace_are_not_adopted(node):
         assert node.request("PUT", f"/targets/{pod.ip}/rules/x", rule(pod.peer, "3mbit"))[0] == 200
     assert agent.stop() == 0
     a.run("tc", "filter", "del", "dev", "eth0", "egress")
-    before = a.tc("qdisc", "show")
+    before = a.qdiscs()
     again = node.agent()
     assert [t["target"] for t in node.request("GET", "/targets")[1]["targets"]] == [b.ip]
-    assert not os.path.exists(a.pins) and a.tc("qdisc", "show") == before  # removed its pins, touched nothing
+    assert not os.path.exists(a.pins) and a.qdiscs() == before  # removed its pins, touched nothing
     assert "filter" not in a.run("tc", "filter", "show", "dev", "eth0", "egress").stdout
     assert any(e["event"] == "pins.stale" and e["target"] == a.ip for e in again.logs()), again.text()
     assert again.stop() == 0
