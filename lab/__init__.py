@@ -39,6 +39,25 @@ READY_TIMEOUT_S = float(os.environ.get("SHAPER_READY_TIMEOUT_S", "120"))
 GUEST_READY_TIMEOUT_S = 300  # TCG is several times slower again when the host is busy
 
 
+def stop_or_dump(proc: subprocess.Popen, sig: int, timeout: float) -> bool:
+    """Send `sig` and wait for the process; True if it exited.  If it did not, SIGABRT makes
+    shaper write every thread's stack to its log (faulthandler) before it dies, so the failure
+    says where it was stuck; SIGKILL if even that does not end it."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        pass
+    proc.send_signal(signal.SIGABRT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return False
+
+
 def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
 
@@ -464,14 +483,11 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         """Signal the daemon and return its exit status.  A SIGTERM/SIGINT that does not
         end in a clean exit prints the daemon's log (pytest shows it with the failure)."""
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if not stop_or_dump(self.proc, sig, timeout):
             raise RuntimeError(f"shaper run (pid {self.proc.pid}, netns {self.netns}) still running {timeout:.0f}s "
-                               f"after {signal.Signals(sig).name}; killed\n--- daemon log ---\n{self.log_text()}")
+                               f"after {signal.Signals(sig).name}; aborted (its stacks end the log)\n"
+                               f"--- daemon log ---\n{self.log_text()}")
+        code = self.proc.returncode
         if code != 0 and sig in (signal.SIGTERM, signal.SIGINT):
             print(f"shaper run exited {code} on {signal.Signals(sig).name}; its log:\n{self.log_text()}",
                   file=sys.stderr)

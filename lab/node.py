@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 
-from lab import NetnsHTTPConnection, make_netns, sh, wait_until
+from lab import NetnsHTTPConnection, make_netns, sh, stop_or_dump, wait_until
 
 NODE_IP, CLIENT_IP = "10.79.0.1", "10.79.0.2"
 AGENT_PORT = 2333
@@ -122,15 +122,9 @@ class Agent:
             return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise RuntimeError(f"shaper agent still running {timeout:.0f}s after {signal.Signals(sig).name}:\n"
-                                   + self.text())
+        if self.proc.poll() is None and not stop_or_dump(self.proc, sig, timeout):
+            raise RuntimeError(f"shaper agent still running {timeout:.0f}s after {signal.Signals(sig).name}, "
+                               f"aborted (its stacks end the log):\n" + self.text())
         return self.proc.returncode
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ The HTTP server itself is shaper.http.server.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -145,8 +146,16 @@ def reload_rules(service: Service, path: str) -> None:
         log.warning("rules.reload", extra={"fields": {"source": path, "result": "failed", "error": str(exc)}})
 
 
+def dump_stacks_on_abort() -> None:
+    """SIGABRT writes every thread's stack to stderr (the log) before the process dies: a daemon
+    that does not stop on SIGTERM can be asked where it is stuck (`kill -ABRT`; lab does it
+    before it kills one)."""
+    faulthandler.enable(all_threads=True)
+
+
 def run(opts: DaemonOptions) -> None:
     """Run until SIGTERM/SIGINT; raises ShaperError if it cannot start."""
+    dump_stacks_on_abort()
     stop = threading.Event()
     caught: list[str] = []
     pending: list[str] = []  # other signals, handled by the main loop (never inside a handler)

@@ -12,7 +12,7 @@ from prometheus_client import disable_created_metrics
 
 from shaper import __version__
 from shaper.control.service import audit
-from shaper.daemon import IGNORED_SIGNALS, STOP_SIGNALS, TICK_S
+from shaper.daemon import IGNORED_SIGNALS, STOP_SIGNALS, TICK_S, dump_stacks_on_abort
 from shaper.http.client import DEFAULT_AGENT_PORT
 
 log = logging.getLogger("shaper")
@@ -49,6 +49,7 @@ def run(opts: AgentOptions) -> None:
     from shaper.datapath.kernel import ensure_bpffs, join_host_mounts
     from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
 
+    dump_stacks_on_abort()
     stop = threading.Event()
     caught: list[str] = []
 
