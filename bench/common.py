@@ -7,7 +7,9 @@ import atexit
 import json
 import os
 import re
+import shutil
 import statistics
+import time
 import subprocess
 import tempfile
 import uuid
@@ -17,6 +19,7 @@ from pathlib import Path
 from lab import make_netns, sh
 from shaper.control.controller import Controller
 from shaper.core.model import Rule
+from shaper.datapath import loader
 from shaper.datapath.kernel import KernelDatapath
 
 BENCH = Path(__file__).resolve().parent
@@ -59,6 +62,25 @@ def shaper_on(ifname: str, netns: str, rules: list[Rule]) -> KernelDatapath:
         dp.close()
         raise
     return dp
+
+
+def load_seconds(cached: bool) -> float:
+    """What loading the classifier takes alone, into scratch pins: compiled by the loader child
+    (`cached` False: the cache set aside) or taken from the compiled-classifier cache."""
+    pin_dir = f"/sys/fs/bpf/shaper-bench-compile-{os.getpid()}"
+    saved = os.environ.get("SHAPER_CACHE_DIR")
+    if not cached:
+        os.environ["SHAPER_CACHE_DIR"] = "off"
+    t0 = time.perf_counter()
+    try:
+        loader.load_and_pin(pin_dir)
+        return time.perf_counter() - t0
+    finally:
+        if saved is None:
+            os.environ.pop("SHAPER_CACHE_DIR", None)
+        else:
+            os.environ["SHAPER_CACHE_DIR"] = saved
+        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 def summary(values: list[float]) -> dict:

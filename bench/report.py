@@ -460,8 +460,11 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         if cli:
             w(f"`shaper apply -f` rows time what a user waits for: the whole command, from the interpreter's "
               f"start to its exit, on a rules file of {a['big']:,} prefixes (YAML as people write it). Goal "
-              "(issue 16): **<= 1.5 s** each, locally (attaching to an interface shaper is not on yet, so the "
-              "classifier's compile is part of it) and through the daemon.\n")
+              "(issue 16): **<= 1.5 s** each, locally (attaching to an interface shaper is not on yet) and "
+              "through the daemon. Locally the classifier is loaded as well: the first time on a machine (and "
+              "after a kernel or shaper upgrade) bcc compiles it, which the \"first on the machine\" row times "
+              "with the cache set aside; every later apply loads the compiled one from the cache "
+              "(`shaper.datapath.objcache`).\n")
         big = [(m, s) for (m, n), s in by.items() if n == a["big"] and n not in tcc]
         for m, s in big:
             goal = 1.5 if m in cli else 1.0
@@ -548,8 +551,9 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
     if fp:
         w("## 5. Footprint and start-up\n")
         w("`shaper run` in the pod namespace. Start to ready: from starting the process to `/readyz` answering 200 "
-          "(polled every 10 ms; includes Python start-up and compiling and loading the classifier in the loader "
-          "child, on an interface with nothing pinned). RSS is the daemon's VmRSS (VmHWM: its peak) after each "
+          "(polled every 10 ms; includes Python start-up and loading the classifier, on an interface with nothing "
+          "pinned, from the compiled-classifier cache as on any start after the first on a machine; the compile "
+          "it saves is timed alone below). RSS is the daemon's VmRSS (VmHWM: its peak) after each "
           "rule set was applied through `PUT /rules`.\n")
         mb = lambda kb: f"{kb / 1024:.1f}"
         w("| measure | value |")
@@ -558,6 +562,9 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
         if "compile_s" in fp:
             w(f"| compiling and loading the classifier alone (the loader child), s, median (min-max) of "
               f"{fp['compile_s']['n']} | {_mmm(fp['compile_s'], 1, 2)} |")
+        if "cached_load_s" in fp:
+            w(f"| loading the compiled classifier from the cache (the kernel's verifier included), s, median "
+              f"(min-max) of {fp['cached_load_s']['n']} | {_mmm(fp['cached_load_s'], 1, 2)} |")
         w(f"| RSS with 0 rules, MB (peak) | {mb(fp['rss_0']['VmRSS'])} ({mb(fp['rss_0']['VmHWM'])}) |")
         w(f"| RSS with 1,000 rules, MB (peak) | {mb(fp['rss_1k']['VmRSS'])} ({mb(fp['rss_1k']['VmHWM'])}) |")
         if "rss_big" in fp:
@@ -582,7 +589,12 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
             w("")
         verdicts.append(f"| RSS <= 60 MB at 1k rules | {mb(fp['rss_1k']['VmRSS'])} MB | "
                         f"{_ok(fp['rss_1k']['VmRSS'] <= 60 * 1024)} |")
-        if "compile_s" in fp:
+        if "cached_load_s" in fp:
+            rest = fp["ready_s"]["median"] - fp["cached_load_s"]["median"]
+            verdicts.append(f"| start to ready <= 1 s plus the compile | {fp['ready_s']['median']:.2f} s, of which "
+                            f"loading the cached classifier {fp['cached_load_s']['median']:.2f} s (compiling it: "
+                            f"{fp['compile_s']['median']:.2f} s): {rest:.2f} s besides | {_ok(rest <= 1)} |")
+        elif "compile_s" in fp:
             rest = fp["ready_s"]["median"] - fp["compile_s"]["median"]
             verdicts.append(f"| start to ready <= 1 s plus the compile | {fp['ready_s']['median']:.2f} s, of which the "
                             f"compile {fp['compile_s']['median']:.2f} s: {rest:.2f} s besides | {_ok(rest <= 1)} |")

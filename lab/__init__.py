@@ -248,13 +248,15 @@ class Lab:
         (Path(tempfile.gettempdir()) / f"{self.pod}-rules.yaml").unlink(missing_ok=True)
 
     # -- helpers ------------------------------------------------------------------------
-    def shaper(self, *args: str, check: bool = True, rules: str | None = None) -> subprocess.CompletedProcess:
+    def shaper(self, *args: str, check: bool = True, rules: str | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "shaper", *args, "--iface", POD_IF, "--netns", self.pod]
         if rules is not None:
             path = Path(tempfile.gettempdir()) / f"{self.pod}-rules.yaml"
             path.write_text(rules)
             cmd += ["-f", str(path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, **env} if env else None)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
         return proc

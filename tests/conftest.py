@@ -1,6 +1,9 @@
 """Marks each test with its tier's marker (pyproject declares them), so a tier can be selected or left
 out by marker as well as by path: `pytest tests -m "not kernel and not vm"` runs what needs no root."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,15 @@ TIER_MARKERS = {
     "fresh": ("kernel", "fresh"),
     "vm": ("vm",),
 }
+
+# The compiled-classifier cache (shaper.datapath.objcache) of this run: one compile serves every
+# daemon the tests start, and the host's /var/cache/shaper is neither read nor left written.
+_CACHE = os.environ.setdefault("SHAPER_CACHE_DIR", tempfile.mkdtemp(prefix="shaper-test-cache-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.path.basename(_CACHE).startswith("shaper-test-cache-"):
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

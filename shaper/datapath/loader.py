@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from shaper.errors import NotSupported, PermissionDenied, ShaperError
 from shaper.datapath.abi import bpf_dir
@@ -90,7 +91,7 @@ def _child(pin_dir: str) -> int:
         return EXIT_NO_BCC
     src = bpf_dir()
     try:
-        bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=[f"-I{src}"])
+        bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=cflags())
         fns = {pin: bpf.load_func(name.encode(), BPF.SCHED_CLS) for pin, name in PROGRAMS.items()}
     except Exception as exc:  # bcc raises bare Exception for compile and load errors
         text = str(exc)
@@ -115,12 +116,44 @@ def _child(pin_dir: str) -> int:
         if ret < 0:
             print(f"pinning {name} in {pin_dir} failed ({os.strerror(abs(ret))})", file=sys.stderr)
             return EXIT_FAILED
+    _keep(bpf, lib, fns)
     print(json.dumps({"pinned": sorted(pins)}))
     return 0
 
 
+def _keep(bpf: Any, lib: Any, fns: dict[str, Any]) -> None:
+    """Keep what was loaded for the next load (objcache): each program's instructions as bcc loaded
+    them, and each map as the kernel has it."""
+    import ctypes
+
+    from shaper.datapath import objcache
+    from shaper.datapath.maps import map_info
+
+    try:
+        fd_names = {bpf.get_table(name).map_fd: name for name in MAP_NAMES}
+        maps = {}
+        for fd, name in fd_names.items():
+            info = map_info(fd)
+            maps[name] = {"type": info.type, "key_size": info.key_size, "value_size": info.value_size,
+                          "max_entries": info.max_entries, "map_flags": info.map_flags}
+        license = ctypes.string_at(lib.bpf_module_license(bpf.module)).decode()
+        programs = {pin: (name, bpf.dump_func(name.encode())) for pin, name in PROGRAMS.items()}
+        objcache.store(cflags(), objcache.entry(programs, maps, fd_names, license))
+    except Exception as exc:  # a cache not kept costs the next load a compile, nothing more
+        print(f"the compiled classifier was not kept: {exc}", file=sys.stderr)
+
+
+def cflags() -> list[str]:
+    return [f"-I{bpf_dir()}"]
+
+
 def load_and_pin(pin_dir: str) -> None:
-    """Compile, load and pin the classifier and its maps in `pin_dir` (via a child)."""
+    """Load and pin the classifier and its maps in `pin_dir`: the one compiled last time for this
+    source and kernel (objcache, milliseconds), else compiled by bcc in a child."""
+    from shaper.datapath import objcache
+
+    if objcache.load_and_pin(pin_dir, cflags()):
+        return
     proc = subprocess.run(
         [sys.executable, "-m", "shaper.datapath.loader", pin_dir],
         capture_output=True,

@@ -92,11 +92,27 @@ def obj_pin(fd: int, path: str) -> None:
     _check(libbpf().bpf_obj_pin(fd, path.encode()), "pin", path)
 
 
-def prog_id(fd: int) -> int:
+def _prog_info(fd: int) -> _ProgInfo:
     info = _ProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "inspect", "program")
-    return info.id
+    return info
+
+
+def prog_id(fd: int) -> int:
+    return _prog_info(fd).id
+
+
+def prog_tag(fd: int) -> str:
+    """The kernel's hash of the program's instructions (map references left out), as bpftool shows it."""
+    return bytes(_prog_info(fd).tag).hex()
+
+
+def map_info(fd: int, what: str = "map") -> _MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "inspect", what)
+    return info
 
 
 class Map:
@@ -105,9 +121,11 @@ class Map:
     def __init__(self, path: str, key_size: int, value_size: int, *, percpu: bool = False):
         self.path = path
         self.fd = obj_get(path)
-        info = _MapInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        _check(libbpf().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)), "inspect", path)
+        try:
+            info = map_info(self.fd, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
         if (info.key_size, info.value_size) != (key_size, value_size):
             os.close(self.fd)
             raise NotSupported(
