@@ -41,7 +41,7 @@ def smoke(section: str, log):
     return {
         "classify": lambda: classify.run(counts=(1, 50), repeats=2, seconds=0.2, log=log),
         "match": lambda: match.run(counts=(1, 50), repeats=2, seconds=0.2, log=log),
-        "apply": lambda: apply.run(counts=(2,), repeats=1, big=300, log=log),
+        "apply": lambda: apply.run(counts=(2,), repeats=1, big=300, huge=2000, log=log),
         "latency": lambda: daemon.change_latency(rule_counts=(5,), changes=20, keepalive_changes=3, log=log),
         "disruption": lambda: daemon.no_disruption(seconds=2.0, pps=5000, log=log),
         "footprint": lambda: daemon.footprint(starts=1, scrapes=2, big=2000, log=log),

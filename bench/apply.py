@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from shaper.control.controller import Controller
 from shaper.datapath.kernel import KernelDatapath
-from lab import ROOT, Lab
+from lab import POD_IF, ROOT, Lab
 from shaper.core.model import parse_rule
 
 from .common import Pair, load_seconds, rule_addr, summary
@@ -163,6 +164,85 @@ def cli_apply(big: int, repeats: int, log=print) -> list[dict]:
     return rows
 
 
+def trie_size_for(n: int) -> int:
+    """The SHAPER_MAX_PREFIXES a user sets for `n` prefixes: the next power of two, 1,024 at least."""
+    return max(1024, 1 << (n - 1).bit_length())
+
+
+def _memlock(fd: int) -> int:
+    """What the kernel charges for a map (its fdinfo's memlock: the entries it holds, for a trie)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("memlock:"))
+
+
+def _peak_rss_kb(cmd: list[str], env: dict) -> tuple[float, int]:
+    """Run `cmd` through a small Python parent; its time, and the child's peak RSS (ru_maxrss, KiB)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, **env}).stdout.split()
+    return float(out[0]), int(out[1])
+
+
+def cli_apply_huge(n: int, repeats: int, log=print) -> dict:
+    """`shaper apply -f` of one rule of `n` prefixes with the tries sized for them (SHAPER_MAX_PREFIXES),
+    locally (classifier cached) and through a daemon: the times, the kernel memory the trie takes,
+    the command's peak RSS and the daemon's RSS holding them."""
+    size = trie_size_for(n)
+    env = {"SHAPER_MAX_PREFIXES": str(size)}
+    res: dict = {"n": n, "trie_size": size}
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="shaper-bench-huge-") as tmp:
+        path = Path(tmp) / "rules.yaml"
+        write_rules_file(path, 1, n)
+        res["file_bytes"] = path.stat().st_size
+        cmd = [sys.executable, "-m", "shaper", "apply", "-f", str(path), "--iface", POD_IF, "--netns", lab.pod]
+        lab.shaper("apply", "-f", str(path), env=env)  # compiles the classifier of this size, once
+        with lab.pinned_maps() as dp:
+            assert dp.lpm.max_entries == size and dp.map_entries() == n
+            res["trie_memlock_bytes"] = _memlock(dp.lpm.fd)
+        lab.shaper("reset")
+        local, peaks = [], []
+        for _ in range(repeats):
+            seconds, peak = _peak_rss_kb(cmd, env)
+            local.append(seconds)
+            peaks.append(peak)
+            assert _entries(lab) == n
+            lab.shaper("reset")
+        res["local_s"] = summary(local)
+        res["cli_peak_rss_kb"] = max(peaks)
+        log(f"  shaper apply -f 1 x {n:,}, local: median {res['local_s']['median']:.2f}s, peak RSS "
+            f"{max(peaks) / 1024:.0f} MB, trie {res['trie_memlock_bytes'] / 1e6:.0f} MB")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the daemon's environment too
+        try:
+            d = lab.daemon()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        remote = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            lab.cli("apply", "-f", str(path), "--server", f"http://127.0.0.1:{d.port}", env=env)
+            remote.append(time.perf_counter() - t0)
+            assert _entries(lab) == n
+            res["daemon_rss_kb"] = _rss_kb(d.proc.pid)
+            assert d.request("DELETE", "/rules")[0] == 200
+        res["daemon_s"] = summary(remote)
+        assert d.stop() == 0
+        log(f"  shaper apply -f 1 x {n:,}, through the daemon: median {res['daemon_s']['median']:.2f}s, "
+            f"daemon RSS {res['daemon_rss_kb'] / 1024:.0f} MB")
+    return res
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> None:
     """One PUT /rules of `body`: its time seen by the client and inside the daemon; then clear."""
     t0 = time.perf_counter()
@@ -174,7 +254,7 @@ def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> No
 
 
 def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_repeats: dict | None = None,
-        log=print) -> dict:
+        huge: int = 1_000_000, log=print) -> dict:
     ensure_tcconfig(log)
     shim = _lsmod_shim()
     tcconfig_repeats = tcconfig_repeats or {}
@@ -211,6 +291,8 @@ def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_r
             log(f"  apply {big} prefixes via the API: median {summary(bulk)['median']:.2f}s "
                 f"(inside the daemon {summary(inside)['median']:.2f}s)")
         assert d.stop() == 0
+    if huge:
+        res["huge"] = cli_apply_huge(huge, max(1, repeats - 1), log)
     if big:
         res["rows"] += cli_apply(big, repeats, log)
         for nrules, per in ((1, big), (max(1, big // 100), 100) if big >= 100 else (1, big)):

@@ -470,6 +470,26 @@ def write(results: dict, md: Path, figdir: Path) -> list[str]:
             goal = 1.5 if m in cli else 1.0
             verdicts.append(f"| {a['big']:,} prefixes applied in <= {goal:g} s: {m} | "
                             f"{s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}) | {_ok(s['median'] <= goal)} |")
+        hg = a.get("huge")
+        if hg:
+            w(f"**{hg['n']:,} prefixes** (one rule; a {hg['file_bytes'] / 1e6:.0f} MB rules file), with the tries "
+              f"sized for them (`SHAPER_MAX_PREFIXES={hg['trie_size']}`; the classifier of that size cached):\n")
+            w("| measure | value |")
+            w("|---|---:|")
+            w(f"| `shaper apply -f`, local, s, median (min-max) of {hg['local_s']['n']} | {_mmm(hg['local_s'], 1, 2)} |")
+            w(f"| `shaper apply -f`, through the daemon, s, median (min-max) of {hg['daemon_s']['n']} | "
+              f"{_mmm(hg['daemon_s'], 1, 2)} |")
+            w(f"| kernel memory of the destination trie holding them (its fdinfo memlock), MB | "
+              f"{hg['trie_memlock_bytes'] / 1e6:.0f} ({hg['trie_memlock_bytes'] / hg['n']:.0f} bytes a prefix) |")
+            w(f"| peak RSS of the `shaper apply -f` command, MB | {hg['cli_peak_rss_kb'] / 1024:.0f} |")
+            w(f"| RSS of the daemon holding them, MB | {hg['daemon_rss_kb'] / 1024:.0f} |")
+            w("")
+            for where, key in (("local", "local_s"), ("through the daemon", "daemon_s")):
+                verdicts.append(f"| {hg['n']:,} prefixes applied by `shaper apply -f` in <= 10 s, {where} | "
+                                f"{hg[key]['median']:.2f} s ({hg[key]['min']:.2f}-{hg[key]['max']:.2f}) | "
+                                f"{_ok(hg[key]['median'] <= 10)} |")
+            verdicts.append(f"| RSS <= 150 MB at {hg['n']:,} prefixes (the daemon) | {hg['daemon_rss_kb'] / 1024:.0f} MB | "
+                            f"{_ok(hg['daemon_rss_kb'] <= 150 * 1024)} |")
         if 1000 in tcc:
             verdicts.append(f"| >= 100x faster than tcconfig at 1,000 (bulk PUT /rules) | "
                             f"{tcc[1000]['median'] / bulk[1000]['median']:,.0f}x | "

@@ -17,7 +17,11 @@
  * SHAPER_HTB_MAJOR and below the kernel's automatic handles (0x8000+). */
 #define SHAPER_MAX_RULES 16383
 #define SHAPER_HTB_MAJOR 0x5348
+/* The tries' size: set with -DSHAPER_MAX_PREFIXES=N by the loader when
+ * $SHAPER_MAX_PREFIXES says so (entries are allocated as they are written). */
+#ifndef SHAPER_MAX_PREFIXES
 #define SHAPER_MAX_PREFIXES 262144
+#endif
 /* How many expired entries one lookup may step over to reach a shorter,
  * live prefix (bounded so the verifier accepts the loop). */
 #define SHAPER_MAX_FALLBACK 8

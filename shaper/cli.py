@@ -32,7 +32,8 @@ from shaper.core.changes import changes_from, describe as describe_change, natur
 from shaper.http.client import DEFAULT_AGENT_PORT, DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from shaper.errors import Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
 from shaper.core.fields import OPTIONAL_FIELDS, Field, unknown_field
-from shaper.core.model import gc_paused, parse_rule, parse_ruleset_text
+from shaper.core.model import gc_paused, max_prefixes_from, parse_rule, parse_ruleset_text
+from shaper.core.plan import set_max_prefixes
 from shaper.core.stats import format_remaining
 from shaper.core.units import format_bits_per_s, format_bytes, format_count, parse_duration_us
 
@@ -261,6 +262,11 @@ def main() -> None:
     eval "$(_SHAPER_COMPLETE=bash_source shaper)" (zsh_source, fish_source).
     """
     logging.basicConfig(format="shaper: %(message)s", level=logging.WARNING)
+    try:
+        set_max_prefixes(max_prefixes_from(os.environ))
+    except InvalidInput as exc:
+        click.echo(f"shaper: {exc}", err=True)
+        sys.exit(exc.exit_code)
 
 
 # -- the daemon ----------------------------------------------------------------------------------------------

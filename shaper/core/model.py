@@ -44,10 +44,30 @@ from shaper.core.units import format_bytes, format_rate_bits_per_s, format_size_
 # The kernel maps' sizes: bpf/shaper.h's SHAPER_MAX_RULES and SHAPER_MAX_PREFIXES, which
 # shaper.datapath.abi checks against these at import (the pure core reads no C file).
 MAX_RULES = 16383
-MAX_PREFIXES = 262144
+DEFAULT_MAX_PREFIXES = 262144
+# The tries' size: bpf/shaper.h's default, or $SHAPER_MAX_PREFIXES for every shaper process on
+# a machine (plan.set_max_prefixes sets it at start; tries made with one size are adopted only by
+# a process of that size). The kernel allocates an entry when it is written, not for the size.
+MAX_PREFIXES = DEFAULT_MAX_PREFIXES
+LARGEST_MAX_PREFIXES = 1 << 24
 # bpf/shaper.h's SHAPER_META_LEN: a rule's record (every field but dst, as JSON) must fit it.
 META_LEN = 1020
 MTU_BYTES = 1500
+
+
+def max_prefixes_from(environ: Mapping[str, str]) -> int:
+    """$SHAPER_MAX_PREFIXES, checked; the default without it."""
+    text = environ.get("SHAPER_MAX_PREFIXES", "").strip()
+    if not text:
+        return DEFAULT_MAX_PREFIXES
+    form = f"a whole number of prefixes per trie, 1024 to {LARGEST_MAX_PREFIXES:,} (1048576 for a million)"
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise InvalidInput("SHAPER_MAX_PREFIXES", f"{text!r} is not a number", form) from None
+    if not 1024 <= value <= LARGEST_MAX_PREFIXES:
+        raise InvalidInput("SHAPER_MAX_PREFIXES", f"{value} is out of range", form)
+    return value
 # HTB takes a class's burst as the time it lasts at the rate, in the kernel's
 # 64 ns scheduler ticks, in a u32: a burst longer than ~274.9 s at its rate
 # does not fit (1gb at 1mbit would be 8,590 s) and must be refused here, not

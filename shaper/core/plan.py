@@ -362,6 +362,14 @@ def _kept(old: ObservedRule, rule: Rule, same: bool, expiry: int, observed: Obse
     return ops, [DeleteClass(slot, d) for d in DIRECTIONS if d not in rule.directions and slot in observed.tree(d)]
 
 
+def set_max_prefixes(value: int) -> None:
+    """The tries' size for this process (model.max_prefixes_from): what plans and checks count against."""
+    from shaper.core import model
+
+    global MAX_PREFIXES
+    MAX_PREFIXES = model.MAX_PREFIXES = value
+
+
 def _entry_ops(upserts: Mapping[Prefix, Entry], stale: tuple[Prefix, ...], direction: str,
                union: int) -> list[Operation]:
     """A trie's writes, then its removals; the other way round when the old and new keys side by side

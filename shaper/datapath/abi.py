@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from shaper.core.model import MAX_PREFIXES, MAX_RULES
+from shaper.core.model import DEFAULT_MAX_PREFIXES, MAX_RULES
 from shaper.core.plan import Entry, Inline, PortEntry, PortKey
 
 _TYPES = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}
@@ -97,7 +97,7 @@ F_PORT = CONSTANTS["SHAPER_F_PORT"]
 PORT_KEY_BASE_BITS = 32 + 8  # a port key's prefixlen counts the group and the protocol, then port bits
 
 
-for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", MAX_PREFIXES)):
+for _name, _value in (("SHAPER_MAX_RULES", MAX_RULES), ("SHAPER_MAX_PREFIXES", DEFAULT_MAX_PREFIXES)):
     if CONSTANTS[_name] != _value:
         raise ImportError(f"bpf/shaper.h: {_name} is {CONSTANTS[_name]}, shaper.core.model says {_value}")
 

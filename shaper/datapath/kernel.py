@@ -586,6 +586,7 @@ class KernelDatapath:
                     self.close_maps()
                 else:
                     self._check_owner(own)
+                    self._check_size()
             if not adopted:
                 self.check_accounted()
                 # Before the compile and the pins: a root someone else configured refuses the
@@ -631,6 +632,17 @@ class KernelDatapath:
             self._undo(created)
             raise
         return "adopted" if adopted else "attached"
+
+    def _check_size(self) -> None:
+        """Refuse to adopt tries of another size than this process plans for (SHAPER_MAX_PREFIXES)."""
+        from shaper.core import model
+
+        assert self.lpm is not None
+        if self.lpm.max_entries != model.MAX_PREFIXES:
+            raise Conflict(f"{self.ifname}'s tries hold {self.lpm.max_entries:,} prefixes (made with "
+                           f"SHAPER_MAX_PREFIXES={self.lpm.max_entries}); this shaper uses {model.MAX_PREFIXES:,}: "
+                           f"run it with SHAPER_MAX_PREFIXES={self.lpm.max_entries}, or remove the shaping with "
+                           f"`shaper reset` and apply again")
 
     def _check_owner(self, own: dict) -> None:
         """Refuse to adopt shaping that the other kind of controller set up (node agent / sidecar)."""

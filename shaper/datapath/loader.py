@@ -73,7 +73,7 @@ def _die_with_parent() -> bool:
     return not parent.isdigit() or os.getppid() == int(parent)
 
 
-def _child(pin_dir: str) -> int:
+def _child(pin_dir: str, flags: list[str]) -> int:
     if not _die_with_parent():
         print("the process that started the loader is gone: nothing loaded", file=sys.stderr)
         return EXIT_FAILED
@@ -91,7 +91,7 @@ def _child(pin_dir: str) -> int:
         return EXIT_NO_BCC
     src = bpf_dir()
     try:
-        bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=cflags())
+        bpf = BPF(src_file=str(src / "classifier.c").encode(), cflags=flags)
         fns = {pin: bpf.load_func(name.encode(), BPF.SCHED_CLS) for pin, name in PROGRAMS.items()}
     except Exception as exc:  # bcc raises bare Exception for compile and load errors
         text = str(exc)
@@ -116,12 +116,12 @@ def _child(pin_dir: str) -> int:
         if ret < 0:
             print(f"pinning {name} in {pin_dir} failed ({os.strerror(abs(ret))})", file=sys.stderr)
             return EXIT_FAILED
-    _keep(bpf, lib, fns)
+    _keep(bpf, lib, flags)
     print(json.dumps({"pinned": sorted(pins)}))
     return 0
 
 
-def _keep(bpf: Any, lib: Any, fns: dict[str, Any]) -> None:
+def _keep(bpf: Any, lib: Any, flags: list[str]) -> None:
     """Keep what was loaded for the next load (objcache): each program's instructions as bcc loaded
     them, and each map as the kernel has it."""
     import ctypes
@@ -138,13 +138,17 @@ def _keep(bpf: Any, lib: Any, fns: dict[str, Any]) -> None:
                           "max_entries": info.max_entries, "map_flags": info.map_flags}
         license = ctypes.string_at(lib.bpf_module_license(bpf.module)).decode()
         programs = {pin: (name, bpf.dump_func(name.encode())) for pin, name in PROGRAMS.items()}
-        objcache.store(cflags(), objcache.entry(programs, maps, fd_names, license))
+        objcache.store(flags, objcache.entry(programs, maps, fd_names, license))
     except Exception as exc:  # a cache not kept costs the next load a compile, nothing more
         print(f"the compiled classifier was not kept: {exc}", file=sys.stderr)
 
 
 def cflags() -> list[str]:
-    return [f"-I{bpf_dir()}"]
+    from shaper.core import model
+
+    """What the classifier is compiled with: its headers, and the tries' size where not the default."""
+    size = model.MAX_PREFIXES
+    return [f"-I{bpf_dir()}", *([f"-DSHAPER_MAX_PREFIXES={size}"] if size != model.DEFAULT_MAX_PREFIXES else [])]
 
 
 def load_and_pin(pin_dir: str) -> None:
@@ -152,10 +156,11 @@ def load_and_pin(pin_dir: str) -> None:
     source and kernel (objcache, milliseconds), else compiled by bcc in a child."""
     from shaper.datapath import objcache
 
-    if objcache.load_and_pin(pin_dir, cflags()):
+    flags = cflags()  # this process's: the child does not read the settings (the tries' size) itself
+    if objcache.load_and_pin(pin_dir, flags):
         return
     proc = subprocess.run(
-        [sys.executable, "-m", "shaper.datapath.loader", pin_dir],
+        [sys.executable, "-m", "shaper.datapath.loader", pin_dir, *flags],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
@@ -180,4 +185,4 @@ def load_and_pin(pin_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))
+    sys.exit(_child(sys.argv[1], sys.argv[2:]))

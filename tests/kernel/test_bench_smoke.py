@@ -55,7 +55,11 @@ def test_bench_smoke(tmp_path):
     for r in m["cost_rows"]:
         assert r["runs"] > 0 and r["ns_per_run"]["min"] > 0, r
 
-    a = results["apply"] = apply.run(counts=(2,), repeats=1, big=300, log=lambda *_: None)
+    a = results["apply"] = apply.run(counts=(2,), repeats=1, big=300, huge=2000, log=lambda *_: None)
+    # Past 1,024 prefixes with the tries sized for them: locally and through a daemon of that size.
+    assert a["huge"]["trie_size"] == 2048 and a["huge"]["trie_memlock_bytes"] > 2000 * 16
+    assert a["huge"]["local_s"]["n"] == 1 and a["huge"]["daemon_s"]["median"] > 0
+    assert a["huge"]["cli_peak_rss_kb"] > 10_000 and a["huge"]["daemon_rss_kb"] > 10_000
     methods = {r["method"]: r for r in a["rows"]}
     assert methods["tcconfig tcset --add x N"]["checks"][0]["filters"] == 2
     assert methods["tcconfig tcset --add x N"]["checks"][0]["failures"] == 0
