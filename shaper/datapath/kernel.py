@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Mapping
 from shaper.datapath import abi, loader
 from shaper.core import plan as P
 from shaper.datapath.interface import AttachResult
-from shaper.datapath.maps import Map, libbpf, obj_get, obj_pin, prog_id
+from shaper.datapath.maps import Map, map_create, obj_get, obj_pin, prog_id
 from shaper.errors import Conflict, KernelError, NotSupported, PermissionDenied, ShaperError
 from shaper.core.model import Prefix
 from shaper.core.stats import ClassStats, RuleCounters
@@ -338,28 +338,13 @@ _BPF_MAP_TYPE_HASH = 1
 _BPF_F_NO_PREALLOC = 1
 
 
-class _MapCreateOpts(ctypes.Structure):
-    # libbpf 1.x struct bpf_map_create_opts; the kernel-side fields shaper sets are map_flags only.
-    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
-                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
-                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
-                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
-
-
 def _create_intent_map(path: str) -> None:
     """Create and pin the intent map: a hash of 4 KiB chunks, allocated only while a change runs.
 
     Created here rather than by the loader so pins made by an earlier shaper gain it
     without a reload; removing the pin directory removes it with the rest."""
-    lib = libbpf()
-    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                                   ctypes.c_uint32, ctypes.c_void_p]
-    lib.bpf_map_create.restype = ctypes.c_int
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=_BPF_F_NO_PREALLOC)
-    fd = lib.bpf_map_create(_BPF_MAP_TYPE_HASH, b"shaper_intent", 4, _INTENT_CHUNK, _INTENT_MAX_CHUNKS,
-                            ctypes.byref(opts))
-    if fd < 0:
-        raise KernelError("create", f"the intent map {path}", -fd)
+    fd = map_create(_BPF_MAP_TYPE_HASH, "shaper_intent", 4, _INTENT_CHUNK, _INTENT_MAX_CHUNKS, _BPF_F_NO_PREALLOC,
+                    f"the intent map {path}")
     try:
         obj_pin(fd, path)
     finally:

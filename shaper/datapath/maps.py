@@ -44,6 +44,14 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
+class _MapCreateOpts(ctypes.Structure):
+    # libbpf 1.x struct bpf_map_create_opts; the kernel-side field shaper sets is map_flags only.
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
 @lru_cache(maxsize=None)
 def libbpf() -> ctypes.CDLL:
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
@@ -64,6 +72,8 @@ def libbpf() -> ctypes.CDLL:
         "bpf_map_lookup_batch": [ctypes.c_int, vp, vp, vp, vp, u32p, vp],
         "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, u32p],
         "libbpf_num_possible_cpus": [],
+        "bpf_map_create": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp],
+        "bpf_prog_load": [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, vp],
     }.items():
         getattr(lib, fn).argtypes = args
         getattr(lib, fn).restype = ctypes.c_int
@@ -82,6 +92,21 @@ def _check(ret: int, op: str, obj: str) -> int:
 
 def possible_cpus() -> int:
     return _check(libbpf().libbpf_num_possible_cpus(), "count", "possible CPUs")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int,
+               what: str) -> int:
+    """A new map's fd (bpf_map_create); `what` names it in the error."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
+                                          ctypes.byref(opts)), "create", what)
+
+
+def prog_load(prog_type: int, name: str, license: str, insns: bytes) -> int:
+    """A program's fd (bpf_prog_load, without the verifier's log: a refusal is only its errno)."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    return _check(libbpf().bpf_prog_load(prog_type, name.encode(), license.encode(), buf, len(insns) // 8, None),
+                  "load", f"program {name}")
 
 
 def obj_get(path: str) -> int:

@@ -20,7 +20,6 @@ is not shaping); deleting the directory is always safe.
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from functools import lru_cache
 from typing import Any
 
 from shaper.datapath.abi import bpf_dir
+from shaper.errors import ShaperError
 
 log = logging.getLogger("shaper")
 
@@ -42,14 +42,6 @@ INSN = struct.Struct("<BBhi")  # code, dst_reg:4 | src_reg:4, off, imm
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots, imm in both
 PSEUDO_MAP_FD = 1
 PROG_TYPE_SCHED_CLS = 3
-
-
-class _MapCreateOpts(ctypes.Structure):
-    """libbpf 1.x struct bpf_map_create_opts."""
-    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
-                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
-                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
-                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
 
 
 def directory() -> str | None:
@@ -176,40 +168,28 @@ def read(cflags: list[str]) -> dict | None:
 def load_and_pin(pin_dir: str, cflags: list[str]) -> bool:
     """Load the kept classifier and pin its programs and maps in `pin_dir` as the loader child does;
     False (and nothing left in `pin_dir`) if there is none or it does not load."""
-    from shaper.datapath.maps import libbpf
+    from shaper.datapath.maps import map_create, obj_pin, prog_load
 
     data = read(cflags)
     if data is None:
         return False
-    lib = _prog_lib(libbpf())
     fds: dict[str, int] = {}
     progs: dict[str, int] = {}
     pinned: list[str] = []
     made_dir = not os.path.isdir(pin_dir)
     try:
         for name, spec in data["maps"].items():
-            opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=spec["map_flags"])
-            fd = lib.bpf_map_create(spec["type"], name.encode(), spec["key_size"], spec["value_size"],
-                                    spec["max_entries"], ctypes.byref(opts))
-            if fd < 0:
-                raise OSError(-fd, f"creating map {name}: {os.strerror(-fd)}")
-            fds[name] = fd
+            fds[name] = map_create(spec["type"], name, spec["key_size"], spec["value_size"], spec["max_entries"],
+                                   spec["map_flags"], f"map {name}")
         for pin, prog in data["programs"].items():
             insns = with_fds(base64.b64decode(prog["insns"]), [(i, n) for i, n in prog["maps"]], fds)
-            buf = ctypes.create_string_buffer(insns, len(insns))
-            fd = lib.bpf_prog_load(PROG_TYPE_SCHED_CLS, prog["name"].encode(), data["license"].encode(), buf,
-                                   len(insns) // INSN.size, None)
-            if fd < 0:
-                raise OSError(-fd, f"loading {prog['name']}: {os.strerror(-fd)}")
-            progs[pin] = fd
+            progs[pin] = prog_load(PROG_TYPE_SCHED_CLS, prog["name"], data["license"], insns)
         os.makedirs(pin_dir, exist_ok=True)
         for name, fd in {**progs, **fds}.items():
-            ret = lib.bpf_obj_pin(fd, os.path.join(pin_dir, name).encode())
-            if ret < 0:
-                raise OSError(-ret, f"pinning {name}: {os.strerror(-ret)}")
+            obj_pin(fd, os.path.join(pin_dir, name))
             pinned.append(name)
         return True
-    except (OSError, KeyError, TypeError, ValueError) as exc:
+    except (ShaperError, OSError, KeyError, TypeError, ValueError) as exc:
         for name in pinned:
             try:
                 os.unlink(os.path.join(pin_dir, name))
@@ -225,13 +205,3 @@ def load_and_pin(pin_dir: str, cflags: list[str]) -> bool:
     finally:
         for fd in [*fds.values(), *progs.values()]:
             os.close(fd)
-
-
-@lru_cache(maxsize=None)
-def _prog_lib(lib: ctypes.CDLL) -> ctypes.CDLL:
-    u32, vp = ctypes.c_uint32, ctypes.c_void_p
-    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, u32, u32, u32, vp]
-    lib.bpf_map_create.restype = ctypes.c_int
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, vp]
-    lib.bpf_prog_load.restype = ctypes.c_int
-    return lib
