@@ -167,10 +167,11 @@ def in_netns(netns: str, fn: Callable[[], T]) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
-def _netlink_socket(netns: str | None) -> socket.socket:
-    """A NETLINK_ROUTE socket in a named network namespace (or this one)."""
+def _netlink_socket(netns: str | None, kind: int = socket.SOCK_RAW) -> socket.socket:
+    """A NETLINK_ROUTE socket in a named network namespace (or this one); `kind` SOCK_DGRAM for
+    pyroute2 (asyncio takes only datagram sockets; for netlink both kinds are the same)."""
     def open_socket() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        return socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE)
 
     if not netns:
         return open_socket()
@@ -202,7 +203,11 @@ class Tc:
                 f"no network namespace named {netns!r}"
             raise InvalidInput("netns", what, "a name listed by `ip netns list`")
         try:
-            self.ipr = IPRoute(netns=netns) if netns else IPRoute()
+            # In a namespace, from a socket opened by a thread that joined it (in_netns), not
+            # pyroute2's netns=: that forks this multi-threaded process for each socket, and a
+            # child stuck on a lock another thread held at the fork is never reaped (pyroute2
+            # ends it with SIGTERM, which the child's inherited handler only notes, then waits).
+            self.ipr = IPRoute(fileno=_netlink_socket(netns, socket.SOCK_DGRAM).detach()) if netns else IPRoute()
         except NetlinkError as exc:
             raise _kernel_error(exc, "open netlink in", netns or "this namespace") from None
         found = self.ipr.link_lookup(ifname=ifname)
