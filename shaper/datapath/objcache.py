@@ -6,7 +6,7 @@ What the compile produces depends only on the source, the kernel headers (the ru
 release and build) and the flags, so the loader child, after a compile, keeps what it loaded:
 each program's instructions, where they refer to a map, and each map's kind and sizes as the
 kernel reports them.  The next load in this process or any other creates the maps, puts their
-file descriptors into those instructions, and loads them with libbpf: a few milliseconds.  The
+file descriptors into those instructions, and loads them with libbpf: about 0.1 s.  The
 kernel's verifier checks them as it checked the compiled ones; anything unexpected (a changed
 source, a different kernel, a damaged entry, a refusal) falls back to the compile, whose errors
 are the ones users see.
