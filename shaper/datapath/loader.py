@@ -144,16 +144,16 @@ def _keep(bpf: Any, lib: Any, flags: list[str]) -> None:
 
 
 def cflags() -> list[str]:
+    """What the classifier is compiled with: its headers, and the tries' size where not the default."""
     from shaper.core import model
 
-    """What the classifier is compiled with: its headers, and the tries' size where not the default."""
     size = model.MAX_PREFIXES
     return [f"-I{bpf_dir()}", *([f"-DSHAPER_MAX_PREFIXES={size}"] if size != model.DEFAULT_MAX_PREFIXES else [])]
 
 
 def load_and_pin(pin_dir: str) -> None:
     """Load and pin the classifier and its maps in `pin_dir`: the one compiled last time for this
-    source and kernel (objcache, milliseconds), else compiled by bcc in a child."""
+    source and kernel (objcache, about 0.1 s), else compiled by bcc in a child."""
     from shaper.datapath import objcache
 
     flags = cflags()  # this process's: the child does not read the settings (the tries' size) itself
