@@ -105,16 +105,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # The compiled-classifier cache of this run (section 5 times the compile without it): what a
     # user has after the first load on a machine, and no state read from or left on the host.
-    cache = os.environ.setdefault("SHAPER_CACHE_DIR", tempfile.mkdtemp(prefix="shaper-bench-cache-"))
+    own_cache = None if os.environ.get("SHAPER_CACHE_DIR") else tempfile.mkdtemp(prefix="shaper-bench-cache-")
+    if own_cache:
+        os.environ["SHAPER_CACHE_DIR"] = own_cache
     results: dict = {"meta": {**machine(), "smoke": args.smoke, "loadavg_start": os.getloadavg()[0]}}
     t0 = time.monotonic()
-    for section in args.sections:
-        log(f"bench: {section}")
-        s0 = time.monotonic()
-        results[section] = (smoke if args.smoke else full)(section, log)
-        log(f"bench: {section} done in {time.monotonic() - s0:.0f}s")
-    if os.path.basename(cache).startswith("shaper-bench-cache-"):
-        shutil.rmtree(cache, ignore_errors=True)
+    try:
+        for section in args.sections:
+            log(f"bench: {section}")
+            s0 = time.monotonic()
+            results[section] = (smoke if args.smoke else full)(section, log)
+            log(f"bench: {section} done in {time.monotonic() - s0:.0f}s")
+    finally:
+        if own_cache:
+            shutil.rmtree(own_cache, ignore_errors=True)
     results["meta"]["duration_s"] = time.monotonic() - t0
     results["meta"]["loadavg_end"] = os.getloadavg()[0]
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,15 @@ TIER_MARKERS = {
 
 # The compiled-classifier cache (shaper.datapath.objcache) of this run: one compile serves every
 # daemon the tests start, and the host's /var/cache/shaper is neither read nor left written.
-_CACHE = os.environ.setdefault("SHAPER_CACHE_DIR", tempfile.mkdtemp(prefix="shaper-test-cache-"))
+# A pytest run inside one (the VM tier's guests, the fresh tier) uses its parent's.
+_OWN_CACHE = None if os.environ.get("SHAPER_CACHE_DIR") else tempfile.mkdtemp(prefix="shaper-test-cache-")
+if _OWN_CACHE:
+    os.environ["SHAPER_CACHE_DIR"] = _OWN_CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if os.path.basename(_CACHE).startswith("shaper-test-cache-"):
-        shutil.rmtree(_CACHE, ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
