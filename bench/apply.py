@@ -28,6 +28,7 @@ from lab import POD_IF, ROOT, Lab
 from shaper.core.model import parse_rule
 
 from .common import Pair, load_seconds, rule_addr, summary
+from .daemon import rss_kb
 
 VENV = ROOT / ".venv-bench"
 TCSET = VENV / "bin" / "tcset"
@@ -213,34 +214,20 @@ def cli_apply_huge(n: int, repeats: int, log=print) -> dict:
         res["cli_peak_rss_kb"] = max(peaks)
         log(f"  shaper apply -f 1 x {n:,}, local: median {res['local_s']['median']:.2f}s, peak RSS "
             f"{max(peaks) / 1024:.0f} MB, trie {res['trie_memlock_bytes'] / 1e6:.0f} MB")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the daemon's environment too
-        try:
-            d = lab.daemon()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        d = lab.daemon(env=env)
         remote = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             lab.cli("apply", "-f", str(path), "--server", f"http://127.0.0.1:{d.port}", env=env)
             remote.append(time.perf_counter() - t0)
             assert _entries(lab) == n
-            res["daemon_rss_kb"] = _rss_kb(d.proc.pid)
+            res["daemon_rss_kb"] = rss_kb(d.proc.pid)["VmRSS"]
             assert d.request("DELETE", "/rules")[0] == 200
         res["daemon_s"] = summary(remote)
         assert d.stop() == 0
         log(f"  shaper apply -f 1 x {n:,}, through the daemon: median {res['daemon_s']['median']:.2f}s, "
             f"daemon RSS {res['daemon_rss_kb'] / 1024:.0f} MB")
     return res
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> None:

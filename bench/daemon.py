@@ -205,7 +205,7 @@ def no_disruption(seconds: float = 6.0, pps: float = 20_000, log=print) -> dict:
     return res
 
 
-def _rss_kb(pid: int) -> dict:
+def rss_kb(pid: int) -> dict:
     text = open(f"/proc/{pid}/status").read()
     return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in ("VmRSS", "VmHWM")}
 
@@ -262,14 +262,14 @@ def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print)
         res["compile_s"] = summary([load_seconds(cached=False) for _ in range(starts)])
         res["cached_load_s"] = summary([load_seconds(cached=True) for _ in range(starts)])
         time.sleep(0.5)
-        res["rss_0"] = _rss_kb(d.proc.pid)
+        res["rss_0"] = rss_kb(d.proc.pid)
         assert d.request("PUT", "/rules", {"rules": _base_rules(1000)})[0] == 200
-        res["rss_1k"] = _rss_kb(d.proc.pid)
+        res["rss_1k"] = rss_kb(d.proc.pid)
         res["scrape_1k_s"], text = _scrapes(d, scrapes, 1000)
         res["scrape_bytes"] = len(text)
         res["series_1k"] = _series(text)
         assert d.request("PUT", "/rules", {"rules": _base_rules(10_000)})[0] == 200
-        res["rss_10k"] = _rss_kb(d.proc.pid)
+        res["rss_10k"] = rss_kb(d.proc.pid)
         res["scrape_10k_s"], text = _scrapes(d, scrapes, 10_000)
         res["scrape_10k_bytes"] = len(text)
         res["series_10k"] = _series(text)
@@ -281,7 +281,7 @@ def footprint(starts: int = 3, scrapes: int = 20, big: int = 100_000, log=print)
                                                f"{(i * per + j) & 255}/32" for j in range(per)], "rate": "10mbit"}
                     for i in range(nrules)]
             assert d.request("PUT", "/rules", {"rules": body})[0] == 200
-            res["rss_big"] = _rss_kb(d.proc.pid)
+            res["rss_big"] = rss_kb(d.proc.pid)
             res["big"] = big
         assert d.stop() == 0
     log(f"  footprint: ready {res['ready_s']}, RSS 0/1k/big {res['rss_0']} {res['rss_1k']} {res.get('rss_big')}, "

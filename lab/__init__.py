@@ -270,9 +270,10 @@ class Lab:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
         return proc
 
-    def daemon(self, *args: str, port: int = 2332, wait: bool = True) -> "Daemon":
-        """Start `shaper run --iface shp0` inside the pod namespace, listening on its loopback."""
-        d = Daemon(self.pod, port, args)
+    def daemon(self, *args: str, port: int = 2332, wait: bool = True, env: dict | None = None) -> "Daemon":
+        """Start `shaper run --iface shp0` inside the pod namespace, listening on its loopback; `env` is
+        added to this process's environment for it."""
+        d = Daemon(self.pod, port, args, env)
         self.daemons.append(d)
         if wait:
             self.wait_ready(d)
@@ -409,14 +410,15 @@ class Lab:
 class Daemon:
     """A `shaper run` in a namespace (as in a pod: nsenter keeps the host's /sys/fs/bpf)."""
 
-    def __init__(self, netns: str, port: int, args: tuple[str, ...]):
+    def __init__(self, netns: str, port: int, args: tuple[str, ...], env: dict | None = None):
         self.netns = netns
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix=f"{netns}-daemon-", suffix=".log", delete=False)
         cmd = ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "shaper", "run", "--iface", POD_IF,
                "--listen", f"127.0.0.1:{port}", *args]
         # Its own process group, as under a supervisor: tests can signal the group (killpg).
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=ROOT, start_new_session=True,
+                                     env={**os.environ, **env} if env else None)
 
     def logs(self) -> list[dict]:
         with open(self.log.name) as f:
