@@ -194,3 +194,134 @@ def test_packed_entries_match_one_by_one_packing():
     assert keys == b"".join(abi.pack_key(p.prefixlen, p.addr) for p in upsert.entries)
     assert values == b"".join(abi.pack_entry(v) for v in upsert.entries.values())
     assert len(keys) == 4 * abi.LPM_KEY.size and struct.unpack_from("=I", keys)[0] == 104
+
+
+# Lists of IPv4 hosts: checked and packed as one text (model._v4_hosts) when long enough.
+
+def _host_lists(rng: random.Random) -> list[list]:
+    def host() -> str:
+        v = rng.getrandbits(32)
+        return f"{v >> 24}.{v >> 16 & 255}.{v >> 8 & 255}.{v & 255}" + rng.choice(["", "/32"])
+
+    spoilers = ["010.0.0.1", "256.0.0.1", "10.0.0", "10.0.0.1.2", "10.0.0.1/24", "10.0.0.1/", "/32", "",
+                " 10.0.0.1", "10.0.0.1\n10.0.0.2", "10.0.0.1/32/32", "1.2.3.4/032", "٣.1.1.1", "::1", 5, None,
+                "10..0.1", "10.0.0.1\n"]
+    lists = []
+    for spoiler in spoilers:
+        hosts = [host() for _ in range(model._BULK_MIN + rng.randrange(50))]
+        hosts.insert(rng.randrange(len(hosts)), spoiler)
+        lists.append(hosts)
+    lists.append([host() for _ in range(2000)] * 2)  # repeats
+    lists.append([host() for _ in range(model._BULK_MIN)])
+    return lists
+
+
+def test_host_lists_parse_as_one_by_one():
+    rng = random.Random(13)
+    bulk_taken = 0
+    for raw in _host_lists(rng):
+        bulk_taken += model._v4_hosts(raw) is not None
+        try:
+            got = model._parse_dst(raw, "")
+        except InvalidInput as exc:
+            got = str(exc)
+        expected: object
+        try:
+            keys = []
+            for i, text in enumerate(raw):
+                p = Prefix.parse(text, f"dst[{i}]")
+                keys.append(p)
+            expected = tuple(sorted(set(keys)))
+        except InvalidInput as exc:
+            expected = str(exc)
+        assert got == expected, raw
+        assert type(got) is str or all(type(p) is Prefix for p in got)
+    assert bulk_taken == 2  # only the lists without a spoiler: the others went one by one
+
+
+# Long runs of host lines in a YAML document: cut out before libyaml (model.load_rules_yaml).
+
+def _hosts(n: int, start: int = 0) -> list[str]:
+    return [f"10.{(start + i) >> 16 & 255}.{(start + i) >> 8 & 255}.{(start + i) & 255}" + ("/32" if i % 3 else "")
+            for i in range(n)]
+
+
+def _block(items: list[str], indent: int) -> str:
+    return "".join(f"{' ' * indent}- {h}\n" for h in items)
+
+
+N = model._RUN_MIN + 10
+FAST_DOCS = {
+    "rules": "rules:\n  - name: a\n    dst:\n" + _block(_hosts(N), 6) + "  - name: b\n    rate: 1mbit\n    dst:\n"
+             + _block(_hosts(3 * N, 5000), 4) + "    delay: 5ms\n",
+    "mixed items": "rules:\n- name: a\n  dst:\n  - fd00::1\n" + _block(_hosts(N), 2) + "  - '10.9.9.9'\n"
+                   + _block(_hosts(N, 900), 2) + "  # a comment\n" + _block(_hosts(N, 1900), 2)
+                   + "  - 10.0.0.0/24\n",
+    "odd octets stay strings": "x:\n" + _block(["999.1.1.1", "1.2.3.4/32"] * N, 0),
+    "at the end, no newline": "rules:\n- name: a\n  dst:\n" + _block(_hosts(N), 2) + "  - 10.200.0.1",
+    "trailing spaces": "l:\n" + "".join(f"  - {h}   \n" for h in _hosts(N)),
+    "alias": "a: &x\n" + _block(_hosts(N), 2) + "b: *x\n",
+    "nested": "l:\n  -\n" + _block(_hosts(N), 4) + "  - except:\n" + _block(_hosts(N, 300), 6),
+}
+SLOW_DOCS = {
+    "literal block": "text: |\n" + _block(_hosts(N), 2) + "other: 1\n",
+    "plain continuation": "x: foo\n" + _block(_hosts(N), 2),
+    "flow": "x: [\n" + _block(_hosts(N), 2) + "]\n",
+    "forged tag": "x:\n" + _block(_hosts(N), 2) + "y:\n  - !<tag:shaper.io,2026:hosts> 0\n",
+    "error after a run": "rules:\n- name: a\n  dst:\n" + _block(_hosts(N), 2) + " bad: [\n",
+    "bad indentation": "rules:\n  - name: a\n    dst:\n" + _block(_hosts(N), 4) + "  dst: 1\n",
+}
+
+
+def _load(doc: str | bytes, loader) -> object:
+    try:
+        return yaml.load(doc, Loader=loader)
+    except yaml.YAMLError as exc:
+        return f"error: {exc}"
+
+
+@pytest.mark.parametrize("name", sorted(FAST_DOCS))
+def test_host_runs_load_as_yaml_does(name, monkeypatch):
+    doc = FAST_DOCS[name]
+    expected = _load(doc, yaml.SafeLoader)
+    assert not str(expected).startswith("error"), expected
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("loaded the original text again")
+
+    monkeypatch.setattr(model.yaml, "load", no_fallback)
+    for text in (doc, doc.encode()):
+        assert model.load_rules_yaml(text) == expected
+
+
+@pytest.mark.parametrize("name", sorted(SLOW_DOCS))
+def test_misplaced_runs_load_the_original_text(name, monkeypatch):
+    doc = SLOW_DOCS[name]
+    assert _load(doc, yaml.SafeLoader) == _load(doc, RulesLoader) or str(_load(doc, RulesLoader)).startswith("error")
+    fell_back = []
+    load = yaml.load
+
+    def spy(*args, **kwargs):
+        fell_back.append(1)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(model.yaml, "load", spy)
+    for text in (doc, doc.encode()):
+        expected = _load(text, RulesLoader)  # an error names the kind of text it read
+        try:
+            got = model.load_rules_yaml(text)
+        except yaml.YAMLError as exc:
+            got = f"error: {exc}"
+        assert got == expected
+    assert len(fell_back) == 4  # once for the expected result, once by load_rules_yaml
+
+
+def test_a_big_rules_file_with_an_error_keeps_its_line():
+    text = "rules:\n  - name: a\n    dst:\n" + _block(_hosts(5 * N), 6) + "  - name: b\n    dst: [10.99.0.1]\n    delay: soon\n"
+    with pytest.raises(InvalidInput) as err:
+        parse_ruleset_text(text, "-f", "r.yaml")
+    assert f"r.yaml:{6 + 5 * N}: rules[1].delay" in str(err.value)
+    bad = text.replace("10.0.1.7/32", "10.0.1.07/32")
+    with pytest.raises(InvalidInput) as err:
+        parse_ruleset_text(bad, "-f", "r.yaml")
+    assert "r.yaml:" + str(bad.splitlines().index("      - 10.0.1.07/32") + 1) + ":" in str(err.value)
