@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import repeat
+from operator import itemgetter, methodcaller
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import yaml
@@ -259,7 +260,7 @@ class Rule:
 
     def to_dict(self) -> dict[str, Any]:
         """The user-facing form: the fields people write, defaults left out."""
-        out: dict[str, Any] = {"name": self.name, "dst": [str(p) for p in self.dst]}
+        out: dict[str, Any] = {"name": self.name, "dst": prefix_texts(self.dst)}
         for spec in OPTIONAL_FIELDS:
             value = getattr(self, spec.attr)
             if value != spec.default:
@@ -439,6 +440,15 @@ def _v4_hosts(raw_dst: list) -> list[bytes] | None:
         return list(map(_pton4, hosts))
     except OSError:  # not a dotted quad, an octet over 255 or with a leading zero
         return None
+
+
+def prefix_texts(prefixes: tuple[Prefix, ...]) -> list[str]:
+    """[str(p) for p in prefixes], written from C for a long list of IPv4 hosts."""
+    if len(prefixes) >= _BULK_MIN and set(map(itemgetter(1), prefixes)) == {128}:
+        addrs = list(map(itemgetter(0), prefixes))
+        if all(map(methodcaller("startswith", _V4_MAPPED_HEAD), addrs)):
+            return list(map("{}/32".format, map(socket.inet_ntoa, map(itemgetter(slice(12, 16)), addrs))))
+    return [str(p) for p in prefixes]
 
 
 def _parse_dst(raw_dst: list, prefix: str, peers: str = "dst") -> tuple[Prefix, ...]:

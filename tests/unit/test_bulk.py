@@ -325,3 +325,14 @@ def test_a_big_rules_file_with_an_error_keeps_its_line():
     with pytest.raises(InvalidInput) as err:
         parse_ruleset_text(bad, "-f", "r.yaml")
     assert "r.yaml:" + str(bad.splitlines().index("      - 10.0.1.07/32") + 1) + ":" in str(err.value)
+
+
+def test_prefix_texts_as_str_writes_them():
+    rng = random.Random(14)
+    hosts = [Prefix.parse(h, "x") for h in _hosts(3 * N)]
+    lists = [hosts, hosts[:N], hosts + [Prefix.parse("10.0.0.0/24", "x")], hosts + [Prefix.parse("fd00::1", "x")],
+             hosts + [Prefix.parse("::ffff:0:0/128", "x")], hosts[:3],
+             [Prefix.parse(str(ipaddress.IPv4Address(rng.getrandbits(32))), "x") for _ in range(2 * N)]]
+    for prefixes in lists:
+        assert model.prefix_texts(tuple(prefixes)) == [str(p) for p in prefixes]
+    assert model.prefix_texts(tuple(hosts))[0] == "10.0.0.0/32"
