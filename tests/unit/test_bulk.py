@@ -257,7 +257,8 @@ FAST_DOCS = {
     "mixed items": "rules:\n- name: a\n  dst:\n  - fd00::1\n" + _block(_hosts(N), 2) + "  - '10.9.9.9'\n"
                    + _block(_hosts(N, 900), 2) + "  # a comment\n" + _block(_hosts(N, 1900), 2)
                    + "  - 10.0.0.0/24\n",
-    "odd octets stay strings": "x:\n" + _block(["999.1.1.1", "1.2.3.4/32"] * N, 0),
+    "odd words stay strings": "x:\n" + _block(["999.1.1.1", "1.2.3.4/32", "1.2.3", "1.2.", "01.02.03.04",
+                                                "1.2.3.4/99/", "1.2.3.4.5.6", "12345.6.7"] * N, 0),
     "at the end, no newline": "rules:\n- name: a\n  dst:\n" + _block(_hosts(N), 2) + "  - 10.200.0.1",
     "trailing spaces": "l:\n" + "".join(f"  - {h}   \n" for h in _hosts(N)),
     "alias": "a: &x\n" + _block(_hosts(N), 2) + "b: *x\n",
