@@ -569,26 +569,25 @@ def load_rules_yaml(text: str | bytes) -> object:
     """yaml.load(text, Loader=RulesLoader), quicker for long lists of IPv4 hosts.
 
     libyaml makes a node, and PyYAML resolves and constructs it, for every item: half the
-    time `shaper apply -f` took for a file of 1,000,000 hosts.  Each long run of host lines (_RUN) is cut
-    out and a one-item placeholder, with a tag the document does not contain, takes its place;
-    the loader puts the run's items back where it meets the placeholder in a sequence.  If
-    any placeholder is not met exactly once as an item of its own (a run inside a block
-    scalar, a plain scalar's continuation line, a flow collection) or the changed text
-    does not load, the original text is loaded as it is, so the result and its errors are
-    yaml.load's."""
+    time `shaper apply -f` took for a file of 1,000,000 hosts.  Each long run of host lines
+    (_RUN) is cut out and a one-item placeholder, with a tag the document does not contain,
+    takes its place; the loader puts the run's items back where it meets the placeholder in
+    a sequence.  If any placeholder is not met exactly once as an item of its own (a run
+    inside a block scalar, a plain scalar's continuation line, a flow collection) or the
+    changed text does not load, the original text is loaded as it is, so the result and
+    its errors are yaml.load's.  Lists written in flow style ([a, b]) take libyaml's way."""
     runs: list[list[str]] = []
     source = _utf8(text) if len(text) >= _RUN_MIN * 10 else None
     if source is not None and _HOSTS_TAG not in source:  # a document cannot forge one
-        tag = _HOSTS_TAG
 
         def cut(m: re.Match) -> str:
             runs.append(m.group(0).split()[1::2])
-            return f"{m.group(1)}- !<{tag}> {len(runs) - 1}\n"
+            return f"{m.group(1)}- !<{_HOSTS_TAG}> {len(runs) - 1}\n"
 
         changed = _RUN.sub(cut, source)
     if runs:
         loader = RulesLoader(changed)
-        loader.hosts_tag, loader.hosts_runs, loader.hosts_used = tag, runs, [False] * len(runs)
+        loader.hosts_tag, loader.hosts_runs, loader.hosts_used = _HOSTS_TAG, runs, [False] * len(runs)
         try:
             data = loader.get_single_data()
             if all(loader.hosts_used):

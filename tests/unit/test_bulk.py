@@ -318,7 +318,8 @@ def test_misplaced_runs_load_the_original_text(name, monkeypatch):
 
 
 def test_a_big_rules_file_with_an_error_keeps_its_line():
-    text = "rules:\n  - name: a\n    dst:\n" + _block(_hosts(5 * N), 6) + "  - name: b\n    dst: [10.99.0.1]\n    delay: soon\n"
+    text = ("rules:\n  - name: a\n    dst:\n" + _block(_hosts(5 * N), 6)
+            + "  - name: b\n    dst: [10.99.0.1]\n    delay: soon\n")
     with pytest.raises(InvalidInput) as err:
         parse_ruleset_text(text, "-f", "r.yaml")
     assert f"r.yaml:{6 + 5 * N}: rules[1].delay" in str(err.value)
