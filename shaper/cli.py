@@ -715,12 +715,13 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
         if iface is None:
             _no_netns_without_iface(netns)
             progress.step(f"{'planning' if dry_run else 'applying'} {counted} through {server}")
-            result = _client(server, token_file).replace({"rules": [r.to_dict() for r in rules]}, dry_run)
+            result = _client(server, token_file).replace({"rules": [r.to_dict() for r in rules]}, dry_run,
+                                                         minimal=True)
             progress.finish(counted + (" planned" if dry_run else " applied"))
             if dry_run:
                 _print_dry_run(server, result.get("rule_changes"), len(rules), result["changes"])
             else:
-                click.echo(f"{server}: {len(result['rules'])} rule(s) applied")
+                click.echo(f"{server}: {len(result.get('names', result.get('rules', ())))} rule(s) applied")
             return
         _no_target_with_iface()
         progress.step(f"{'reading' if dry_run else 'attaching to'} {iface}")

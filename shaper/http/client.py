@@ -71,8 +71,8 @@ class Client:
         finally:
             conn.close()
 
-    def request(self, method: str, path: str, data: Any = None) -> Any:
-        headers = {"Accept": "application/json"}
+    def request(self, method: str, path: str, data: Any = None, extra: dict[str, str] | None = None) -> Any:
+        headers = {"Accept": "application/json", **(extra or {})}
         body = b""
         if data is not None:
             body = json.dumps(data).encode()
@@ -110,8 +110,11 @@ class Client:
     def delete(self, name: str) -> list[str]:
         return self.request("DELETE", f"/rules/{quote(name, safe='')}")["deleted"]
 
-    def replace(self, document: dict, dry_run: bool = False) -> dict:
-        return self.request("PUT", "/rules" + ("?dry_run=1" if dry_run else ""), document)
+    def replace(self, document: dict, dry_run: bool = False, minimal: bool = False) -> dict:
+        """PUT /rules. minimal: ask for the rules' names only (Prefer: return=minimal); a daemon
+        from before it answers with the rules, so read `rules` or `names`, whichever came."""
+        extra = {"Prefer": "return=minimal"} if minimal else None
+        return self.request("PUT", "/rules" + ("?dry_run=1" if dry_run else ""), document, extra)
 
     def clear(self) -> list[str]:
         return self.request("DELETE", "/rules")["deleted"]

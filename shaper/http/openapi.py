@@ -48,6 +48,9 @@ _RULE_OR_PREVIEW = {"application/json": {"schema": {"oneOf": [{"$ref": "#/compon
                                                               {"$ref": "#/components/schemas/RulePreview"}]}}}
 _DRY_RUN = {"name": "dry_run", "in": "query", "schema": {"type": "boolean"}, "required": False,
             "description": "Validate and list the changes (changes, rule_changes), change nothing."}
+_PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+           "description": "return=minimal (RFC 7240): answer with the rules' names, not the rules written back "
+                          "(a million destinations); the response then says Preference-Applied: return=minimal."}
 # Any route: an unknown query parameter (422). Routes that take a body: malformed JSON or a key
 # twice (400), a body above 32 MiB (413), one that takes longer than 60 s (408), or more body
 # bytes in flight across all requests than the daemon holds (503, Retry-After).
@@ -96,7 +99,7 @@ PATHS: dict[str, dict[str, dict]] = {
         "get": _op("List the rules in force", ok=_RULES, errors=(503,)),
         "put": _op("Replace the whole rule set atomically (all or nothing)", ok=_REPLACED,
                    errors=(400, 422, 500, 501, 503),
-                   body=_RULES, auth=True),
+                   body=_RULES, auth=True, params=[_PREFER]),
         "delete": _op("Remove every rule (the classifier stays attached)", ok=_DELETED, errors=(500, 503), auth=True),
     },
     "/rules/{name}": {
@@ -160,8 +163,12 @@ def document(version: str) -> dict[str, Any]:
                                 # A rules file's "rules:" with nothing after it is YAML's null; the API
                                 # takes the same document, so null is accepted there too (no rules).
                                 "nullable": True, "description": "The rules; null is the same as []."}}},
-                "Replaced": {"type": "object", "additionalProperties": False, "required": ["rules"], "properties": {
-                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}, **_PREVIEW}},
+                "Replaced": {"type": "object", "additionalProperties": False,
+                             "anyOf": [{"required": ["rules"]}, {"required": ["names"]}], "properties": {
+                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
+                    "names": {"type": "array", "items": {"type": "string"},
+                              "description": "With Prefer: return=minimal, in place of rules: the rules' names."},
+                    **_PREVIEW}},
                 "RuleChange": {
                     "type": "object", "additionalProperties": False, "required": ["name", "change"],
                     "properties": {

@@ -285,6 +285,10 @@ def test_reads_and_dry_runs_touch_nothing_and_the_first_put_shapes(world):
     assert record == {"target": "10.0.0.1", "container": "web"} and dp.attached and len(dp.classes) == 1
     assert call(api, "GET", "/targets")[1]["targets"][0]["rules"] == 1
     assert call(api, "GET", "/targets/10.0.0.1")[1]["container"] == "web"
+    # A whole set through the agent, asked for the names only (the CLI's `apply -f --target`).
+    status, body = call(api, "PUT", "/targets/10.0.0.1/rules", {"rules": [{"name": "db", "dst": ["10.1.0.1"]}]},
+                        headers={**AUTH, "Prefer": "return=minimal"})
+    assert (status, body) == (200, {"names": ["db"]})
     status, text = call(api, "GET", "/metrics")
     assert 'shaper_rules{container="web",interface="eth0",target="10.0.0.1"} 1.0' in text
     assert "shaper_agent_targets 1.0" in text

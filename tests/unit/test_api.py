@@ -129,6 +129,26 @@ def test_replace_is_atomic(api, env):
     assert call(api, "PUT", "/rules", {"rules": [], "extra": 1})[0] == 422
 
 
+@pytest.mark.parametrize("prefer, minimal", [
+    ("return=minimal", True), ('RETURN="Minimal"; x=1', True), ("respond-async, return=minimal", True),
+    ("return=representation", False), ("return", False), ("minimal", False), ("", False), (None, False)])
+def test_replace_answers_with_names_when_the_client_prefers_minimal(api, env, prefer, minimal):
+    """Prefer: return=minimal (RFC 7240) on PUT /rules: the names, not a million destinations written
+    back; the same with ?dry_run=1, and anything else is the full answer (a preference, never an error)."""
+    doc = {"rules": [{"name": "x", "dst": ["10.1.0.0/16"], "rate": "5mbit"}, {"name": "y", "dst": ["10.2.0.1"]}]}
+    headers = {} if prefer is None else {"prefer": prefer}
+    for path in ("/rules?dry_run=1", "/rules"):
+        resp = api.handle("PUT", path, headers, json.dumps(doc).encode(), "10.0.0.9")
+        body = resp.json()
+        assert resp.status == 200 and ("names" in body) is minimal and ("rules" in body) is not minimal
+        assert (resp.headers.get("Preference-Applied") == "return=minimal") is minimal
+        assert body.get("names", [r["name"] for r in body.get("rules", ())]) == ["x", "y"]
+        assert body.get("dry_run") is (True if "dry_run" in path else None)
+        schema = openapi.document("x")["components"]["schemas"]["Replaced"]
+        assert set(body) <= set(schema["properties"]) and any(set(r["required"]) <= set(body) for r in schema["anyOf"])
+    assert sorted(r.name for r in env[2].rules()) == ["x", "y"]
+
+
 def test_replace_rolls_back_when_the_kernel_refuses(api, env):
     fake, _, service = env
     call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "50ms"})

@@ -122,6 +122,31 @@ def test_apply_and_reset_through_the_daemon(daemon, tmp_path):
     assert code == 0 and out == "http://127.0.0.1:2332: deleted 2 rule(s)\n" and not fake.observe().rules
 
 
+def test_apply_asks_for_a_minimal_answer_and_reads_either(daemon, tmp_path, monkeypatch):
+    """`apply -f` asks the daemon for the names only (Prefer: return=minimal); a daemon from before
+    that ignores the header and writes every rule back is counted the same."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: a, dst: [10.0.0.1], delay: 5ms}\n  - {name: b, dst: [10.0.0.2], "
+                     "rate: 1mbit}\n")
+    inner, answers = client_mod.Client.transport, []
+
+    def recording(self, method, path, headers, body, strip=False):
+        if strip:
+            headers = {k: v for k, v in headers.items() if k != "Prefer"}
+        status, raw = inner(self, method, path, headers, body)
+        answers.append((headers.get("Prefer"), json.loads(raw)))
+        return status, raw
+
+    monkeypatch.setattr(client_mod.Client, "transport", recording)
+    code, out, _ = run("apply", "-f", str(rules))
+    assert code == 0 and out == "http://127.0.0.1:2332: 2 rule(s) applied\n"
+    assert answers[-1] == ("return=minimal", {"names": ["a", "b"]})
+    monkeypatch.setattr(client_mod.Client, "transport", lambda *a: recording(*a, strip=True))
+    code, out, _ = run("apply", "-f", str(rules))
+    assert code == 0 and out == "http://127.0.0.1:2332: 2 rule(s) applied\n"
+    assert answers[-1][0] is None and [r["name"] for r in answers[-1][1]["rules"]] == ["a", "b"]
+
+
 def test_status_and_watch(daemon, monkeypatch):
     fake, _ = daemon
     run("rule", "set", "a", "--dst", "10.0.0.0/24", "--delay", "5ms")
