@@ -19,9 +19,13 @@ It was written to weigh the exact-match hash lever of issue 16, which is not bui
 from __future__ import annotations
 
 import ctypes
+import os
+import socket
 import statistics
 import struct
 import sys
+
+from shaper.core.model import Prefix
 
 SOURCE = r"""
 struct key { u32 prefixlen; u8 addr[16]; };
@@ -80,15 +84,16 @@ class TestRunOpts(ctypes.Structure):
 
 
 def host(i: int) -> bytes:
-    """The i-th host of 10.0.0.0/8, IPv4-mapped as in shaper's keys."""
-    return b"\x00" * 10 + b"\xff\xff" + struct.pack("!I", (10 << 24) + i)
+    """The i-th host of 10.0.0.0/8 as the 16 bytes of shaper's key (IPv4-mapped, by the model)."""
+    return Prefix.parse(socket.inet_ntoa(struct.pack("!I", (10 << 24) + i)), "dst").addr
 
 
-def _key(table, addr: bytes, offset: int):
+def _key(table, addr: bytes, prefixlen: int | None = None):
+    """A map key of `table`'s type holding addr: a trie's (prefixlen, then addr) or a hash's (addr alone)."""
     key = table()
-    if offset:
-        key.prefixlen = 128
-    ctypes.memmove(ctypes.addressof(key) + offset, addr, 16)
+    if prefixlen is not None:
+        key.prefixlen = prefixlen
+    ctypes.memmove(ctypes.addressof(key) + (0 if prefixlen is None else 4), addr, 16)
     return key
 
 
@@ -107,20 +112,21 @@ def measure(n: int, hit: bool, repeat: int = 4000, rounds: int = 5) -> dict[str,
             trie, hashed, keys = prog["trie"], prog["hash"], prog["keys"]
             if mode in (1, 3):
                 for i in range(n):
-                    trie[_key(trie.Key, host(i), 4)] = trie.Leaf(1)
+                    trie[_key(trie.Key, host(i), 128)] = trie.Leaf(1)
             if mode in (2, 3):
                 for i in range(n):
-                    hashed[_key(hashed.Key, host(i), 0)] = hashed.Leaf(1)
+                    hashed[_key(hashed.Key, host(i))] = hashed.Leaf(1)
             for i, addr in enumerate(wanted):
-                keys[ctypes.c_int(i)] = _key(keys.Leaf, addr, 4)
+                keys[ctypes.c_int(i)] = _key(keys.Leaf, addr, 128)
         fds = {m: p.load_func("run", p.SCHED_CLS).fd for m, p in progs.items()}
         runs: dict[int, list[float]] = {m: [] for m in MODES}
         for _ in range(rounds):
             for mode, fd in fds.items():
                 opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.addressof(packet),
                                    data_size_in=len(packet), repeat=repeat)
-                if lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts)) != 0:
-                    raise OSError(ctypes.get_errno(), "BPF_PROG_TEST_RUN failed")
+                rc = lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
+                if rc != 0:  # libbpf returns -errno
+                    raise OSError(-rc, f"BPF_PROG_TEST_RUN failed: {os.strerror(-rc)}")
                 runs[mode].append(opts.duration / LOOKUPS)
     finally:
         for prog in progs.values():
