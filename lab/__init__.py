@@ -37,6 +37,7 @@ CLIENT = {"client": "10.78.0.2", "gateway": "10.78.0.1"}  # Lab.add_client: a th
 # over a minute.  Waits poll a condition, so the bound costs nothing when things go well.
 READY_TIMEOUT_S = float(os.environ.get("SHAPER_READY_TIMEOUT_S", "120"))
 GUEST_READY_TIMEOUT_S = 300  # TCG is several times slower again when the host is busy
+VM_DIED = 255  # vng's status when the guest ended without the script's (a panic, qemu gone)
 
 
 def stop_or_dump(proc: subprocess.Popen, sig: int, timeout: float) -> bool:
@@ -113,7 +114,7 @@ def vng_path() -> str | None:
 
 
 def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: bool = False,
-              timeout: float | None = None, on_line=None) -> subprocess.CompletedProcess:
+              timeout: float | None = None, on_line=None, console: bool = False) -> subprocess.CompletedProcess:
     """Run a shell command as root in a VM booting one of Debian's stock kernels (virtme-ng, TCG).
 
     The VM sees this host's filesystem read-only, `rwdir` writable (also its
@@ -122,7 +123,12 @@ def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: b
     `kernel` is an image path (default: the newest).  With `on_line`, each line
     of output (the guest's and vng's, merged) is passed to it as it arrives and
     also returned.  On a timeout the whole VM (vng, qemu) is killed before
-    subprocess.TimeoutExpired is raised."""
+    subprocess.TimeoutExpired is raised.
+
+    With `console`, the guest kernel's console at loglevel 5 (errors and warnings: an oops,
+    a WARN splat, a panic's report) goes to stderr, so with `on_line` it is among the
+    lines.  Without it a guest that panics leaves nothing but vng's exit status 255
+    (VM_DIED): vng boots with panic=-1, and qemu ends without the script's status."""
     kernel, vng = kernel or vm_kernel(), vng_path()
     if not kernel or not vng:
         raise RuntimeError("no VM kernel (linux-image-amd64) or virtme-ng (vng): run `make setup`")
@@ -139,6 +145,10 @@ def run_in_vm(command: str, rwdir: str, *, kernel: str | None = None, capture: b
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
     cmd = [vng, "-r", kernel, "--disable-kvm", "--force-9p", "--memory", "2G", "--cpus", "2",
            "--rwdir", str(rwdir), "--exec", f"bash {script}"]
+    if console:
+        # --verbose shows the boot console; loglevel=5 (the last loglevel wins) keeps only
+        # what is worse than a notice.  An oops raises the level by itself.
+        cmd[-2:-2] = ["--verbose", "--append", "loglevel=5"]
     piped = capture or on_line is not None
     # Its own session, so a timeout or an interrupt can end qemu as well as vng.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if piped else None,

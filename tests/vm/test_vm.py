@@ -6,16 +6,21 @@ ones the netem, ingress and API tests.  Ingress runs on the older kernels only: 
 where the ifb's quirks live (it drops what mirred did not send it), and the kernel
 tier covers ingress on the running kernel; the fuzzer and the seed scenario test
 shaper, not the kernel.  Each suite takes 7-9 minutes under TCG on an idle machine and
-15-25 on a busy one (ingress is about half of the 6.1 suite); the timeouts are 25 minutes each."""
+15-25 on a busy one (ingress is about half of the 6.1 suite); the timeouts are 25 minutes each.
+The guest kernel's errors and warnings are among the output.  A guest that dies without
+the script's status (a panic) is booted once more, and a pass on that second boot still
+warns with the first boot's last lines."""
 
 import re
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from lab import kernel_release, run_in_vm, vm_kernels
+from lab import VM_DIED, kernel_release, run_in_vm, vm_kernels
 from tests.support.tiers import require_tier, vm_tier_problem
 
 KERNELS = vm_kernels()
@@ -38,11 +43,28 @@ def test_two_kernel_series_for_the_vm_tier():
 def test_guest_suite_in_vm(kernel, tmp_path):
     require_tier(vm_tier_problem(kernel))
     suite = NEWEST if kernel == KERNELS[-1] else OLDER
-    start = time.monotonic()
-    print(f"\n--- VM {kernel_release(kernel)}: {suite} ---", flush=True)
-    proc = run_in_vm(f"SHAPER_IN_VM=1 SHAPER_REQUIRE_ALL_TIERS=1 {sys.executable} -m pytest {suite} -q -s "
-                     "-p no:cacheprovider -ra", str(tmp_path), kernel=kernel, timeout=GUEST_TIMEOUT_S,
-                     on_line=lambda line: print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True))
+    command = (f"SHAPER_IN_VM=1 SHAPER_REQUIRE_ALL_TIERS=1 {sys.executable} -m pytest {suite} -q -s "
+               "-p no:cacheprovider -ra")
+
+    def boot(n: int) -> subprocess.CompletedProcess:
+        start = time.monotonic()
+        print(f"\n--- VM {kernel_release(kernel)}, boot {n}: {suite} ---", flush=True)
+        rwdir = tmp_path / f"boot{n}"
+        rwdir.mkdir()
+        # With the kernel's console: a guest that panics says why among the lines.
+        return run_in_vm(command, str(rwdir), kernel=kernel, timeout=GUEST_TIMEOUT_S, console=True,
+                         on_line=lambda line: print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True))
+
+    proc = boot(1)
+    if proc.returncode == VM_DIED:
+        # The guest ended without the script's status: a kernel panic or qemu gone, not a
+        # test's verdict.  Once in CI (6.12, no output at all) it did so and was not seen
+        # again here; boot once more, and say so even when the second boot passes.
+        first = proc.stdout.splitlines()[-40:]
+        proc = boot(2)
+        if proc.returncode == 0:
+            warnings.warn(f"the {kernel_release(kernel)} guest died (vng status {VM_DIED}) and passed on a "
+                          "second boot; the first boot's last lines:\n" + "\n".join(first))
     assert proc.returncode == 0, f"guest tests on {kernel_release(kernel)} failed (output above)"
     # pytest's own final line (the guests' output may itself say "skipped", e.g. schemathesis phases).
     final = [line for line in proc.stdout.splitlines() if re.fullmatch(r"=* ?\d+ passed.* in [\d.]+s.*", line)][-1]
