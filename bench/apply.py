@@ -202,6 +202,8 @@ def cli_apply_huge(n: int, repeats: int, log=print) -> dict:
         with lab.pinned_maps() as dp:
             assert dp.lpm.max_entries == size and dp.map_entries() == n
             res["trie_memlock_bytes"] = _memlock(dp.lpm.fd)
+            assert dp.dst_host is not None and dp.dst_host.count() == n  # every prefix is a host
+            res["host_hash_memlock_bytes"] = _memlock(dp.dst_host.fd)
         lab.shaper("reset")
         local, peaks = [], []
         for _ in range(repeats):
@@ -213,7 +215,8 @@ def cli_apply_huge(n: int, repeats: int, log=print) -> dict:
         res["local_s"] = summary(local)
         res["cli_peak_rss_kb"] = max(peaks)
         log(f"  shaper apply -f 1 x {n:,}, local: median {res['local_s']['median']:.2f}s, peak RSS "
-            f"{max(peaks) / 1024:.0f} MB, trie {res['trie_memlock_bytes'] / 1e6:.0f} MB")
+            f"{max(peaks) / 1024:.0f} MB, trie {res['trie_memlock_bytes'] / 1e6:.0f} MB, host hash "
+            f"{res['host_hash_memlock_bytes'] / 1e6:.0f} MB")
         d = lab.daemon(env=env)
         remote = []
         for _ in range(repeats):

@@ -7,13 +7,14 @@ keys read from an array (spread evenly over the N hosts for "hit", outside them 
 
 - trie: an LPM trie holding N /128 keys (IPv4-mapped hosts, shaper's key layout);
 - hash: a hash of the same N addresses (16-byte keys);
-- hash then trie: the hash, and the trie only where the hash has no entry: what an
-  exact-match hash in front of shaper's trie would cost;
+- hash then trie: the hash, and the trie only where the hash has no entry: what the
+  classifier's dst_host hash in front of dst_lpm costs;
 
 less a base program that reads the same keys and looks nothing up.  Prints nanoseconds
 per lookup, median of the rounds.  This is the lookup alone, on keys the repeats keep in
 cache; section 7 of docs/benchmarks.md measures the whole classifier on real traffic.
-It was written to weigh the exact-match hash lever of issue 16, which is not built.
+It was written to weigh the exact-match hash lever of issue 16 before it was built
+(bpf/shaper.h: dst_host).
 """
 
 from __future__ import annotations

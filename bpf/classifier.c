@@ -26,6 +26,10 @@
 
 BPF_LPM_TRIE(dst_lpm, struct shaper_lpm_key, struct shaper_lpm_val, SHAPER_MAX_PREFIXES);
 BPF_LPM_TRIE(src_lpm, struct shaper_lpm_key, struct shaper_lpm_val, SHAPER_MAX_PREFIXES);
+/* dst_lpm's prefixlen-128 entries again, by whole address (see shaper.h).
+ * Entries are allocated as they are written; the buckets (16 bytes per
+ * entry it may hold: 4 MiB at the default size) are allocated with the map. */
+BPF_F_TABLE("hash", struct shaper_host_key, struct shaper_lpm_val, dst_host, SHAPER_MAX_PREFIXES, BPF_F_NO_PREALLOC);
 BPF_LPM_TRIE(port_lpm, struct shaper_port_key, struct shaper_port_val, SHAPER_MAX_PORT_ENTRIES);
 BPF_PERCPU_ARRAY(rule_stats, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
 BPF_PERCPU_ARRAY(rule_stats_in, struct shaper_rule_stats, SHAPER_MAX_RULES + 1);
@@ -194,10 +198,19 @@ static __always_inline int shaper_classify(struct __sk_buff *skb, const int ingr
 	 * An entry of prefix length 0 (an `except`, or ::/0) stops the walk. */
 #pragma unroll
 	for (int i = 0; i < SHAPER_MAX_FALLBACK; i++) {
-		if (ingress)
-			val = src_lpm.lookup(&key);
-		else
-			val = dst_lpm.lookup(&key);
+		val = NULL;
+		/* Egress looks in the host hash first: a host's entry without the
+		 * trie's walk.  Missed, the trie answers as it would alone (it holds
+		 * every entry).  Ingress has no hash (its lookups, by the sources of
+		 * what arrives, are not where the rates were lost). */
+		if (i == 0 && !ingress)
+			val = dst_host.lookup((struct shaper_host_key *)key.addr);
+		if (!val) {
+			if (ingress)
+				val = src_lpm.lookup(&key);
+			else
+				val = dst_lpm.lookup(&key);
+		}
 		if (!val)
 			return TC_ACT_OK;
 		/* Parsed with the first entry found, whether or not a port rule needs

@@ -84,6 +84,7 @@ def _parse(text: str) -> tuple[dict[str, int], dict[str, CStruct]]:
 CONSTANTS, STRUCTS = _parse((bpf_dir() / "shaper.h").read_text())
 
 LPM_KEY = STRUCTS["shaper_lpm_key"].codec  # prefixlen, addr
+HOST_KEY = STRUCTS["shaper_host_key"].codec  # addr: a host hash's key, the trie key's address
 LPM_VAL = STRUCTS["shaper_lpm_val"].codec  # classid, slot, expires_ns, prefixlen, group, flags
 PORT_KEY = STRUCTS["shaper_port_key"].codec  # prefixlen, group, proto, port_hi, port_lo, pad
 PORT_VAL = STRUCTS["shaper_port_val"].codec  # classid, slot, expires_ns

@@ -288,6 +288,17 @@ def _pack_entries(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     return keys, b"".join(map(packed.__getitem__, map(id, values)))
 
 
+def _pack_hosts(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
+    """dst_host's keys and values for the prefixlen-128 entries of `entries` (IPv6 /128s,
+    IPv4 /32s): the whole address, and the value the trie holds for it (abi.pack_entry)."""
+    hosts = [(p.addr, v) for p, v in entries.items() if p.prefixlen == HOST_PREFIXLEN]
+    if not hosts:
+        return b"", b""
+    values = list(map(itemgetter(1), hosts))
+    packed = {id(v): abi.pack_entry(v) for v in dict(zip(map(id, values), values)).values()}
+    return b"".join(map(itemgetter(0), hosts)), b"".join(map(packed.__getitem__, map(id, values)))
+
+
 def _read_trie(trie: Map) -> dict[Prefix, P.Entry]:
     entries: dict[Prefix, P.Entry] = {}
     values: dict[bytes, P.Entry] = {}  # a rule's entries share a value or two: decode each once
@@ -301,8 +312,20 @@ def _read_trie(trie: Map) -> dict[Prefix, P.Entry]:
 
 
 def _pins_complete_in(pin_dir: str) -> bool:
-    return all(os.path.exists(os.path.join(pin_dir, n))
-               for n in (loader.PROG_PIN, loader.PROG_IN_PIN) + loader.MAP_NAMES)
+    """Every pin there: the programs and maps, and the host hash unless the pins were made without
+    one (an earlier shaper's, whose classifier does not read it: their record does not say
+    `host_hash`).  Without that, losing only the hash's pin would let the next controller adopt
+    a classifier that reads a hash it could no longer write."""
+    if not all(os.path.exists(os.path.join(pin_dir, n))
+               for n in (loader.PROG_PIN, loader.PROG_IN_PIN) + loader.MAP_NAMES):
+        return False
+    if all(os.path.exists(os.path.join(pin_dir, n)) for n in loader.HOST_MAPS):
+        return True
+    try:
+        own = _record0(pin_dir)
+    except (OSError, ValueError, ShaperError):
+        return True  # an unreadable record is refused where it is read
+    return not (own or {}).get("host_hash")
 
 
 def _first_version_pins_in(pin_dir: str) -> bool:
@@ -329,6 +352,7 @@ def _record0(pin_dir: str) -> dict | None:
     return json.loads(abi.unpack_meta(raw)) if raw else None
 
 
+HOST_PREFIXLEN = 128  # a whole address, as the tries store it (IPv4 mapped): the host hashes' entries
 INTENT_PIN = "intent"
 _INTENT_CHUNK = 4096  # bytes per map value
 _INTENT_MAX_CHUNKS = 4096  # 16 MiB: a change of 524,288 prefixes packs to well under half
@@ -382,6 +406,8 @@ class KernelDatapath:
         self.ports: Map | None = None
         self.stats_in: Map | None = None
         self.ingress_cfg: Map | None = None
+        # The host hash beside dst_lpm (None in pins made before it: see loader.HOST_MAPS).
+        self.dst_host: Map | None = None
         # The program this process attached or adopted, held open: what readiness compares
         # the interface's filter with, and what is pinned again if the pins vanish.
         self.prog_fd: int | None = None
@@ -431,6 +457,8 @@ class KernelDatapath:
         self.ports = Map(os.path.join(self.pin_dir, "port_lpm"), abi.PORT_KEY.size, abi.PORT_VAL.size)
         self.stats_in = Map(os.path.join(self.pin_dir, "rule_stats_in"), 4, abi.RULE_STATS.size, percpu=True)
         self.ingress_cfg = Map(os.path.join(self.pin_dir, "ingress_cfg"), 4, abi.INGRESS_CFG.size)
+        hosts = os.path.join(self.pin_dir, "dst_host")
+        self.dst_host = Map(hosts, abi.HOST_KEY.size, abi.LPM_VAL.size) if os.path.exists(hosts) else None
 
     def read_record(self, slot: int) -> dict | None:
         assert self.meta is not None
@@ -495,6 +523,8 @@ class KernelDatapath:
         objects = {loader.PROG_PIN: self.prog_fd, "dst_lpm": self.lpm, "rule_stats": self.stats,
                    "rule_meta": self.meta, "src_lpm": self.src_lpm, "port_lpm": self.ports,
                    "rule_stats_in": self.stats_in, "ingress_cfg": self.ingress_cfg}
+        if self.dst_host is not None:
+            objects["dst_host"] = self.dst_host
         if self.prog_in_fd is not None:
             objects[loader.PROG_IN_PIN] = self.prog_in_fd
         if self._intent is not None:  # an interrupted change's undo must survive a restart too
@@ -592,6 +622,7 @@ class KernelDatapath:
                 self.open_maps()
                 self._write_record(0, {"version": RECORD_VERSION, "ifindex": self.tc.ifindex,
                                        "ifname": self.ifname, "created_clsact": False,
+                                       "host_hash": self.dst_host is not None,
                                        **({"agent": self.agent} if self.agent is not None else {})})
             own = self.read_record(0) or {}
             if own and own.get("ifname") != self.ifname:  # adopted after a rename
@@ -891,11 +922,11 @@ class KernelDatapath:
 
     def close_maps(self) -> None:
         for m in (self.lpm, self.stats, self.meta, self._intent, self.src_lpm, self.ports, self.stats_in,
-                  self.ingress_cfg):
+                  self.ingress_cfg, self.dst_host):
             if m:
                 m.close()
         self.lpm = self.stats = self.meta = self._intent = None
-        self.src_lpm = self.ports = self.stats_in = self.ingress_cfg = None
+        self.src_lpm = self.ports = self.stats_in = self.ingress_cfg = self.dst_host = None
 
     def remove_pins(self) -> None:
         if os.path.isdir(self.pin_dir):
@@ -946,8 +977,17 @@ class KernelDatapath:
             elif isinstance(op, (P.CreateClass, P.ChangeClass, P.SetLeaf, P.DeleteClass)):
                 self._class_op(op)
             elif isinstance(op, P.UpsertEntries):
+                # The trie first, then the hash: a new host is in the trie (which the hash's
+                # miss falls through to) before the hash has it.
                 self._trie(op.direction).update_packed(*_pack_entries(op.entries))
+                hosts = self._hosts(op.direction)
+                if hosts is not None:
+                    hosts.update_packed(*_pack_hosts(op.entries))
             elif isinstance(op, P.DeleteEntries):
+                # The hash first: a host gone from it still has its trie entry until that goes.
+                hosts = self._hosts(op.direction)
+                if hosts is not None:
+                    hosts.delete_many([p.addr for p in op.prefixes if p.prefixlen == HOST_PREFIXLEN])
                 trie = self.src_lpm if op.direction == "ingress" else self.lpm  # nothing to set up to delete
                 trie.delete_many([abi.pack_key(p.prefixlen, p.addr) for p in op.prefixes])
             elif isinstance(op, P.UpsertPorts):
@@ -959,6 +999,11 @@ class KernelDatapath:
                 self.meta.delete(_SLOT.pack(op.slot))
             else:  # pragma: no cover - plan returns only the types above
                 raise TypeError(op)
+
+    def _hosts(self, direction: str) -> Map | None:
+        """The host hash of a direction: egress's dst_host, None for ingress (src_lpm has none) and
+        in pins from before it (their classifier reads the trie alone)."""
+        return None if direction == "ingress" else self.dst_host
 
     def _trie(self, direction: str) -> Map:
         """The trie of a direction; an ingress one is set up first (ifb, filter), before it is written."""

@@ -25,6 +25,10 @@ PROG_PIN = "classifier"  # classify, at clsact egress
 PROG_IN_PIN = "classifier_in"  # classify_ingress, at clsact ingress
 PROGRAMS = {PROG_PIN: "classify", PROG_IN_PIN: "classify_ingress"}
 MAP_NAMES = ("dst_lpm", "rule_stats", "rule_meta", "src_lpm", "port_lpm", "rule_stats_in", "ingress_cfg")
+# dst_lpm's host entries again, by whole address (bpf/shaper.h): pinned and kept with the
+# rest, but not required of pins an earlier shaper made, whose classifier does not read
+# it (kernel.py writes it where it is pinned).
+HOST_MAPS = ("dst_host",)
 # What the first version pinned: a directory holding these and none of the rest is an
 # earlier shaper's (kernel.py refuses it, naming `shaper reset`).
 FIRST_VERSION_PINS = (PROG_PIN, "dst_lpm", "rule_stats", "rule_meta")
@@ -109,7 +113,7 @@ def _child(pin_dir: str, flags: list[str]) -> int:
         return EXIT_FAILED
     os.makedirs(pin_dir, exist_ok=True)
     pins = {pin: fn.fd for pin, fn in fns.items()}
-    for name in MAP_NAMES:
+    for name in MAP_NAMES + HOST_MAPS:
         pins[name] = bpf.get_table(name).map_fd
     for name, fd in pins.items():
         ret = lib.bpf_obj_pin(fd, os.path.join(pin_dir, name).encode())
@@ -130,7 +134,7 @@ def _keep(bpf: Any, lib: Any, flags: list[str]) -> None:
     from shaper.datapath.maps import map_info
 
     try:
-        fd_names = {bpf.get_table(name).map_fd: name for name in MAP_NAMES}
+        fd_names = {bpf.get_table(name).map_fd: name for name in MAP_NAMES + HOST_MAPS}
         maps = {}
         for fd, name in fd_names.items():
             info = map_info(fd)

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from shaper.control.controller import Controller
+from shaper.datapath import abi
 from shaper.datapath.kernel import KernelDatapath, claim_interface
 from lab import POD_IF, ROOT, Daemon, wait_until
 from shaper.core.model import parse_ruleset
@@ -26,13 +27,15 @@ def rule_set(prefix: str, names: range, second: int, rate: str, per_rule: int = 
 # Old: k0..k9 and o0..o9.  New: k0..k9 kept with another rate and other destinations,
 # o* deleted, n0..n9 created.  Every kind of operation is in the plan.
 # Two more rules cover ingress and ports: one moves from ingress to both directions and gains
-# peers, the other changes its ports (its port group's entries are rewritten in place).
+# peers, the other changes its ports (its port group's entries are rewritten in place, and its
+# host's value in the trie and the host hash with them: the one in-place host change).
 OLD = {"rules": rule_set("k", range(10), 1, "10mbit")["rules"] + rule_set("o", range(10), 2, "20mbit")["rules"] + [
     {"name": "pi", "src": ["10.5.0.0/24"], "rate": "10mbit"},
-    {"name": "pp", "dst": ["10.5.1.0/24"], "protocol": "tcp", "ports": [5432], "rate": "10mbit"}]}
+    {"name": "pp", "dst": ["10.5.1.0/24", "10.5.3.1"], "protocol": "tcp", "ports": [5432], "rate": "10mbit"}]}
 NEW = {"rules": rule_set("k", range(10), 3, "30mbit")["rules"] + rule_set("n", range(10), 4, "40mbit")["rules"] + [
     {"name": "pi", "dst": ["10.5.0.0/24", "10.5.2.0/24"], "direction": "both", "rate": "20mbit"},
-    {"name": "pp", "dst": ["10.5.1.0/24"], "protocol": "tcp", "ports": [5433, "6000-6100"], "rate": "10mbit"}]}
+    {"name": "pp", "dst": ["10.5.1.0/24", "10.5.3.1"], "protocol": "tcp", "ports": [5433, "6000-6100"],
+     "rate": "10mbit"}]}
 
 
 def write(lab, name: str, rules: dict) -> Path:
@@ -49,9 +52,14 @@ def crashing_apply(lab, path: Path, n: int) -> subprocess.CompletedProcess:
 
 
 def kernel_state(lab):
+    """What the kernel holds: the rules and tries (observe), the host hash, the tc tree.  The
+    hash must agree with the trie after every roll-back: the classifier reads it first."""
     with lab.pinned_maps() as dp:
         observed = dp.observe()
-    return observed, lab.tc_state()
+        hosts = dict(dp.dst_host.items())
+        trie_hosts = {abi.unpack_key(k)[1]: v for k, v in dp.lpm.items() if abi.unpack_key(k)[0] == 128}
+    assert hosts == trie_hosts, f"dst_host: {len(hosts)} entries, the trie's hosts: {len(trie_hosts)}"
+    return observed, hosts, lab.tc_state()
 
 
 def recover(lab, caplog):

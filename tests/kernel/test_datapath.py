@@ -127,8 +127,8 @@ def test_reset_on_a_fresh_interface_restores_default_and_pins(lab):
     # This lab's pins only: other shapers (another test run, a benchmark) may have theirs.
     pins = f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}"
     # intent: the crash-safety record's map, made by the first change (docs/reliability.md)
-    assert sorted(os.listdir(pins)) == ["classifier", "classifier_in", "dst_lpm", "ingress_cfg", "intent", "port_lpm",
-                                        "rule_meta", "rule_stats", "rule_stats_in", "src_lpm"]
+    assert sorted(os.listdir(pins)) == ["classifier", "classifier_in", "dst_host", "dst_lpm", "ingress_cfg", "intent",
+                                        "port_lpm", "rule_meta", "rule_stats", "rule_stats_in", "src_lpm"]
     assert "removed filter, clsact, htb root, pins" in lab.shaper("reset").stdout
     assert lab.tc_state() == before
     assert not os.path.exists(pins)
@@ -207,6 +207,94 @@ def test_the_predicted_state_is_what_the_kernel_holds(lab):
         ]
         for rules in sets:
             assert ctl.apply([parse_rule(r) for r in rules]).observed == dp.observe()
+    finally:
+        dp.reset()
+        dp.close()
+
+
+def test_the_host_hash_holds_exactly_the_tries_host_entries(lab):
+    """dst_host is dst_lpm's prefixlen-128 entries again (bpf/shaper.h), value for value, through
+    every kind of change: added, moved to another rule, given a port rule, carved out by an
+    `except`, removed.  The classifier reads the hash first, so a stale entry would shape a
+    host by a rule it left."""
+    from shaper.control.controller import Controller
+    from shaper.core.model import parse_rule
+    from shaper.datapath import abi
+    from shaper.datapath.kernel import KernelDatapath
+
+    def hosts_of_trie(dp):
+        return {abi.unpack_key(k)[1]: v for k, v in dp.lpm.items() if abi.unpack_key(k)[0] == 128}
+
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        dp.attach()
+        assert dp.dst_host is not None
+        ctl = Controller(dp)
+        sets = [
+            [{"name": "a", "dst": [V4["a"], V6["a"], "10.77.0.0/24"], "rate": "10mbit"},
+             {"name": "b", "dst": [V4["b"]], "rate": "2mbit", "ttl": "1h"}],
+            # a's v4 host moves to b; b's host gets a port rule beside it; c carves a host out of a /24
+            [{"name": "a", "dst": [V6["a"], "10.77.0.0/24"], "rate": "10mbit"},
+             {"name": "b", "dst": [V4["a"], V4["b"]], "rate": "3mbit"},
+             {"name": "pg", "dst": [V4["b"]], "protocol": "tcp", "ports": [5432], "rate": "1mbit"},
+             {"name": "c", "dst": ["10.99.0.0/24"], "except": ["10.99.0.7"], "rate": "1gbit"}],
+            [{"name": "b", "dst": [V4["b"]], "rate": "3mbit"}],
+            [],
+        ]
+        sizes = []
+        for rules in sets:
+            ctl.apply([parse_rule(r) for r in rules])
+            want = hosts_of_trie(dp)
+            assert dict(dp.dst_host.items()) == want
+            sizes.append(len(want))
+        assert sizes == [3, 4, 1, 0], sizes  # every kind of entry was there to compare
+        # The hash answers: traffic to a host of the last set but one lands in its rule.
+        ctl.apply([parse_rule({"name": "b", "dst": [V4["b"]], "rate": "3mbit"})])
+        lab.send_udp(V4["b"], 40)
+        lab.send_udp(V4["a"], 30)
+        assert 40 <= ctl.stats()[0].matched.packets <= 42
+    finally:
+        dp.reset()
+        dp.close()
+
+
+def test_a_lost_host_hash_pin_is_put_back_or_refused_and_pins_from_before_it_are_adopted(lab):
+    """The classifier reads dst_host first, so no controller may go on without writing it: a
+    daemon that holds it pins it again; a new controller that cannot reach it refuses to adopt.
+    Pins made before the hash (their record does not say host_hash) are adopted without it."""
+    from shaper.control.controller import Controller
+    from shaper.core.model import parse_rule
+    from shaper.datapath.kernel import KernelDatapath
+    from shaper.errors import Conflict
+
+    dp = KernelDatapath(POD_IF, lab.pod)
+    try:
+        dp.attach()
+        Controller(dp).apply([parse_rule({"name": "a", "dst": [V4["a"]], "rate": "10mbit"})])
+        pin = os.path.join(dp.pin_dir, "dst_host")
+        assert dp.read_record(0)["host_hash"] is True
+        os.unlink(pin)
+        assert dp.is_attached() and os.path.exists(pin)  # the holder pins it again
+        os.unlink(pin)
+        other = KernelDatapath(POD_IF, lab.pod)
+        try:
+            with pytest.raises(Conflict, match="not the one pinned"):
+                other.attach()
+        finally:
+            other.close()
+        assert dp.is_attached() and os.path.exists(pin)
+        # An earlier shaper's pins: no hash pinned, and a record that does not claim one.
+        own = dp.read_record(0)
+        del own["host_hash"]
+        dp._write_record(0, own)
+        os.unlink(pin)
+        earlier = KernelDatapath(POD_IF, lab.pod)
+        try:
+            assert earlier.attach() == "adopted" and earlier.dst_host is None
+            Controller(earlier).apply([parse_rule({"name": "a", "dst": [V4["a"], V4["b"]], "rate": "10mbit"})])
+            assert len(earlier.observe().entries) == 2
+        finally:
+            earlier.close()
     finally:
         dp.reset()
         dp.close()

@@ -72,7 +72,7 @@ def test_the_kept_classifier_is_the_compiled_one(cache, pins, monkeypatch):
         t0 = time.perf_counter()
         loader.load_and_pin(kept)
         cached_s = time.perf_counter() - t0
-    want = sorted([*loader.PROGRAMS, *loader.MAP_NAMES])
+    want = sorted([*loader.PROGRAMS, *loader.MAP_NAMES, *loader.HOST_MAPS])
     assert sorted(loaded(kept)) == want
     assert loaded(kept) == loaded(compiled)  # same instructions (tags), same maps
     print(f"classifier: compiled and loaded {compile_s:.2f} s, from the cache {cached_s:.3f} s")

@@ -51,6 +51,7 @@ def measure(d, lab) -> dict:
     pins = f"/sys/fs/bpf/shaper/{netns_id(lab.pod)}-{POD_IF}"
     counts = {}
     for name, key, value in (("dst_lpm", abi.LPM_KEY.size, abi.LPM_VAL.size),
+                             ("dst_host", abi.HOST_KEY.size, abi.LPM_VAL.size),
                              ("rule_meta", 4, abi.RULE_META.size)):
         m = Map(os.path.join(pins, name), key, value)
         try:
@@ -58,7 +59,7 @@ def measure(d, lab) -> dict:
         finally:
             m.close()
     return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "rss_kb": rss_kb, "classes": classes, "qdiscs": qdiscs,
-            "trie_entries": counts["dst_lpm"], "records": counts["rule_meta"]}
+            "trie_entries": counts["dst_lpm"], "host_entries": counts["dst_host"], "records": counts["rule_meta"]}
 
 
 def churn(d, until: float, stats: dict) -> None:
@@ -118,7 +119,7 @@ def test_soak_probes_and_churn_stay_flat(lab):
     print("soak: " + json.dumps(report))
     assert stats.get("changes", 0) > 0 and stats.get("probes", 0) > 0
     # The kernel holds exactly the base set again: no class, leaf, trie entry or record left over.
-    for key in ("classes", "qdiscs", "trie_entries", "records"):
+    for key in ("classes", "qdiscs", "trie_entries", "host_entries", "records"):
         assert end[key] == start[key], f"{key}: {start[key]} -> {end[key]} ({report})"
     assert end["fds"] - start["fds"] <= FD_NOISE, f"fds {start['fds']} -> {end['fds']} ({report})"
     assert end["rss_kb"] - start["rss_kb"] <= RSS_NOISE_KB, f"RSS {start['rss_kb']} -> {end['rss_kb']} kB ({report})"
