@@ -400,6 +400,15 @@ class Lab:
         finally:
             dp.close()
 
+    @staticmethod
+    def trie_hosts(dp) -> dict[bytes, bytes]:
+        """address -> raw value of the prefixlen-128 entries of `dp`'s destination trie: what its
+        host hash (dst_host) must hold, value for value."""
+        from shaper.datapath import abi
+
+        return {addr: v for prefixlen, addr, v in ((*abi.unpack_key(k), v) for k, v in dp.lpm.items())
+                if prefixlen == 128}
+
     def tc_state(self) -> str:
         """What `tc` shows of the pod interface, without counters."""
         parts = [sh("tc", "-n", self.pod, "qdisc", "show", "dev", POD_IF).stdout,

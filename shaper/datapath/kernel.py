@@ -283,20 +283,23 @@ def _pack_entries(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     rule's entries, so each distinct value is packed once."""
     prefixes = list(entries)
     keys = b"".join(starmap(abi.LPM_KEY.pack, zip(map(itemgetter(1), prefixes), map(itemgetter(0), prefixes))))
-    values = list(entries.values())
+    return keys, _pack_values(list(entries.values()))
+
+
+def _pack_values(values: list[P.Entry]) -> bytes:
+    """The trie values `values` packed back to back, each distinct value object packed once."""
     packed = {id(v): abi.pack_entry(v) for v in dict(zip(map(id, values), values)).values()}
-    return keys, b"".join(map(packed.__getitem__, map(id, values)))
+    return b"".join(map(packed.__getitem__, map(id, values)))
+
+
+HOST_PREFIXLEN = 128  # a whole address, as the tries store it (IPv4 mapped): dst_host's entries
 
 
 def _pack_hosts(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     """dst_host's keys and values for the prefixlen-128 entries of `entries` (IPv6 /128s,
-    IPv4 /32s): the whole address, and the value the trie holds for it (abi.pack_entry)."""
+    IPv4 /32s): the whole address, and the value the trie holds for it."""
     hosts = [(p.addr, v) for p, v in entries.items() if p.prefixlen == HOST_PREFIXLEN]
-    if not hosts:
-        return b"", b""
-    values = list(map(itemgetter(1), hosts))
-    packed = {id(v): abi.pack_entry(v) for v in dict(zip(map(id, values), values)).values()}
-    return b"".join(map(itemgetter(0), hosts)), b"".join(map(packed.__getitem__, map(id, values)))
+    return b"".join(map(itemgetter(0), hosts)), _pack_values(list(map(itemgetter(1), hosts)))
 
 
 def _read_trie(trie: Map) -> dict[Prefix, P.Entry]:
@@ -352,7 +355,6 @@ def _record0(pin_dir: str) -> dict | None:
     return json.loads(abi.unpack_meta(raw)) if raw else None
 
 
-HOST_PREFIXLEN = 128  # a whole address, as the tries store it (IPv4 mapped): the host hashes' entries
 INTENT_PIN = "intent"
 _INTENT_CHUNK = 4096  # bytes per map value
 _INTENT_MAX_CHUNKS = 4096  # 16 MiB: a change of 524,288 prefixes packs to well under half

@@ -10,7 +10,6 @@ from pathlib import Path
 import yaml
 
 from shaper.control.controller import Controller
-from shaper.datapath import abi
 from shaper.datapath.kernel import KernelDatapath, claim_interface
 from lab import POD_IF, ROOT, Daemon, wait_until
 from shaper.core.model import parse_ruleset
@@ -57,7 +56,7 @@ def kernel_state(lab):
     with lab.pinned_maps() as dp:
         observed = dp.observe()
         hosts = dict(dp.dst_host.items())
-        trie_hosts = {abi.unpack_key(k)[1]: v for k, v in dp.lpm.items() if abi.unpack_key(k)[0] == 128}
+        trie_hosts = lab.trie_hosts(dp)
     assert hosts == trie_hosts, f"dst_host: {len(hosts)} entries, the trie's hosts: {len(trie_hosts)}"
     return observed, hosts, lab.tc_state()
 

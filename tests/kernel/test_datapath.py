@@ -219,11 +219,7 @@ def test_the_host_hash_holds_exactly_the_tries_host_entries(lab):
     host by a rule it left."""
     from shaper.control.controller import Controller
     from shaper.core.model import parse_rule
-    from shaper.datapath import abi
     from shaper.datapath.kernel import KernelDatapath
-
-    def hosts_of_trie(dp):
-        return {abi.unpack_key(k)[1]: v for k, v in dp.lpm.items() if abi.unpack_key(k)[0] == 128}
 
     dp = KernelDatapath(POD_IF, lab.pod)
     try:
@@ -244,7 +240,7 @@ def test_the_host_hash_holds_exactly_the_tries_host_entries(lab):
         sizes = []
         for rules in sets:
             ctl.apply([parse_rule(r) for r in rules])
-            want = hosts_of_trie(dp)
+            want = lab.trie_hosts(dp)
             assert dict(dp.dst_host.items()) == want
             sizes.append(len(want))
         assert sizes == [3, 4, 1, 0], sizes  # every kind of entry was there to compare
