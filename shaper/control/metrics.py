@@ -208,7 +208,8 @@ class KernelCollector:
             full = name + "_total" if kind == "counter" else name
             help_text = doc.replace("\\", r"\\").replace("\n", r"\n")  # quotes stay, in help
             out.append(f"# HELP {full} {help_text}\n# TYPE {full} {kind}\n")
-            out += [f"{full}{label}{_number(v)}\n"
+            # _number inline for the common case (a counter below a million), not a call per series
+            out += [f"{full}{label}{v}.0\n" if type(v) is int and 0 <= v < 1_000_000 else f"{full}{label}{_number(v)}\n"
                     for label, v in zip(labels, map(value, snap.rules)) if v is not None]
         return "".join(out).encode() + generate_latest(_Families(list(self._totals(snap))))
 

@@ -158,8 +158,9 @@ class Service:
         """What /metrics reports; None before the datapath is attached.
 
         One sample per rule and direction it shapes, from the state this process keeps (it is the only
-        writer; reading 10,000 records back was a fifth of a scrape); a scrape never triggers observe()'s
-        periodic re-read of the whole trie."""
+        writer; reading 10,000 records back was a fifth of a scrape), and so are the tries' sizes; the
+        kernel is read for counters alone: the classifier's, and a class dump without its leaves' kinds.
+        A scrape never triggers observe()'s periodic re-read of the whole trie."""
         if not self.ready:
             return None
         with self.lock:
@@ -169,8 +170,9 @@ class Service:
             for direction in P.DIRECTIONS:
                 slots = sorted(o.slot for _, o in rules if direction in o.rule.directions)
                 if slots:  # the ifb's classes are not dumped while no rule shapes ingress
-                    read[direction] = (self.datapath.counters(slots, direction), self.datapath.class_stats(direction))
-            entries = {direction: self.datapath.map_entries(direction) for direction in P.DIRECTIONS}
+                    read[direction] = (self.datapath.counters(slots, direction),
+                                       self.datapath.class_stats(direction, leaves=False))
+            entries = {direction: len(observed.trie(direction)) for direction in P.DIRECTIONS}
         return Snapshot([RuleSample(name, abi.classid_text(o.slot), read[d][0][o.slot], read[d][1].get(o.slot),
                                     o.rule, d)
                          for name, o in rules for d in P.DIRECTIONS if d in o.rule.directions], entries)

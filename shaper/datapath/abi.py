@@ -11,6 +11,7 @@ header here, at import.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -168,6 +169,7 @@ def classid(slot: int) -> int:
     return (HTB_MAJOR << 16) | slot
 
 
+@functools.lru_cache(maxsize=None)  # at most 65,535 slots; a scrape of 10,000 rules asks for each
 def classid_text(slot: int) -> str:
     """A slot's HTB class as tc writes it: '5348:1'."""
     return f"{HTB_MAJOR:x}:{slot:x}"

@@ -216,9 +216,10 @@ class FakeDatapath:
         counts = self.rule_counters if direction == "egress" else self.ingress_counters
         return {slot: counts.get(slot, RuleCounters()) for slot in slots}
 
-    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
-        _, classes, leaves = self._side(direction)
-        return {slot: ClassStats(abi.classid(slot), leaf="netem" if leaves.get(slot) else None) for slot in classes}
+    def class_stats(self, direction: str = "egress", leaves: bool = True) -> dict[int, ClassStats]:
+        _, classes, netem = self._side(direction)
+        return {slot: ClassStats(abi.classid(slot), leaf="netem" if leaves and netem.get(slot) else None)
+                for slot in classes}
 
     def rule_names(self) -> dict[int, str]:
         return {slot: rule.name for slot, (rule, _) in self.records.items()}

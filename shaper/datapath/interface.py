@@ -120,9 +120,10 @@ class Datapath(Protocol):
         """The classifier's packet and byte counts of each slot given, in one direction (zero for a slot never hit)."""
         ...
 
-    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
-        """slot -> the statistics of its HTB class and the kind of its leaf (one dump), in one direction
-        (ingress: the ifb's classes; none before the first ingress rule).  Raises KernelError."""
+    def class_stats(self, direction: str = "egress", leaves: bool = True) -> dict[int, ClassStats]:
+        """slot -> the statistics of its HTB class and the kind of its leaf, in one direction (ingress: the
+        ifb's classes; none before the first ingress rule).  leaves=False: the counters alone, leaf None
+        (a class dump without the qdisc dump: a scrape's read).  Raises KernelError."""
         ...
 
     def rule_names(self) -> dict[int, str]:

@@ -1110,11 +1110,11 @@ class KernelDatapath:
             out[slot] = RuleCounters(packets, nbytes)
         return out
 
-    def class_stats(self, direction: str = "egress") -> dict[int, ClassStats]:
+    def class_stats(self, direction: str = "egress", leaves: bool = True) -> dict[int, ClassStats]:
         if direction == "ingress":
             ifb = self._ingress_tree()
-            return ifb.class_stats() if ifb else {}
-        return self.tc.class_stats()
+            return ifb.class_stats(leaves) if ifb else {}
+        return self.tc.class_stats(leaves)
 
     def map_entries(self, direction: str = "egress") -> int:
         trie = self.src_lpm if direction == "ingress" else self.lpm

@@ -485,16 +485,17 @@ class Tc:
         except DumpError as exc:
             raise KernelError("dump the tc objects of", self.ifname, exc.errno) from None
 
-    def class_stats(self) -> dict[int, ClassStats]:
-        """Every class under our root, with its leaf kind: one class dump, one qdisc dump."""
-        leaves = {q.parent: q.kind for q in self._dump(tcdump.RTM_GETQDISC)}
+    def class_stats(self, leaves: bool = True) -> dict[int, ClassStats]:
+        """Every class under our root, with its leaf kind: one class dump, and one qdisc dump for the
+        kinds (leaves=False: none, leaf None)."""
+        kinds = {q.parent: q.kind for q in self._dump(tcdump.RTM_GETQDISC)} if leaves else {}
         out = {}
         for c in self._dump(tcdump.RTM_GETTCLASS):
             if c.handle >> 16 != HTB_MAJOR or c.kind != "htb":
                 continue
             out[c.handle & 0xFFFF] = ClassStats(
                 classid=c.handle, bytes=c.bytes, packets=c.packets, drops=c.drops, overlimits=c.overlimits,
-                requeues=c.requeues, backlog_bytes=c.backlog, backlog_packets=c.qlen, leaf=leaves.get(c.handle))
+                requeues=c.requeues, backlog_bytes=c.backlog, backlog_packets=c.qlen, leaf=kinds.get(c.handle))
         return out
 
     def _class(self, command: str, slot: int, params: ClassParams) -> None:

@@ -115,6 +115,11 @@ def test_ingress_shapes_matched_sources_and_leaves_the_rest_alone(lab, dp):
     observed = dp.observe()
     assert observed.ingress_entries == {prefix(V4["a"]): P.Entry(1, 0, 128)}
     assert observed.ingress_classes == {1: "pfifo"} and observed.classes == {}
+    # A scrape's read is the class dump alone: the qdisc dump naming a leaf is skipped.  HTB's default
+    # leaf is not in a dump; a pfifo grafted by hand is (this kernel has no netem).
+    sh("tc", "-n", lab.pod, "qdisc", "add", "dev", ifb_name(dp.ifindex), "parent", "5348:1", "handle", "10:", "pfifo")
+    named, bare = dp.class_stats("ingress")[1], dp.class_stats("ingress", leaves=False)[1]
+    assert named.leaf == "pfifo" and bare.leaf is None and bare.packets == named.packets > 100
 
 
 def test_ingress_port_rules_match_the_peers_source_port(lab, dp):

@@ -266,9 +266,9 @@ def _traffic(monkeypatch, fake, clock_s, per_tick, direction="egress"):
 
     monkeypatch.setattr("time.sleep", sleep)
     monkeypatch.setattr("time.monotonic", lambda: clock_s[0])
-    def class_stats(d="egress"):
+    def class_stats(d="egress", leaves=True):
         if d != direction:
-            return idle(d)
+            return idle(d, leaves)
         return {1: ClassStats(0x53480001, bytes=sent["bytes"], packets=sent["bytes"] // 1000, drops=sent["drops"],
                               leaf="netem")}
 
