@@ -298,8 +298,10 @@ HOST_PREFIXLEN = 128  # a whole address, as the tries store it (IPv4 mapped): ds
 def _pack_hosts(entries: Mapping[Prefix, P.Entry]) -> tuple[bytes, bytes]:
     """dst_host's keys and values for the prefixlen-128 entries of `entries` (IPv6 /128s,
     IPv4 /32s): the whole address, and the value the trie holds for it."""
-    hosts = [(p.addr, v) for p, v in entries.items() if p.prefixlen == HOST_PREFIXLEN]
-    return b"".join(map(itemgetter(0), hosts)), _pack_values(list(map(itemgetter(1), hosts)))
+    # The prefixes themselves, no (address, value) pair per host: 100,000 new tuples set off the
+    # collector's passes over every object the daemon holds, which took 0.2 s here.
+    hosts = [p for p in entries if p.prefixlen == HOST_PREFIXLEN]
+    return b"".join(map(itemgetter(0), hosts)), _pack_values(list(map(entries.__getitem__, hosts)))
 
 
 def _read_trie(trie: Map) -> dict[Prefix, P.Entry]:
