@@ -14,7 +14,6 @@ import ctypes
 import errno as _errno
 import os
 import socket
-import struct
 import threading
 from functools import lru_cache
 from typing import Callable, Sequence, TypeVar
@@ -24,7 +23,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.tcmsg import sched_bpf, sched_htb, tcmsg
+from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
 
 from shaper.datapath import netem, tcdump
 from shaper.errors import Conflict, DumpError, InvalidInput, KernelError, NotSupported, PermissionDenied
@@ -104,25 +103,23 @@ class _TcMsg(tcmsg):
         return tcmsg.get_options(self, *argv, **kwarg)
 
 
+@lru_cache(maxsize=1)
+def psched_tick_in_usec() -> float:
+    """Packet-scheduler ticks per microsecond, from /proc/net/psched as tc reads it (1.0 where it
+    cannot be read, as pyroute2 falls back)."""
+    try:
+        with open("/proc/net/psched") as f:
+            t2us, us2t, clock_res, _ = (int(x, 16) for x in f.read().split()[:4])
+    except (OSError, ValueError):
+        return 1.0
+    return t2us / us2t * (clock_res / 1_000_000)
+
+
 @lru_cache(maxsize=1024)
 def _htb_class_options(params: ClassParams) -> bytes:
-    """The TCA_OPTIONS of an HTB class as pyroute2's ipr.tc("replace-class", "htb", ...) encodes
-    them.  pyroute2 computes the two 256-entry rate tables in Python for every class
-    (three quarters of a class's 1.1 ms); 1,000 rules at one rate need them once."""
-    opts = sched_htb.get_class_parameters({"rate": params.rate_bytes, "ceil": params.rate_bytes,
-                                           "burst": params.burst_bytes, "cburst": params.burst_bytes,
-                                           "quantum": HTB_QUANTUM})
-    msg = tcmsg()
-    msg["attrs"] = [("TCA_KIND", "htb"), ("TCA_OPTIONS", opts)]
-    msg.encode()
-    data = bytes(msg.data)
-    offset = 16 + 20  # nlmsghdr, struct tcmsg
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if kind & 0x3FFF == 2:  # TCA_OPTIONS (NLA_F_NESTED and NLA_F_NET_BYTEORDER masked)
-            return data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
-    raise AssertionError("pyroute2 encoded no TCA_OPTIONS for an HTB class")
+    """The TCA_OPTIONS of one of our HTB classes (tcdump.htb_class_options; 1,000 rules at one rate
+    encode them once)."""
+    return tcdump.htb_class_options(params.rate_bytes, params.burst_bytes, HTB_QUANTUM, psched_tick_in_usec())
 
 
 def _kernel_error(exc: NetlinkError, op: str, obj: str) -> Exception:

@@ -89,13 +89,15 @@ def test_apply_files_of_100k_prefixes_through_the_daemon(lab, tmp_path):
 
 
 def test_htb_class_as_pyroute2_makes_it(lab):
-    """Classes are sent with options encoded once per parameters (tc.py): the kernel holds
-    exactly what pyroute2's own ipr.tc("replace-class", "htb", ...) makes."""
+    """Classes are sent with options shaper encodes itself (tcdump.htb_class_options), once per
+    parameters: the kernel holds exactly what pyroute2's own ipr.tc("replace-class", "htb", ...)
+    makes, a 64-bit rate (40 Gbit/s, 10 Tbit/s) included."""
     tc = Tc(POD_IF, lab.pod)
     try:
         tc.ensure_root()
         params = [ClassParams(1_250_000, 3200), ClassParams(4_000_000_000, 4_000_000), ClassParams(1000, 1600),
-                  ClassParams(125_000_000, 250_000)]
+                  ClassParams(125_000_000, 250_000), ClassParams(5_000_000_000, 10_000_000),
+                  ClassParams(1_250_000_000_000, 2_500_000_000)]
 
         def reference() -> None:
             with IPRoute() as ipr:

@@ -5,6 +5,8 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, RTM_NEWTFILTER
 
 from shaper.datapath import netem
@@ -120,3 +122,43 @@ def test_a_delete_request_has_no_attributes_and_acks_are_matched_by_sequence():
     assert tcdump.ack(error(8, 0) + error(9, 2), 9) == 2  # ENOENT
     assert tcdump.ack(error(9, 0), 9) == 0
     assert tcdump.ack(b"", 9) is None
+
+
+def _pyroute2_htb_class_options(rate_bytes: int, burst_bytes: int, quantum: int) -> bytes:
+    """The oracle: pyroute2's own encoding of an HTB class's TCA_OPTIONS (what shaper sent before
+    tcdump encoded them), cut out of a whole tcmsg."""
+    from pyroute2.netlink.rtnl.tcmsg import sched_htb, tcmsg
+
+    from shaper.datapath import tcdump
+
+    msg = tcmsg()
+    msg["attrs"] = [("TCA_KIND", "htb"), ("TCA_OPTIONS", sched_htb.get_class_parameters(
+        {"rate": rate_bytes, "ceil": rate_bytes, "burst": burst_bytes, "cburst": burst_bytes, "quantum": quantum}))]
+    msg.encode()
+    data = bytes(msg.data)
+    return bytes(tcdump.attributes(data, tcdump.NLMSG.size + tcdump.TCMSG.size, len(data))[tcdump.TCA_OPTIONS])
+
+
+@pytest.mark.parametrize("rate_bytes", [1000, 1001, 12_345, 125_000, 1_250_000, 123_456_789, 4_000_000_000,
+                                        (1 << 32) - 1, 1 << 32, 1_250_000_000_000])
+def test_htb_class_options_are_pyroute2s_byte_for_byte(rate_bytes):
+    """tcdump's encoding of a class (parameters, both rate tables, the 64-bit rate beyond 32 bits) is
+    what pyroute2 encodes for the same class, at the ends of the rates a rule may set (8kbit..10tbit)
+    and between, for the burst shaper picks and for others."""
+    from pyroute2.netlink.rtnl.tcmsg import common
+
+    from shaper.core.model import UNLIMITED_BURST_BYTES, default_burst_bytes
+    from shaper.datapath import tcdump
+    from shaper.datapath.tc import HTB_QUANTUM, psched_tick_in_usec
+
+    assert psched_tick_in_usec() == common.tick_in_usec  # both read /proc/net/psched
+    for burst in {default_burst_bytes(rate_bytes), 1600, 15_000, UNLIMITED_BURST_BYTES}:
+        try:
+            theirs = _pyroute2_htb_class_options(rate_bytes, burst, HTB_QUANTUM)
+        except struct.error:  # a buffer beyond 32 bits of ticks (4 MB at 8 kbit/s): neither encodes it
+            with pytest.raises(struct.error):
+                tcdump.htb_class_options(rate_bytes, burst, HTB_QUANTUM, psched_tick_in_usec())
+            continue
+        ours = tcdump.htb_class_options(rate_bytes, burst, HTB_QUANTUM, psched_tick_in_usec())
+        assert ours == theirs, (rate_bytes, burst)
+    assert (tcdump.TCA_HTB_RATE64 in tcdump.attributes(ours, 0, len(ours))) == (rate_bytes >= 1 << 32)
