@@ -526,8 +526,9 @@ class Undo:
             entries = self.entries.get(d, {})
             prefixes = list(entries)
             values = list(entries.values())
-            # Iterated in C, each distinct value packed once (a rule's entries share theirs).
-            packed = {id(v): _pack_value(v) for v in values}
+            # Each distinct value packed once (a rule's entries share theirs; a new prefix's is None): the
+            # distinct ones picked in C first, not a _pack_value call per entry.
+            packed = {i: _pack_value(v) for i, v in dict(zip(map(id, values), values)).items()}
             parts += [_COUNT.pack(len(prefixes)),
                       b"".join(starmap(_UNDO_KEY.pack, zip(map(_PREFIXLEN, prefixes), map(_ADDR, prefixes)))),
                       b"".join(map(packed.__getitem__, map(id, values)))]
