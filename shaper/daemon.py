@@ -31,7 +31,7 @@ from shaper.datapath.tc import netns_path
 from shaper.errors import InvalidInput, ShaperError
 from shaper.http.api import Api
 from shaper.http.client import DEFAULT_PORT
-from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen
+from shaper.http.server import KernelThread, check_exposure, is_loopback, make_server, parse_listen, trim_heap
 
 log = logging.getLogger("shaper")
 
@@ -248,6 +248,7 @@ def serve(service: Service, opts: DaemonOptions, kernel: KernelThread, stop: thr
             kernel.run(service.start, None, "startup")
     else:
         kernel.run(service.start, opts.rules, "startup")
+    trim_heap()  # the rules file's parse and the start's plan are garbage now
     if not stop.is_set():
         audit("daemon.ready", interface=opts.iface, netns=opts.netns, datapath=how,
               rules=len(kernel.run(service.rules)))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import functools
 import ipaddress
 import json
@@ -105,8 +107,31 @@ KEEP_ALIVE_S = 5.0  # an idle keep-alive connection
 GRACE_S = 25.0  # on SIGTERM, requests in flight may finish for this long (Kubernetes gives 30 s)
 READY_PROBE_S = 0.5
 SEND_CHUNK_BYTES = 64 * 1024  # /readyz waits this long for the kernel thread, then answers from what it knows
+TRIM_BODY_BYTES = 1024 * 1024  # after a request body this large is handled, the heap's free memory goes back
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # no glibc (musl has no malloc_trim): nothing to give back this way
+        return None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim, every thread's arena).
+
+    A bulk change decodes its body into objects that are freed once it is applied, but the heap
+    keeps their pages: with 1,000,000 prefixes applied, a process of 263 MB RSS was 215 MB once
+    trimmed, and a pod's memory limit counts every page.  About 4 ms then; False without glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class KernelThread:
@@ -338,6 +363,9 @@ class HttpApp:
             if length:
                 self.budget.give(length)
         await _send(send, resp)
+        del resp
+        if length >= TRIM_BODY_BYTES:
+            trim_heap()  # the body, its JSON and the old state are garbage now (see trim_heap)
 
     async def _answer(self, call: Call | None, method: str, target: str, headers: dict, body: bytes,
                       client: str) -> Response:

@@ -313,3 +313,23 @@ def test_get_rules_is_streamed_and_parses_to_the_rules(served):
     status, headers, body = served.exchange(b"GET /rules HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert json.loads(body) == {"rules": [r.to_dict() for r in service.rules()]}
+
+
+def test_the_heap_is_trimmed_after_a_large_body_only(served, monkeypatch):
+    """A bulk body's garbage goes back to the system after its answer (trim_heap); a small change
+    does not pay for a trim."""
+    trims = []
+    monkeypatch.setattr(S, "trim_heap", lambda: trims.append(1) or True)
+    status, _, _ = served.exchange(put(b"a", json.dumps({"dst": ["10.0.0.1"], "delay": "5ms"}).encode()))
+    assert status == 200 and trims == []
+    rules = [{"name": f"r{i}", "dst": [f"10.1.{i // 250}.{i % 250}"], "delay": "5ms"} for i in range(200)]
+    body = json.dumps({"rules": rules, "pad": "x" * S.TRIM_BODY_BYTES}).encode()  # refused (pad): still handled
+    status, _, _ = served.exchange(b"PUT /rules HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (TOKEN.encode(), len(body), body))
+    assert status == 422 and trims == [1]
+
+
+def test_trim_heap_gives_back_memory_with_glibc_and_is_a_no_op_without(monkeypatch):
+    assert S.trim_heap() is True  # Debian: glibc
+    monkeypatch.setattr(S, "_malloc_trim", lambda: None)
+    assert S.trim_heap() is False
