@@ -129,9 +129,10 @@ class Conflict(ShaperError):
 class ApiError(ShaperError):
     """An error answer from a daemon, as the client sees it: its status, its message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, field: str | None = None):
         self.status = self.http_status = status
         self.exit_code = 2 if status in (400, 413, 422) else 1
+        self.field = field  # the field of the request the daemon refused, where it named one
         super().__init__(message)
 
 

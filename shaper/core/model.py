@@ -643,12 +643,21 @@ def _join_resolvers(resolvers: Mapping, first: str) -> re.Pattern | None:
 
 def parse_ruleset_text(text: str | bytes, field: str, source: str) -> tuple[Rule, ...]:
     """Parse a YAML (or JSON) rules document: a rules file, or the shaper.io/rules annotation."""
+    return parse_loaded_ruleset(load_ruleset_text(text, field, source), text, source)
+
+
+def load_ruleset_text(text: str | bytes, field: str, source: str) -> object:
+    """A YAML (or JSON) rules document loaded, not yet validated (parse_loaded_ruleset does that)."""
     try:
         with gc_paused():
-            data = load_rules_yaml(text)
+            return load_rules_yaml(text)
     except yaml.YAMLError as exc:
         raise InvalidInput(field, f"{source} is not valid YAML: {_yaml_problem(exc)}",
                            "a YAML rules document") from None
+
+
+def parse_loaded_ruleset(data: object, text: str | bytes, source: str) -> tuple[Rule, ...]:
+    """parse_ruleset of a document loaded from `text`; an error names the line of `source` it is on."""
     try:
         with gc_paused():
             return parse_ruleset(data)

@@ -75,7 +75,7 @@ class Client:
         headers = {"Accept": "application/json", **(extra or {})}
         body = b""
         if data is not None:
-            body = json.dumps(data).encode()
+            body = data if isinstance(data, bytes) else json.dumps(data).encode()  # bytes: JSON already
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -89,10 +89,12 @@ class Client:
             payload = None
         if status >= 400:
             message = payload.get("error") if isinstance(payload, dict) else None
+            field = payload.get("field") if isinstance(payload, dict) else None
             if status == 404 and path.startswith("/targets") and (message or "").startswith("no such endpoint"):
                 message = (f"{self.server} is no node agent (it has no /targets): give --server the agent's "
                            f"URL, http://NODE:{DEFAULT_AGENT_PORT} by default (`shaper agent`)")
-            raise ApiError(status, message or f"HTTP {status} from {self.server}{path}")
+            raise ApiError(status, message or f"HTTP {status} from {self.server}{path}",
+                           field if isinstance(field, str) else None)
         if payload is None:
             raise ShaperError(f"{self.server}{path} did not answer with JSON (is it a shaper daemon?)")
         return payload
@@ -110,9 +112,10 @@ class Client:
     def delete(self, name: str) -> list[str]:
         return self.request("DELETE", f"/rules/{quote(name, safe='')}")["deleted"]
 
-    def replace(self, document: dict, dry_run: bool = False, minimal: bool = False) -> dict:
-        """PUT /rules. minimal: ask for the rules' names only (Prefer: return=minimal); a daemon
-        from before it answers with the rules, so read `rules` or `names`, whichever came."""
+    def replace(self, document: dict | bytes, dry_run: bool = False, minimal: bool = False) -> dict:
+        """PUT /rules (a document, or one encoded as JSON already). minimal: ask for the rules' names
+        only (Prefer: return=minimal); a daemon from before it answers with the rules, so read `rules`
+        or `names`, whichever came."""
         extra = {"Prefer": "return=minimal"} if minimal else None
         return self.request("PUT", "/rules" + ("?dry_run=1" if dry_run else ""), document, extra)
 

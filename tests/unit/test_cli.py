@@ -111,15 +111,50 @@ def test_apply_and_reset_through_the_daemon(daemon, tmp_path):
     code, out, err = run("apply", "-f", str(rules))
     assert code == 0 and out == "http://127.0.0.1:2332: 2 rule(s) applied\n"
     assert seen[-1][1:3] == ("PUT", "/rules") and sorted(fake.observe().rules) == ["a", "b"]
-    # One bad rule: exit 2, nothing changed (checked before anything is sent).
+    # One bad rule: exit 2, nothing changed; the daemon's refusal names the file's line, as a local one does.
     rules.write_text("rules:\n  - {name: a, dst: [10.0.0.1], delay: 5ms}\n  - {name: c, dst: [10.0.0.3], "
                      "rate: quick}\n")
-    sent = len(seen)
+    executed = len(fake.executed)
     code, out, err = run("apply", "-f", str(rules))
-    assert code == 2 and "rules[1].rate" in err and len(seen) == sent
+    assert code == 2 and err.startswith(f"shaper: {rules}:3: rules[1].rate: cannot parse 'quick'"), err
+    assert len(fake.executed) == executed and sorted(fake.observe().rules) == ["a", "b"]
     assert run("apply", "-f", str(rules), "--netns", "x")[0] == 2
     code, out, err = run("reset")
     assert code == 0 and out == "http://127.0.0.1:2332: deleted 2 rule(s)\n" and not fake.observe().rules
+
+
+def test_apply_sends_the_file_as_written_and_checks_here_what_json_cannot_carry(daemon, tmp_path, monkeypatch):
+    """A rules file shaped as a document goes to the daemon as written (it validates every body); one
+    that is not, or holds a YAML value JSON has no form for (a date), is checked here: nothing is sent
+    and the error names its line."""
+    fake, seen = daemon
+    bodies = []
+    inner = client_mod.Client.transport
+
+    def recording(self, method, path, headers, body):
+        bodies.append(body)
+        return inner(self, method, path, headers, body)
+
+    monkeypatch.setattr(client_mod.Client, "transport", recording)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: a\n    dst: 10.0.0.1\n    delay: 5ms\n")
+    code, out, err = run("apply", "-f", str(rules))
+    assert code == 0, err
+    assert json.loads(bodies[-1]) == {"rules": [{"name": "a", "dst": "10.0.0.1", "delay": "5ms"}]}
+    assert fake.observe().rules["a"].rule.delay_us == 5000
+    sent = len(seen)
+    rules.write_text("rules:\n  - name: a\n    dst: 10.0.0.1\n    ttl: 2026-12-03\n")
+    code, out, err = run("apply", "-f", str(rules))
+    assert code == 2 and err.startswith(f"shaper: {rules}:4: rules[0].ttl"), err
+    rules.write_text("rules:\n  - name: a\n    dst: &x [x, x, x, x]\n    except: [*x, *x, *x, *x]\n")  # aliases
+    code, out, err = run("apply", "-f", str(rules))
+    assert code == 2 and err.startswith(f"shaper: {rules}:3: rules[0].dst[0]: "), err
+    rules.write_text("- name: a\n  dst: 10.0.0.1\n")  # a list, not a document
+    code, out, err = run("apply", "-f", str(rules))
+    assert code == 2 and "expected a mapping" in err and len(seen) == sent
+    rules.write_text("rules:\n")  # no rules: every rule removed, as before
+    code, out, err = run("apply", "-f", str(rules))
+    assert code == 0 and json.loads(bodies[-1]) == {"rules": []} and not fake.observe().rules
 
 
 def test_apply_asks_for_a_minimal_answer_and_reads_either(daemon, tmp_path, monkeypatch):

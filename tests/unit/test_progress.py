@@ -133,4 +133,5 @@ def test_an_error_starts_on_a_clean_line(daemon, tmp_path, term, monkeypatch):
 
 
 def test_counted_words():
-    assert cli._counted([]) == "0 rules, 0 prefixes"
+    assert cli._counted(0, 0) == "0 rules, 0 prefixes"
+    assert cli._counted(1, 1) == "1 rule, 1 prefix"
