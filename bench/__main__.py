@@ -17,6 +17,7 @@ from pathlib import Path
 from lab import ROOT
 
 from . import accuracy, apply, classify, daemon, match, profile, report, tax
+from .common import canary
 
 SECTIONS = ("classify", "match", "apply", "latency", "disruption", "footprint", "tax", "accuracy", "profile")
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     own_cache = None if os.environ.get("SHAPER_CACHE_DIR") else tempfile.mkdtemp(prefix="shaper-bench-cache-")
     if own_cache:
         os.environ["SHAPER_CACHE_DIR"] = own_cache
-    results: dict = {"meta": {**machine(), "smoke": args.smoke, "loadavg_start": os.getloadavg()[0]}}
+    results: dict = {"meta": {**machine(), "smoke": args.smoke, "loadavg_start": os.getloadavg()[0],
+                              "canary_start": canary()}}
     t0 = time.monotonic()
     try:
         for section in args.sections:
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(own_cache, ignore_errors=True)
     results["meta"]["duration_s"] = time.monotonic() - t0
     results["meta"]["loadavg_end"] = os.getloadavg()[0]
+    results["meta"]["canary_end"] = canary()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=1))
     verdicts = report.write(results, args.out, args.out.parent / args.out.stem)

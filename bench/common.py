@@ -83,6 +83,33 @@ def load_seconds(cached: bool) -> float:
         shutil.rmtree(pin_dir, ignore_errors=True)
 
 
+def canary() -> dict:
+    """A fixed amount of work timed, at the start and the end of a run: how fast this machine was
+    that day, so that absolute times of two runs can be read side by side (the ratios inside one
+    run need no such help).  `python_ms`: an interpreter loop (what planning and parsing pay);
+    `syscall_us`: one pipe write and read (what netlink and map calls pay); the best of 5 each."""
+    def python_loop() -> float:
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i & 7
+        return (time.perf_counter() - t0) * 1000
+
+    def pipe_round() -> float:
+        r, w = os.pipe()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(20_000):
+                os.write(w, b"x")
+                os.read(r, 1)
+            return (time.perf_counter() - t0) / 20_000 * 1e6
+        finally:
+            os.close(r)
+            os.close(w)
+
+    return {"python_ms": min(python_loop() for _ in range(5)), "syscall_us": min(pipe_round() for _ in range(5))}
+
+
 def summary(values: list[float]) -> dict:
     vals = sorted(values)
     return {"min": vals[0], "median": statistics.median(vals), "max": vals[-1], "n": len(vals)} if vals else {}

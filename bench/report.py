@@ -339,8 +339,14 @@ def _load(meta: dict) -> str:
     """The run's load, as measured (results from before it was recorded have none)."""
     if "loadavg_start" not in meta:
         return ""
-    return (f"Load average (1 min) {meta['loadavg_start']:.1f} at the start of the run and {meta['loadavg_end']:.1f} "
+    text = (f"Load average (1 min) {meta['loadavg_start']:.1f} at the start of the run and {meta['loadavg_end']:.1f} "
             "at its end. ")
+    if "canary_start" in meta:
+        a, b = meta["canary_start"], meta["canary_end"]
+        text += (f"Machine speed (`bench.common.canary`, the same work every run; compare runs by it): an interpreter "
+                 f"loop {a['python_ms']:.0f} ms at the start and {b['python_ms']:.0f} ms at the end, a pipe write "
+                 f"and read {a['syscall_us']:.1f} and {b['syscall_us']:.1f} us. ")
+    return text
 
 
 def write(results: dict, md: Path, figdir: Path) -> list[str]:

@@ -402,12 +402,13 @@ class Lab:
 
     @staticmethod
     def trie_hosts(dp) -> dict[bytes, bytes]:
-        """address -> raw value of the prefixlen-128 entries of `dp`'s destination trie: what its
-        host hash (dst_host) must hold, value for value."""
+        """address -> raw value of the whole-address entries (HOST_PREFIXLEN) of `dp`'s destination
+        trie: what its host hash (dst_host) must hold, value for value."""
         from shaper.datapath import abi
+        from shaper.datapath.kernel import HOST_PREFIXLEN
 
         return {addr: v for prefixlen, addr, v in ((*abi.unpack_key(k), v) for k, v in dp.lpm.items())
-                if prefixlen == 128}
+                if prefixlen == HOST_PREFIXLEN}
 
     def tc_state(self) -> str:
         """What `tc` shows of the pod interface, without counters."""
