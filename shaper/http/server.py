@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
-import ctypes.util
 import functools
 import ipaddress
 import json
@@ -114,9 +113,8 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long", 431
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's, without a search
     except (OSError, AttributeError):  # no glibc (musl has no malloc_trim): nothing to give back this way
         return None
 
