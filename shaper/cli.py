@@ -32,8 +32,8 @@ from shaper.core.changes import changes_from, describe as describe_change, natur
 from shaper.http.client import DEFAULT_AGENT_PORT, DEFAULT_PORT, DEFAULT_SERVER, Client, read_token
 from shaper.errors import ApiError, Conflict, InvalidInput, KernelError, PermissionDenied, ShaperError
 from shaper.core.fields import OPTIONAL_FIELDS, Field, unknown_field
-from shaper.core.model import (gc_paused, load_ruleset_text, locate, max_prefixes_from, parse_loaded_ruleset,
-                               parse_rule)
+from shaper.core.model import (gc_paused, load_ruleset_text, max_prefixes_from, parse_loaded_ruleset, parse_rule,
+                               with_line)
 from shaper.core.plan import set_max_prefixes
 from shaper.core.stats import format_remaining
 from shaper.core.units import format_bits_per_s, format_bytes, format_count, parse_duration_us
@@ -125,7 +125,7 @@ def _as_written(data: object, text: bytes, path: str) -> tuple[bytes, int, int]:
 
     The daemon validates every document it is sent, so a file shaped like one ({rules: [mapping,
     ...]}) goes as written, without building and writing back every rule here first (for
-    1,000,000 prefixes that was 2.8 s of the command); its refusal names the line (_on_line).
+    1,000,000 prefixes that was 2.8 s of the command); its refusal names the line (model.with_line).
     Anything else is validated here, which says what is wrong with it and where, or turns it into
     rules (a YAML value JSON has no form for is refused here, by the field that holds it), and so
     is a file with aliases: YAML shares an aliased node where JSON would write it out each time,
@@ -147,14 +147,6 @@ def _as_written(data: object, text: bytes, path: str) -> tuple[bytes, int, int]:
 def _peer_count(item: dict) -> int:
     peers = item.get("dst") if item.get("dst") is not None else item.get("src")
     return len(peers) if isinstance(peers, list) else 1
-
-
-def _on_line(exc: ApiError, text: bytes, path: str) -> ApiError:
-    """The daemon's refusal of a rules file, its message starting "PATH:LINE: " as a local one does."""
-    line = locate(text, exc.field) if exc.field and exc.status in (400, 422) else None
-    if line is not None:
-        exc.args = (f"{path}:{line}: {exc}",)
-    return exc
 
 
 class Progress:
@@ -763,7 +755,7 @@ def apply(iface: str | None, netns: str | None, rules_file: str, dry_run: bool, 
             try:
                 result = _client(server, token_file).replace(body, dry_run, minimal=True)
             except ApiError as exc:
-                raise _on_line(exc, text, rules_file) from None
+                raise with_line(exc, text, rules_file) from None
             progress.finish(counted + (" planned" if dry_run else " applied"))
             if dry_run:
                 _print_dry_run(server, result.get("rule_changes"), nrules, result["changes"])

@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from itertools import repeat
 from operator import itemgetter, methodcaller
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, TypeVar
 
 import yaml
 
-from shaper.errors import InvalidInput
+from shaper.errors import ApiError, InvalidInput
 from shaper.core.fields import (
     ASSUMED_RATE_BITS_PER_S,
     DST_FORM,
@@ -716,9 +716,13 @@ def _item(seq: yaml.SequenceNode, index: str) -> yaml.Node | None:
     return None
 
 
-def with_line(exc: InvalidInput, text: str | bytes, source: str) -> InvalidInput:
-    """`exc`, its message starting "SOURCE:LINE: " where the field is found in the document."""
-    line = locate(text, exc.field)
+E = TypeVar("E", InvalidInput, ApiError)
+
+
+def with_line(exc: E, text: str | bytes, source: str) -> E:
+    """`exc` (InvalidInput, or a daemon's refusal of the document: an ApiError naming its field), its
+    message starting "SOURCE:LINE: " where the field is found in the document."""
+    line = locate(text, exc.field) if exc.field else None
     if line is not None:
         exc.line = line  # type: ignore[attr-defined]
         exc.args = (f"{source}:{line}: {exc}",)
