@@ -165,17 +165,17 @@ class Service:
             return None
         with self.lock:
             observed = self._observed if self._observed is not None else self.observe()
-            rules = sorted(observed.rules.items())  # by name
+            samples = [(name, o.slot, o.rule, d) for name, o in sorted(observed.rules.items())  # by name
+                       for d in o.rule.directions]
             read = {}
             for direction in P.DIRECTIONS:
-                slots = sorted(o.slot for _, o in rules if direction in o.rule.directions)
+                slots = [slot for _, slot, _, d in samples if d == direction]
                 if slots:  # the ifb's classes are not dumped while no rule shapes ingress
                     read[direction] = (self.datapath.counters(slots, direction),
                                        self.datapath.class_stats(direction, leaves=False))
             entries = {direction: len(observed.trie(direction)) for direction in P.DIRECTIONS}
-        return Snapshot([RuleSample(name, abi.classid_text(o.slot), read[d][0][o.slot], read[d][1].get(o.slot),
-                                    o.rule, d)
-                         for name, o in rules for d in P.DIRECTIONS if d in o.rule.directions], entries)
+        return Snapshot([RuleSample(name, abi.classid_text(slot), read[d][0][slot], read[d][1].get(slot), rule, d)
+                         for name, slot, rule, d in samples], entries)
 
     def metrics_text(self) -> bytes:
         """GET /metrics: what generate_latest(self.registry) writes, with the per-rule series written by

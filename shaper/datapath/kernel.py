@@ -1087,20 +1087,24 @@ class KernelDatapath:
         stats = self.stats_in if direction == "ingress" else self.stats
         assert stats
         out = {}
-        if len(slots) > 256 and stats.batch_reads:
+        packed = stats.read_packed() if len(slots) > 256 else None
+        if packed is not None:
             # Many rules: the whole array in a few batch reads beats a lookup per rule (10,000: 60 ms).
-            wanted = set(slots)
-            step, unpack = stats.slot_size, abi.RULE_STATS.unpack_from
-            for key, raw in stats.items():
-                (slot,) = _SLOT.unpack(key)
-                if slot in wanted:
-                    packets = nbytes = 0
-                    for offset in range(0, step * stats.ncpus, step):
-                        p, b = unpack(raw, offset)
-                        packets += p
-                        nbytes += b
-                    out[slot] = RuleCounters(packets, nbytes)
-            if len(out) == len(wanted):
+            keys, values = packed
+            step, size = stats.slot_size, stats.slot_size * stats.ncpus
+            where = {slot: i * size for i, (slot,) in enumerate(_SLOT.iter_unpack(keys))}
+            unpack = abi.RULE_STATS.unpack_from
+            for slot in slots:
+                at = where.get(slot)
+                if at is None:
+                    break
+                packets = nbytes = 0
+                for offset in range(at, at + size, step):
+                    p, b = unpack(values, offset)
+                    packets += p
+                    nbytes += b
+                out[slot] = RuleCounters(packets, nbytes)
+            if len(out) == len(slots):
                 return out
             out = {}  # an array has every slot: one missing means the read fell short, so one by one
         for slot in slots:

@@ -218,11 +218,11 @@ class Map:
 
     def count(self) -> int:
         """How many entries the map holds (read in batches where the kernel has them)."""
-        batched = self._items_batched() if self._lookup_batch_ok else None
-        return len(batched) if batched is not None else sum(1 for _ in self.keys())
+        packed = self.read_packed()
+        return len(packed[0]) // self.key_size if packed is not None else sum(1 for _ in self.keys())
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        batched = self._items_batched() if self._lookup_batch_ok else None
+        batched = self._items_batched()
         if batched is not None:
             yield from batched
             return
@@ -232,8 +232,20 @@ class Map:
                 yield key, value
 
     def _items_batched(self) -> list[tuple[bytes, bytes]] | None:
-        """Every entry, BATCH_CHUNK per bpf(2) call (100,000 trie entries: 0.1 s, not the 1.3 s of
-        a next-key and a lookup call each); None where the kernel has no batch lookup here."""
+        """Every entry as (key, value); None where the kernel has no batch lookup here."""
+        packed = self.read_packed()
+        if packed is None:
+            return None
+        keys, values = packed
+        ks, vs = self.key_size, self.slot_size * self.ncpus
+        return [(keys[i * ks: (i + 1) * ks], values[i * vs: (i + 1) * vs]) for i in range(len(keys) // ks)]
+
+    def read_packed(self) -> tuple[bytes, bytes] | None:
+        """Every entry as two packed arrays, every key then every value (a per-CPU value is `ncpus`
+        slots), BATCH_CHUNK per bpf(2) call (100,000 trie entries: 0.1 s, not the 1.3 s of a next-key
+        and a lookup call each); None where the kernel has no batch lookup here."""
+        if not self._lookup_batch_ok:
+            return None
         ks, vs = self.key_size, self.slot_size * self.ncpus
         keys = ctypes.create_string_buffer(ks * BATCH_CHUNK)
         values = ctypes.create_string_buffer(vs * BATCH_CHUNK)
@@ -241,7 +253,8 @@ class Map:
         # out_batch of one call is in_batch of the next, so two buffers take turns.
         position = [ctypes.create_string_buffer(max(ks, 8)), ctypes.create_string_buffer(max(ks, 8))]
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
-        out: list[tuple[bytes, bytes]] = []
+        out_keys: list[bytes] = []
+        out_values: list[bytes] = []
         first = True
         while True:
             count = ctypes.c_uint32(BATCH_CHUNK)
@@ -253,10 +266,11 @@ class Map:
                 return None
             if err and err != _errno.ENOENT:  # ENOENT: no more entries (count says how many came)
                 _check(ret, "read", self.path)
-            raw_keys, raw_values = keys.raw, values.raw
-            out.extend((raw_keys[i * ks: (i + 1) * ks], raw_values[i * vs: (i + 1) * vs]) for i in range(count.value))
-            if err == _errno.ENOENT or count.value == 0:
-                return out
+            n = count.value
+            out_keys.append(ctypes.string_at(keys, n * ks))
+            out_values.append(ctypes.string_at(values, n * vs))
+            if err == _errno.ENOENT or n == 0:
+                return b"".join(out_keys), b"".join(out_values)
             position.reverse()
             first = False
 

@@ -22,6 +22,7 @@ from shaper.errors import DumpError
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 NLA = struct.Struct("=HH")  # len, type
+NLA_SIZE, TCMSG_SIZE = NLA.size, TCMSG.size  # ints, not attribute loads, in the loops of a dump
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLM_F_MULTI, NLM_F_ACK = 0x2, 0x4
@@ -169,6 +170,10 @@ def parse(buf: bytes, seq: int) -> tuple[list[TcObject], bool]:
     return objects, False
 
 
+_NLA, _BASIC, _QUEUE, _U64 = NLA.unpack_from, BASIC.unpack_from, QUEUE.unpack_from, U64.unpack_from
+_KINDS: dict[bytes, str] = {}  # TCA_KIND as dumped (with its NUL) -> the kind
+
+
 def _object(buf: bytes, start: int, end: int) -> TcObject:
     """One dumped object: its kind and the counters of TCA_STATS2, read in place (no attribute
     table, no copies: this runs for every class and every qdisc of a scrape)."""
@@ -176,31 +181,34 @@ def _object(buf: bytes, start: int, end: int) -> TcObject:
     kind = ""
     nbytes = packets = qlen = backlog = drops = requeues = overlimits = 0
     packets64 = False
-    at = start + TCMSG.size
-    while at + NLA.size <= end:
-        length, atype = NLA.unpack_from(buf, at)
-        if length < NLA.size or at + length > end:
+    at = start + TCMSG_SIZE
+    while at + NLA_SIZE <= end:
+        length, atype = _NLA(buf, at)
+        if length < NLA_SIZE or at + length > end:
             break
         atype &= NLA_TYPE_MASK
         if atype == TCA_KIND:
-            kind = bytes(buf[at + NLA.size: at + length]).split(b"\0", 1)[0].decode()
+            raw = buf[at + NLA_SIZE: at + length]
+            kind = _KINDS.get(raw)  # a handful of kinds, each decoded once
+            if kind is None:
+                kind = _KINDS[raw] = raw.split(b"\0", 1)[0].decode()
         elif atype == TCA_STATS2:
-            sub, sub_end = at + NLA.size, at + length
-            while sub + NLA.size <= sub_end:
-                slen, stype = NLA.unpack_from(buf, sub)
-                if slen < NLA.size or sub + slen > sub_end:
+            sub, sub_end = at + NLA_SIZE, at + length
+            while sub + NLA_SIZE <= sub_end:
+                slen, stype = _NLA(buf, sub)
+                if slen < NLA_SIZE or sub + slen > sub_end:
                     break
                 stype &= NLA_TYPE_MASK
-                size = slen - NLA.size
+                size = slen - NLA_SIZE
                 if stype == TCA_STATS_BASIC and size >= BASIC.size:
-                    nbytes, packets32 = BASIC.unpack_from(buf, sub + NLA.size)
+                    nbytes, packets32 = _BASIC(buf, sub + NLA_SIZE)
                     if not packets64:
                         packets = packets32
                 elif stype == TCA_STATS_PKT64 and size >= U64.size:
-                    (packets,) = U64.unpack_from(buf, sub + NLA.size)  # the u32 of BASIC wraps
+                    (packets,) = _U64(buf, sub + NLA_SIZE)  # the u32 of BASIC wraps
                     packets64 = True
                 elif stype == TCA_STATS_QUEUE and size >= QUEUE.size:
-                    qlen, backlog, drops, requeues, overlimits = QUEUE.unpack_from(buf, sub + NLA.size)
-                sub += _align(slen)
-        at += _align(length)
+                    qlen, backlog, drops, requeues, overlimits = _QUEUE(buf, sub + NLA_SIZE)
+                sub += (slen + 3) & ~3  # _align, inline
+        at += (length + 3) & ~3
     return TcObject(ifindex, handle, parent, kind, nbytes, packets, qlen, backlog, drops, requeues, overlimits)

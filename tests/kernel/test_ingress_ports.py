@@ -246,6 +246,22 @@ def test_except_entries_stop_or_fall_back(lab, dp):
     assert dp.observe().entries[prefix(V4["c"])] == P.Entry(0, 0, 0, derived=True)
 
 
+def test_counters_of_many_rules_read_in_batches_say_what_one_lookup_each_says(lab, dp):
+    # Above 256 slots counters() reads the whole per-CPU array in batch calls (a scrape of 10,000 rules)
+    # and sums each slot's CPUs from the packed values: it must agree with a lookup per slot.
+    slots = list(range(1, 301))
+    dp.execute(classes({s: "100mbit" for s in slots}) + [P.UpsertEntries({
+        prefix(V4["a"]): P.Entry(7, 0, 128), prefix(V4["b"]): P.Entry(300, 0, 128)})])
+    packets(lab.pod, "udp", V4["a"], 9, 5)
+    packets(lab.pod, "udp", V4["b"], 9, 3)
+    many = dp.counters(slots)
+    assert sorted(many) == slots
+    assert many == {s: dp.counters([s])[s] for s in slots}
+    assert 5 <= many[7].packets <= 6 and 3 <= many[300].packets <= 4, (many[7], many[300])
+    assert many[7].bytes >= 5 * 64 and sum(c.packets for c in many.values()) == many[7].packets + many[300].packets
+    assert dp.stats.count() == dp.stats.max_entries  # an array has every slot: read_packed read them all
+
+
 def test_reset_removes_the_ifb_and_the_ingress_filter_and_nothing_else(lab, dp):
     dp.execute(classes({1: "10mbit"}, "ingress") + [P.UpsertEntries({prefix(V4["a"]): P.Entry(1, 0, 128)},
                                                                    "ingress")])
