@@ -83,7 +83,7 @@ class Controller:
             observed = self.datapath.observe()
         now = self.clock()
         return sorted(
-            (RuleStatus(o.rule, o.slot, o.expires_ns, bool(o.expires_ns and o.expires_ns <= now))
+            (RuleStatus(o.rule, o.slot, o.expires_ns, o.expired(now))
              for o in observed.rules.values()),
             key=lambda s: s.rule.name,
         )
@@ -175,7 +175,7 @@ class Controller:
         """Put back the rules `undo` was taken before, in their slots, with their deadlines."""
         state = self.datapath.observe()
         now = self.clock()
-        old = {n: o for n, o in P.restore(undo, state).items() if not (o.expires_ns and o.expires_ns <= now)}
+        old = {n: o for n, o in P.restore(undo, state).items() if not o.expired(now)}
         ops, _ = P.plan_with_outcome([o.rule for o in old.values()], state, now,
                                      slots={n: o.slot for n, o in old.items()},
                                      deadlines={n: o.expires_ns for n, o in old.items()},

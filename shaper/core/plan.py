@@ -62,6 +62,9 @@ class ObservedRule:
     rule: Rule
     expires_ns: int = 0  # CLOCK_MONOTONIC; 0: never
 
+    def expired(self, now_ns: int) -> bool:
+        return bool(self.expires_ns) and self.expires_ns <= now_ns
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -83,7 +86,7 @@ class Observed:
         return self.classes if direction == "egress" else self.ingress_classes
 
     def expired(self, now_ns: int) -> set[str]:
-        return {n for n, o in self.rules.items() if o.expires_ns and o.expires_ns <= now_ns}
+        return {n for n, o in self.rules.items() if o.expired(now_ns)}
 
     # Facts about the whole set, worked out once per state (a change to one rule carries them over).
     @cached_property

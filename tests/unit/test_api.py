@@ -338,7 +338,12 @@ def test_ttl_restarts_on_put_and_expired_rules_are_removed(api, env):
 def test_an_expired_rule_is_not_listed(api, env):
     clock = env[1]
     call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms", "ttl": "1s"})
-    clock.now += 2 * 10**9
+    clock.now += 10**9 - 1
+    assert call(api, "GET", "/rules/a")[0] == 200  # a nanosecond left
+    clock.now += 1
+    assert call(api, "GET", "/rules/a")[0] == 404  # its deadline: expired, as the list says
+    assert call(api, "GET", "/rules") == (200, {"rules": []})
+    clock.now += 10**9
     assert call(api, "GET", "/rules") == (200, {"rules": []})
     assert call(api, "GET", "/rules/a")[0] == 404
 
