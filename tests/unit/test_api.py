@@ -435,6 +435,24 @@ def test_metrics_expose_every_rule_and_the_daemon_counters(api, env):
     assert not any(re.search(r"\d+\.\d+\.\d+\.\d+|::", str(k)) for fam in m.values() for k in fam)
 
 
+def test_metrics_follow_every_change_between_scrapes(api, env):
+    # A scrape keeps its order of samples while the state is unchanged: each change must show at once.
+    def rules_of(m) -> dict[str, set]:
+        return {dict(k)["rule"]: {dict(k2)["direction"] for k2 in m["shaper_class_bytes_total"]
+                                  if dict(k2)["rule"] == dict(k)["rule"]} for k in m["shaper_class_bytes_total"]}
+
+    call(api, "PUT", "/rules/b", {"dst": ["10.0.1.1"], "rate": "1mbit"})
+    assert rules_of(scrape(api)) == rules_of(scrape(api)) == {"b": {"egress"}}
+    call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms", "direction": "both"})
+    m = scrape(api)
+    assert rules_of(m) == {"a": {"egress", "ingress"}, "b": {"egress"}}
+    assert list(dict.fromkeys(dict(k)["rule"] for k in m["shaper_class_bytes_total"])) == ["a", "b"]  # by name
+    call(api, "PUT", "/rules/b", {"dst": ["10.0.1.1"], "rate": "1mbit", "direction": "ingress"})
+    assert rules_of(scrape(api)) == {"a": {"egress", "ingress"}, "b": {"ingress"}}
+    call(api, "DELETE", "/rules/a")
+    assert rules_of(scrape(api)) == {"b": {"ingress"}}
+
+
 def test_a_failed_scrape_is_counted_and_still_answers(api, env):
     fake = env[0]
     call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms"})
