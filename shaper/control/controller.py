@@ -60,6 +60,7 @@ class Applied:
 
     ops: list[P.Operation]  # the operations run (none: the kernel already held the rules)
     observed: P.Observed  # the state they left: what observe() would now return
+    planned: str = "whole"  # "patch": the change of one rule was planned alone (plan.patch); "whole": the set
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Controller:
         observed = self._current(observed)
         planned = P.patch(observed, name, rule, self.clock())
         if planned is not None:
-            return self._run(planned[0], observed, planned[1])
+            return self._run(planned[0], observed, planned[1], "patch")
         live = self.live_rules(observed)
         if rule is not None:
             live[name] = rule
@@ -143,7 +144,8 @@ class Controller:
             observed = None  # the state the caller read is the one just rolled back
         return self.datapath.observe() if observed is None else observed
 
-    def _run(self, ops: list[P.Operation], observed: P.Observed, outcome: P.Observed) -> Applied:
+    def _run(self, ops: list[P.Operation], observed: P.Observed, outcome: P.Observed,
+             planned: str = "whole") -> Applied:
         if ops:
             undo = P.undo_of(ops, observed, len(outcome.rules))
             self.datapath.write_intent(undo.pack())
@@ -153,7 +155,7 @@ class Controller:
                 self._roll_back(undo)
                 raise
             self.datapath.clear_intent()
-        return Applied(ops, outcome)
+        return Applied(ops, outcome, planned)
 
     def recover(self) -> "Recovery | None":
         """Roll back a change a crashed controller left unfinished (module doc); None if there was none.

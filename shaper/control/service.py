@@ -335,8 +335,9 @@ class Service:
             for kind, n in counts.items():
                 self.instruments.changed(kind, n)
             self._remember_expiry(self._observed)
+            # planned: "patch" (one rule planned alone) or "whole" (the set re-planned): which a slow change took
             audit(event, who=who, result="ok", changes=len(applied.ops), seconds=round(seconds, 4),
-                  **{k: v for k, v in counts.items() if v}, **detail)
+                  planned=applied.planned, **{k: v for k, v in counts.items() if v}, **detail)
 
     def _count_changes(self, before: dict[str, Rule], desired: list[Rule], observed: P.Observed,
                        renew: set[str]) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """The HTTP API as a function (Api.handle) over the in-memory datapath: no sockets, no root."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -433,6 +434,23 @@ def test_metrics_expose_every_rule_and_the_daemon_counters(api, env):
     assert m["shaper_apply_seconds_count"][(("interface", "eth0"),)] == 2
     assert m["shaper_errors_total"][(("interface", "eth0"), ("op", "apply"))] == 0
     assert not any(re.search(r"\d+\.\d+\.\d+\.\d+|::", str(k)) for fam in m.values() for k in fam)
+
+
+def test_each_change_logs_whether_it_was_planned_alone_or_with_the_whole_set(api, caplog):
+    # The log line of a slow change says which path it took (the tail of change latency is read from it).
+    def planned(event: str) -> str:
+        return [r.fields for r in caplog.records if r.getMessage() == event][-1]["planned"]
+
+    with caplog.at_level(logging.INFO, logger="shaper"):
+        assert call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "5ms"})[0] == 200
+        assert planned("rule.put") == "whole"  # the first change: the state was read back, not planned
+        assert call(api, "PUT", "/rules/a", {"dst": ["10.0.0.1"], "delay": "6ms"})[0] == 200
+        assert planned("rule.put") == "patch"  # address-only, after a plan: plan.patch
+        assert call(api, "PUT", "/rules/b", {"dst": ["10.0.0.2"], "ports": 53, "protocol": "udp",
+                                             "delay": "5ms"})[0] == 200
+        assert planned("rule.put") == "whole"  # a port rule re-plans the set
+        assert call(api, "PUT", "/rules", {"rules": [{"name": "c", "dst": ["10.0.0.3"], "rate": "1mbit"}]})[0] == 200
+        assert planned("rules.replace") == "whole"
 
 
 def test_metrics_follow_every_change_between_scrapes(api, env):
