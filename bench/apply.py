@@ -16,6 +16,7 @@ Each rule is one /32 with a 10 Mbit/s rate; every run starts from an empty inter
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -246,7 +247,6 @@ def _timed_bulk_put(d, body: dict, bulk: list[float], inside: list[float]) -> No
 def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_repeats: dict | None = None,
         huge: int = 1_000_000, log=print) -> dict:
     ensure_tcconfig(log)
-    shim = _lsmod_shim()
     tcconfig_repeats = tcconfig_repeats or {}
     res: dict = {"counts": list(counts), "repeats": repeats, "big": big, "tcconfig": tcconfig_version(), "rows": []}
     with Lab() as lab:
@@ -291,15 +291,18 @@ def run(counts=(10, 100, 1000), repeats: int = 3, big: int = 100_000, tcconfig_r
             res["rows"].append({"n": nrules * per, "method": f"shaper Controller.apply ({nrules} rules x {per} prefixes)",
                                 "seconds": summary(times)})
             log(f"  library apply {nrules} x {per}: median {summary(times)['median']:.2f}s")
-    for n in counts:
-        times, checks = [], []
-        for _ in range(tcconfig_repeats.get(n, repeats)):
-            elapsed, check = tcconfig_apply(n, shim)
-            assert check["filters"] == n, check
-            times.append(elapsed)
-            checks.append(check)
-        res["rows"].append({"n": n, "method": "tcconfig tcset --add x N", "seconds": summary(times), "checks": checks})
-        log(f"  tcconfig N={n}: median {summary(times)['median']:.2f}s ({len(times)} run(s)) {checks[-1]}")
-    os.unlink(os.path.join(shim, "lsmod"))
-    os.rmdir(shim)
+    shim = _lsmod_shim()
+    try:  # removed however the run ends (a SIGTERM unwinds through here too)
+        for n in counts:
+            times, checks = [], []
+            for _ in range(tcconfig_repeats.get(n, repeats)):
+                elapsed, check = tcconfig_apply(n, shim)
+                assert check["filters"] == n, check
+                times.append(elapsed)
+                checks.append(check)
+            res["rows"].append({"n": n, "method": "tcconfig tcset --add x N", "seconds": summary(times),
+                                "checks": checks})
+            log(f"  tcconfig N={n}: median {summary(times)['median']:.2f}s ({len(times)} run(s)) {checks[-1]}")
+    finally:
+        shutil.rmtree(shim, ignore_errors=True)
     return res
